@@ -1,0 +1,320 @@
+"""The one entry point that the CLI, tools and tests share: compile, run, bench, inspect.
+
+``compile`` is the pipeline of docs/ARCHITECTURE.md in order: resolve target and backend, bring the
+model into the IR (zoo export or a user's ONNX file) with real inputs and reference outputs, run the
+recipe's passes, lower, verify the IR and the artifact against the reference, and publish the bundle
+atomically. Any check that fails raises before the bundle is renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from redux_edge import bundle as bundles
+from redux_edge.backends import Backend, select_backend
+from redux_edge.errors import UserError
+from redux_edge.ir.cost import model_cost
+from redux_edge.ir.verify import Tolerance, compare, require_match
+from redux_edge.preprocess import Preprocessor, from_manifest, read_inputs
+from redux_edge.recipe import Recipe
+from redux_edge.runtime import runner
+from redux_edge.targets import Target, load_target
+
+__all__ = ["Source", "bench", "compile_model", "inspect", "load_source", "run"]
+
+logger = logging.getLogger(__name__)
+
+Step = Callable[[str], contextlib.AbstractContextManager]
+_TOOLCHAIN = ("torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime")
+
+
+def _no_progress(_: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Source:
+    """A model in the IR with the inputs it is verified on and the outputs it must reproduce."""
+
+    name: str
+    origin: dict
+    model: ir.Model
+    inputs: dict[str, np.ndarray]
+    reference: list[np.ndarray]
+    reference_kind: str
+    preprocessor: Preprocessor | None = None
+    architecture: dict = field(default_factory=dict)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [value.name for value in self.model.graph.outputs]
+
+
+def load_source(model: str, shapes: dict[str, list[int]] | None = None, inputs_file: Path | None = None,
+                step: Step = _no_progress) -> Source:
+    """A zoo name or a path to an ``.onnx`` file, as a Source."""
+    if model.endswith(".onnx") or Path(model).is_file():
+        return _onnx_source(Path(model), shapes or {}, inputs_file, step)
+    from redux_edge import zoo
+    from redux_edge.frontend.torch import export_module, run_module
+
+    zoo.load_card(model)  # fails fast on an unknown name, before torch work
+    with step(f"loading {model}"):
+        entry = zoo.load_model(model)
+        inputs = entry.inputs if inputs_file is None else read_inputs(inputs_file, list(entry.inputs),
+                                                                     entry.preprocessor)
+    with step(f"exporting {model} with torch.onnx (dynamo)"):
+        exported = export_module(entry.module, entry.inputs, entry.dynamic_axes, entry.output_names)
+    _check_feeds(exported, inputs)
+    return Source(
+        name=entry.name,
+        origin={"zoo": entry.name, "weights": entry.source, "description": entry.description},
+        model=exported,
+        inputs=inputs,
+        reference=run_module(entry.module, inputs),
+        reference_kind="pytorch",
+        preprocessor=entry.preprocessor,
+        architecture=entry.architecture,
+    )
+
+
+def _onnx_source(path: Path, shapes: dict[str, list[int]], inputs_file: Path | None, step: Step) -> Source:
+    from redux_edge.frontend.onnx import load_onnx
+
+    with step(f"checking {path}"):
+        model = load_onnx(path)
+    if inputs_file is not None:
+        inputs = read_inputs(inputs_file, [value.name for value in model.graph.inputs], None)
+    else:
+        inputs = _synthetic_inputs(model, shapes)
+    _check_feeds(model, inputs)
+    with step("running the original model for reference outputs"):
+        reference = _run_ir_file(path, inputs)
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return Source(
+        name=path.stem,
+        origin={"onnx": str(path), "sha256": digest},
+        model=model,
+        inputs=inputs,
+        reference=reference,
+        reference_kind="onnxruntime on the original file" + (" (synthetic inputs)" if inputs_file is None else ""),
+    )
+
+
+def _synthetic_inputs(model: ir.Model, shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """Random inputs from the model's signature; named dimensions default to 1 unless --shapes sets them."""
+    rng = np.random.default_rng(0)
+    names = [value.name for value in model.graph.inputs]
+    if unknown := set(shapes) - set(names):
+        raise UserError(f"--shapes names unknown inputs {sorted(unknown)}", f"the model's inputs are {names}")
+    inputs = {}
+    for value in model.graph.inputs:
+        if value.name in shapes:
+            shape = tuple(shapes[value.name])
+        else:
+            shape = tuple(dim if isinstance(dim, int) else 1 for dim in value.shape or ())
+        dtype = value.dtype.numpy()
+        if np.issubdtype(dtype, np.floating):
+            inputs[value.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            # Small non-negative integers are valid indices, ids and masks for almost any model.
+            inputs[value.name] = rng.integers(0, 2, shape).astype(dtype)
+    return inputs
+
+
+def input_specs(model: ir.Model) -> list[dict]:
+    specs = []
+    for value in model.graph.inputs:
+        shape = [
+            dim if isinstance(dim, int) else (str(dim) if dim.value else f"{value.name}_{axis}")
+            for axis, dim in enumerate(value.shape or ())
+        ]
+        specs.append({"name": value.name, "dtype": value.dtype.name, "shape": shape})
+    return specs
+
+
+def _check_feeds(model: ir.Model, inputs: dict[str, np.ndarray]) -> None:
+    with _input_errors():
+        runner.check_inputs(input_specs(model), inputs)
+
+
+def _run_ir_file(path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of an ONNX file under ONNX Runtime with graph optimisations off: the plain semantics."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return session.run(None, inputs)
+    except Exception as exc:  # ORT raises its own pybind types (Fail, NotImplemented, InvalidArgument)
+        first_line = str(exc).strip().splitlines()[0]
+        raise UserError(f"ONNX Runtime cannot run {path.name}: {first_line}", "--debug for details") from exc
+
+
+def compile_model(
+    model: str,
+    target_name: str,
+    recipe: Recipe,
+    out: Path,
+    *,
+    force: bool = False,
+    backend_name: str | None = None,
+    tolerance: Tolerance | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    inputs_file: Path | None = None,
+    threads: int | None = None,
+    step: Step = _no_progress,
+) -> bundles.Bundle:
+    tolerance = tolerance or Tolerance()
+    target = load_target(target_name)
+    backend = select_backend(target, backend_name)
+    bundles.check_destination(out, force)
+    source = load_source(model, shapes, inputs_file, step)
+    original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
+    pass_log = _run_passes(source.model, recipe, step)
+    with bundles.staging(out, force) as stage:
+        ir.save(source.model, str(stage / "model.onnx"))
+        with step("verifying the transformed IR"):
+            ir_report = compare(source.reference, _run_ir_file(stage / "model.onnx", source.inputs),
+                                source.output_names)
+            require_match(ir_report, tolerance, "the transformed IR (model.onnx)")
+        with step(f"lowering with {backend.name} for {target.name}"):
+            backend_entry = backend.lower(stage / "model.onnx", target, stage / "artifact", {"threads": threads})
+        _write_runner(stage, source)
+        manifest = _manifest(source, target, backend_entry, recipe, pass_log, original_cost, tolerance, ir_report)
+        bundles.write_manifest(stage, manifest)
+        with step("verifying the artifact"):
+            session = backend.load(stage)
+            outputs = session.run(source.inputs)
+            artifact_report = compare(source.reference, outputs, source.output_names)
+            require_match(artifact_report, tolerance, f"the {backend.name} artifact")
+        np.savez(stage / "sample" / "outputs.npz", **dict(zip(source.output_names, outputs, strict=True)))
+        manifest["verify"]["artifact"] = artifact_report
+        bundles.write_manifest(stage, manifest)
+    return bundles.load_bundle(out)
+
+
+def _run_passes(model: ir.Model, recipe: Recipe, step: Step) -> list[dict]:
+    log = []
+    for configured in recipe.passes:
+        with step(f"pass {configured.name}"):
+            started = time.perf_counter()
+            result = configured(model)
+        log.append({"pass": configured.name, "modified": result.modified,
+                    "seconds": round(time.perf_counter() - started, 3)})
+    return log
+
+
+def _write_runner(stage: Path, source: Source) -> None:
+    (stage / "runner").mkdir()
+    shutil.copyfile(runner.__file__, stage / "runner" / "run.py")
+    (stage / "sample").mkdir()
+    np.savez(stage / "sample" / "inputs.npz", **source.inputs)
+    if source.preprocessor is not None:
+        for relative, path in source.preprocessor.assets().items():
+            (stage / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, stage / relative)
+
+
+def _manifest(source: Source, target: Target, backend_entry: dict, recipe: Recipe, pass_log: list[dict],
+              original_cost: dict, tolerance: Tolerance, ir_report: dict) -> dict:
+    shapes = {k: v.shape for k, v in source.inputs.items()}
+    outputs = [
+        {"name": value.name, "dtype": value.dtype.name,
+         "shape": [d if isinstance(d, int) else str(d) for d in value.shape or ()]}
+        for value in source.model.graph.outputs
+    ]
+    return {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": {"name": source.name, **source.origin, "architecture": source.architecture},
+        "target": target.to_json(),
+        "backend": backend_entry,
+        "recipe": recipe.to_json(),
+        "passes": pass_log,
+        "inputs": input_specs(source.model),
+        "outputs": outputs,
+        "preprocess": source.preprocessor.to_manifest() if source.preprocessor else None,
+        "metrics": {
+            "at_shapes": {k: list(v) for k, v in shapes.items()},
+            "original": original_cost,
+            "compiled": model_cost(source.model, shapes),
+        },
+        "verify": {
+            "reference": source.reference_kind,
+            "samples": int(next(iter(source.inputs.values())).shape[0]) if source.inputs else 0,
+            "tolerance": tolerance.to_json(),
+            "ir": ir_report,
+        },
+        "toolchain": {"python": platform.python_version(),
+                      **{name: metadata.version(name) for name in _TOOLCHAIN}},
+    }
+
+
+def _open(bundle_path: Path, threads: int | None = None) -> tuple[bundles.Bundle, Backend]:
+    from redux_edge.backends.base import available_backends
+
+    bundle = bundles.load_bundle(bundle_path)
+    if problems := bundle.verify_files():
+        raise UserError(f"bundle {bundle_path} is damaged: {problems[0]}", "recompile or re-copy the bundle")
+    name = bundle.manifest["backend"]["name"]
+    backend = available_backends().get(name)
+    if backend is None:
+        raise UserError(f"bundle {bundle_path} needs the {name} backend", "run it on its target device")
+    return bundle, backend
+
+
+def _feeds(bundle: bundles.Bundle, inputs_file: Path | None) -> dict[str, np.ndarray]:
+    names = [spec["name"] for spec in bundle.manifest["inputs"]]
+    if inputs_file is None:
+        with np.load(bundle.file("sample/inputs.npz"), allow_pickle=False) as archive:
+            return {name: archive[name] for name in names}
+    return read_inputs(inputs_file, names, from_manifest(bundle.manifest["preprocess"], bundle.path))
+
+
+@contextlib.contextmanager
+def _input_errors():
+    try:
+        yield
+    except runner.InputError as exc:
+        raise UserError(f"wrong input: {exc}", "match the model's input signature (see `redux-edge inspect`)") from exc
+
+
+def run(bundle_path: Path, inputs_file: Path | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Outputs of a bundle for an input file (text, image, .npy, .npz) or its sample inputs."""
+    bundle, backend = _open(bundle_path)
+    feeds = _feeds(bundle, inputs_file)
+    with _input_errors():
+        outputs = backend.load(bundle.path).run(feeds)
+    names = [spec["name"] for spec in bundle.manifest["outputs"]]
+    return dict(zip(names, outputs, strict=True)), bundle.manifest
+
+
+def bench(bundle_path: Path, inputs_file: Path | None = None, warmup: int = 10, iterations: int = 100,
+          threads: int | None = None) -> dict:
+    bundle, backend = _open(bundle_path)
+    feeds = _feeds(bundle, inputs_file)
+    with _input_errors():
+        stats = backend.load(bundle.path, threads).benchmark(feeds, warmup, iterations)
+    return {"bundle": str(bundle_path), "backend": bundle.manifest["backend"]["name"],
+            "threads": threads or bundle.manifest["backend"]["session"]["intra_op_num_threads"],
+            "shapes": {k: list(v.shape) for k, v in feeds.items()}, **stats}
+
+
+def inspect(bundle_path: Path) -> tuple[dict, list[str]]:
+    bundle = bundles.load_bundle(bundle_path)
+    return bundle.manifest, bundle.verify_files()

@@ -1,0 +1,76 @@
+"""ONNX Runtime (CPU execution provider), the embedded default backend.
+
+Lowering follows ONNX Runtime's documented offline-optimisation flow: first the transformer fusions of
+``onnxscript.rewriter.ort_fusions`` (the fusion set written for dynamo-exported graphs: scaled dot-product
+attention -> ``MultiHeadAttention``, skip + LayerNorm -> ``SkipLayerNormalization``, bias + GELU ->
+``BiasGelu``), then ONNX Runtime's own graph optimiser at the *extended* level, saved with
+``SessionOptions.optimized_model_filepath``. Extended-level graphs are portable across CPUs; the
+layout-specific *all* level is applied when the artifact is loaded on the device. Thread settings are
+recorded in the manifest and reused by the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+
+import onnx_ir as ir
+import onnxruntime as ort
+from onnxscript.rewriter import ort_fusions
+
+from redux_edge.errors import UserError
+from redux_edge.runtime.runner import BundleSession
+from redux_edge.targets import Target
+
+__all__ = ["OnnxRuntimeBackend"]
+
+logger = logging.getLogger(__name__)
+
+_PROVIDERS = ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def can_build_here(self) -> tuple[bool, str]:
+        return True, f"onnxruntime {ort.__version__}"
+
+    def can_run_here(self, target: Target) -> tuple[bool, str]:
+        if target.arch != platform.machine():
+            return False, f"{target.arch} artifact on a {platform.machine()} machine"
+        return True, "CPU execution provider"
+
+    def lower(self, model_file: Path, target: Target, artifact_dir: Path, options: dict) -> dict:
+        model = ir.load(str(model_file))
+        model, fusion_counts = ort_fusions.optimize_for_ort(model)
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        fused_file = artifact_dir / "fused.onnx"
+        ir.save(model, str(fused_file))
+        session = ort.SessionOptions()
+        session.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        session.optimized_model_filepath = str(artifact_dir / "model.onnx")
+        try:
+            ort.InferenceSession(str(fused_file), session, providers=_PROVIDERS)
+        except Exception as exc:  # ORT raises its own pybind types (Fail, NotImplemented, InvalidGraph)
+            first_line = str(exc).strip().splitlines()[0]
+            raise UserError(f"ONNX Runtime cannot run this model: {first_line}", "--debug for details") from exc
+        finally:
+            fused_file.unlink()
+        return {
+            "name": self.name,
+            "version": ort.__version__,
+            "artifact": "artifact/model.onnx",
+            "fusions": {name: count for name, count in fusion_counts.items() if count},
+            "session": {
+                "providers": _PROVIDERS,
+                "save_optimization_level": "ORT_ENABLE_EXTENDED",
+                "load_optimization_level": "ORT_ENABLE_ALL",
+                # 0 lets ONNX Runtime use one thread per physical core of the device it runs on.
+                "intra_op_num_threads": options.get("threads") or 0,
+                "inter_op_num_threads": 1,
+            },
+        }
+
+    def load(self, bundle_dir: Path, threads: int | None = None) -> BundleSession:
+        return BundleSession(bundle_dir, threads)

@@ -1,0 +1,137 @@
+"""The bundle: a directory that holds everything a device needs, described by ``manifest.json``.
+
+Layout: ``manifest.json``, ``model.onnx`` (the transformed IR, the portable fallback), ``artifact/``
+(the backend's output), ``runner/run.py``, ``sample/{inputs,outputs}.npz`` (the health check) and
+optionally ``preprocess/``. The manifest lists every other file with its sha256 and size.
+
+A bundle is built in a hidden sibling directory and renamed into place, so a failed compile leaves
+nothing behind and readers never see half a bundle; an existing bundle is replaced only with
+``force``. A bundle is untrusted when read: every path it names must stay inside its directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from redux_edge.errors import UserError
+
+__all__ = ["FORMAT_VERSION", "Bundle", "check_destination", "file_digest", "load_bundle", "staging",
+           "write_manifest"]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    def file(self, relative: str) -> Path:
+        return _inside(self.path, relative)
+
+    def verify_files(self) -> list[str]:
+        """Problems with the listed files (missing, wrong size, wrong sha256); empty when all match."""
+        problems = []
+        for relative, entry in self.manifest["files"].items():
+            path = self.file(relative)
+            if not path.is_file():
+                problems.append(f"{relative}: missing")
+            elif path.stat().st_size != entry["bytes"]:
+                problems.append(f"{relative}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+            elif file_digest(path) != entry["sha256"]:
+                problems.append(f"{relative}: sha256 differs from the manifest")
+        return problems
+
+
+def file_digest(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def check_destination(out: Path, force: bool) -> None:
+    """Fail before any work is done when ``out`` cannot become a bundle."""
+    if out.exists() and not force:
+        raise UserError(f"output directory {out} already exists", "pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file, not a directory", "choose another -o")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)
+        Path(probe).rmdir()
+    except OSError as exc:
+        raise UserError(f"cannot write to {out.parent}: {exc.strerror or exc}", "choose a writable -o") from exc
+
+
+@contextlib.contextmanager
+def staging(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to build into; renamed to ``out`` when the block succeeds."""
+    check_destination(out, force)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield stage
+        _publish(stage, out, force)
+    except OSError as exc:
+        raise UserError(f"cannot write bundle {out}: {exc.strerror or exc}", "free disk space or choose another -o") \
+            from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(stage: Path, out: Path, force: bool) -> None:
+    if not out.exists():
+        stage.rename(out)
+        return
+    if not force:
+        raise UserError(f"output directory {out} appeared while compiling", "pass --force to replace it")
+    previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
+    previous.rmdir()
+    out.rename(previous)
+    try:
+        stage.rename(out)
+    except OSError:
+        previous.rename(out)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def write_manifest(stage: Path, manifest: dict) -> dict:
+    files = {}
+    for path in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[path.relative_to(stage).as_posix()] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
+    manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files}
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_bundle(path: Path) -> Bundle:
+    if not (path / MANIFEST).is_file():
+        raise UserError(f"{path} is not a bundle (no {MANIFEST})", "give a directory written by redux-edge compile")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path / MANIFEST} is not valid JSON: {exc}", "recompile the bundle") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path} has bundle format {manifest.get('format_version')}, this redux-edge reads {FORMAT_VERSION}",
+            "recompile the bundle with this version",
+        )
+    bundle = Bundle(path, manifest)
+    for relative in manifest["files"]:
+        bundle.file(relative)
+    bundle.file(manifest["backend"]["artifact"])
+    return bundle
+
+
+def _inside(root: Path, relative: str) -> Path:
+    target = (root / relative).resolve()
+    if Path(relative).is_absolute() or not target.is_relative_to(root.resolve()):
+        raise UserError(f"bundle {root} names a path outside itself: {relative}", "do not use this bundle")
+    return target

@@ -1,0 +1,340 @@
+"""``redux-edge``: the command line. Thin: parse, call ``redux_edge.api``, print with rich.
+
+Verbs are the user's words (compile, run, bench, inspect, targets, models, passes). Reports go to
+stdout (``--json`` for scripts), progress to stderr. A user's mistake is one line and exit code 2; a
+bug is exit code 1; ``--debug`` shows the traceback of either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from redux_edge.errors import UserError
+
+__all__ = ["cli", "entry_point", "main"]
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+def _progress(message: str) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def step() -> Iterator[None]:
+        started = time.perf_counter()
+        with err.status(message):
+            yield
+        err.print(f"[green]✓[/] {message} [dim]({time.perf_counter() - started:.1f}s)[/]")
+
+    return step()
+
+
+def _emit_json(payload: object) -> None:
+    click.echo(json.dumps(payload, indent=2, default=_json_default))
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _parse_shapes(text: str | None) -> dict[str, list[int]]:
+    """trtexec's form: ``name:1x128,other:1x3x28x28``."""
+    shapes = {}
+    for item in filter(None, (text or "").split(",")):
+        name, sep, dims = item.rpartition(":")
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise UserError(f"cannot read shape '{item}'", "write --shapes input_ids:1x128,attention_mask:1x128")
+    return shapes
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="redux-edge")
+def cli(debug: bool) -> None:
+    """Compile compressed PyTorch and ONNX models into verified bundles for edge devices.
+
+    \b
+    Examples:
+      redux-edge compile --model minilm-l6 --target host -o build/minilm
+      redux-edge run build/minilm sentences.txt
+      redux-edge bench build/minilm --json
+    """
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@cli.command("compile")
+@click.option("-m", "--model", required=True, help="Zoo name (see `redux-edge models`) or path to an .onnx file.")
+@click.option("-t", "--target", default="host", show_default=True, help="Target name (see `redux-edge targets`).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
+@click.option("--recipe", type=click.Path(path_type=Path), help="Recipe .toml, or a bundle's manifest.json.")
+@click.option("--pass", "extra_passes", multiple=True, metavar="NAME[:K=V,...]",
+              help="Append a pass to the recipe (repeatable), e.g. --pass cleanup:iterations=3.")
+@click.option("--backend", help="Override the target's preferred backend.")
+@click.option("--shapes", help="Input shapes for an ONNX file, trtexec style: input:1x3x28x28,...")
+@click.option("--inputs", "inputs_file", type=click.Path(path_type=Path),
+              help="Real inputs to verify on: .npz, .npy, or the model's text/image format.")
+@click.option("--threads", type=int, help="intra-op threads recorded for the device (default: all cores).")
+@click.option("--tolerance-cosine", default=0.9999, show_default=True, help="Minimum cosine vs the reference.")
+@click.option("--tolerance-atol", default=1e-3, show_default=True,
+              help="Maximum abs difference vs the reference, scaled by its largest magnitude when above 1.")
+@click.option("-f", "--force", is_flag=True, help="Replace an existing bundle directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def compile_command(model: str, target: str, out: Path, recipe: Path | None, extra_passes: tuple[str, ...],
+                    backend: str | None, shapes: str | None, inputs_file: Path | None, threads: int | None,
+                    tolerance_cosine: float, tolerance_atol: float, force: bool, as_json: bool) -> None:
+    """Compile MODEL for TARGET into a verified bundle.
+
+    \b
+    Examples:
+      redux-edge compile --model minilm-l6 --target host -o build/minilm
+      redux-edge compile --model mnist-cnn -o build/mnist --pass cleanup:iterations=3
+      redux-edge compile --model my.onnx --shapes x:1x3x224x224 -o build/my
+      redux-edge compile --model minilm-l6 --recipe build/minilm/manifest.json -o build/again
+    """
+    from redux_edge import api
+    from redux_edge.ir.verify import Tolerance
+    from redux_edge.recipe import load_recipe, parse_pass_flag
+
+    chosen = load_recipe(recipe).extended([parse_pass_flag(flag) for flag in extra_passes])
+    bundle = api.compile_model(
+        model, target, chosen, out, force=force, backend_name=backend, shapes=_parse_shapes(shapes),
+        inputs_file=inputs_file, threads=threads, tolerance=Tolerance(tolerance_cosine, tolerance_atol),
+        step=_progress,
+    )
+    if as_json:
+        _emit_json(bundle.manifest)
+    else:
+        _print_report(bundle.path, bundle.manifest, [])
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("inputs_file", required=False, type=click.Path(path_type=Path))
+@click.option("--output", "output_file", type=click.Path(path_type=Path), help="Save outputs as .npz.")
+@click.option("--json", "as_json", is_flag=True, help="Print outputs as JSON.")
+def run(bundle: Path, inputs_file: Path | None, output_file: Path | None, as_json: bool) -> None:
+    """Run BUNDLE on INPUTS_FILE (text lines, an image, .npy or .npz); without it, on the bundle's sample.
+
+    \b
+    Examples:
+      redux-edge run build/minilm sentences.txt
+      redux-edge run build/mnist digit.png --json
+    """
+    from redux_edge import api
+
+    outputs, manifest = api.run(bundle, inputs_file)
+    if output_file is not None:
+        np.savez(output_file, **outputs)
+    if as_json:
+        _emit_json(outputs)
+        return
+    for name, value in outputs.items():
+        out.print(f"[bold]{name}[/] shape={list(value.shape)} dtype={value.dtype}")
+        if manifest["outputs"] and name == "logits":
+            for index, row in enumerate(value):
+                out.print(f"  sample {index}: class {int(row.argmax())} (logit {float(row.max()):.3f})")
+        else:
+            for index, row in enumerate(value.reshape(value.shape[0], -1)):
+                shown = ", ".join(f"{x:+.4f}" for x in row[:6])
+                out.print(f"  sample {index}: [{shown}, ...] norm={float(np.linalg.norm(row)):.4f}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_file", type=click.Path(path_type=Path), help="Inputs (default: the sample).")
+@click.option("--warmup", default=10, show_default=True)
+@click.option("--iterations", default=100, show_default=True)
+@click.option("--threads", type=int, help="intra-op threads (default: as recorded in the bundle).")
+@click.option("--json", "as_json", is_flag=True)
+def bench(bundle: Path, inputs_file: Path | None, warmup: int, iterations: int, threads: int | None,
+          as_json: bool) -> None:
+    """Measure BUNDLE's latency on this machine: p50/p90/p99 and throughput.
+
+    \b
+    Example:
+      redux-edge bench build/minilm --iterations 200 --threads 2 --json
+    """
+    from redux_edge import api
+
+    with _progress(f"benchmarking {bundle} ({warmup} warm-up + {iterations} runs)"):
+        stats = api.bench(bundle, inputs_file, warmup, iterations, threads)
+    if as_json:
+        _emit_json(stats)
+        return
+    table = Table(title=f"{bundle} ({stats['backend']}, threads={stats['threads']}, shapes={stats['shapes']})")
+    for column in ("p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "throughput /s"):
+        table.add_column(column, justify="right")
+    table.add_row(*(f"{stats[key]:.3f}" for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")),
+                  f"{stats['throughput_per_s']:.1f}")
+    out.print(table)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Show BUNDLE's manifest summary and check every file's sha256. Exit code 1 when a file differs."""
+    from redux_edge import api
+
+    manifest, problems = api.inspect(bundle)
+    if as_json:
+        _emit_json({**manifest, "file_problems": problems})
+    else:
+        _print_report(bundle, manifest, problems)
+    if problems:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def targets(as_json: bool) -> None:
+    """List deployment targets and whether their backends can build and run here."""
+    from redux_edge.backends.base import available_backends
+    from redux_edge.targets import available_targets, load_target
+
+    built = available_backends()
+    rows = []
+    for name in available_targets():
+        target = load_target(name)
+        backend = built.get(target.backends[0])
+        runs = backend.can_run_here(target) if backend else (False, "backend not in this version")
+        rows.append({**target.to_json(), "description": target.description,
+                     "builds_here": backend is not None, "runs_here": runs[0], "why": runs[1]})
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table("target", "arch", "cpu", "gpu", "backends", "builds here", "runs here", "description")
+    for row in rows:
+        table.add_row(row["name"], row["arch"], row["cpu"], row["gpu_compute_capability"] or "-",
+                      " > ".join(row["backends"]), "yes" if row["builds_here"] else "no",
+                      "yes" if row["runs_here"] else f"no ({row['why']})", row["description"])
+    out.print(table)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def models(as_json: bool) -> None:
+    """List the model zoo (real weights from installed packages, no downloads)."""
+    from redux_edge import zoo
+
+    cards = [zoo.load_card(name) for name in zoo.available_models()]
+    rows = [{"name": c["name"], "description": c["description"], "package": c["package"], "task": c["task"]}
+            for c in cards]
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table("model", "task", "weights package", "description")
+    for row in rows:
+        table.add_row(row["name"], row["task"], row["package"], row["description"])
+    out.print(table)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def passes(as_json: bool) -> None:
+    """List the passes a recipe can name, with their parameters."""
+    import dataclasses
+
+    from redux_edge.passes import PASSES
+
+    rows = [{"pass": name, "summary": cls.summary,
+             "parameters": {f.name: f.default for f in dataclasses.fields(cls)}} for name, cls in PASSES.items()]
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table("pass", "parameters (defaults)", "what it does")
+    for row in rows:
+        table.add_row(row["pass"], ", ".join(f"{k}={v}" for k, v in row["parameters"].items()), row["summary"])
+    out.print(table)
+
+
+def _human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _print_report(path: Path, manifest: dict, problems: list[str]) -> None:
+    model, target, backend = manifest["model"], manifest["target"], manifest["backend"]
+    original, compiled = manifest["metrics"]["original"], manifest["metrics"]["compiled"]
+    out.print(f"[bold]bundle[/] {path}  [dim](created {manifest['created']})[/]")
+    out.print(f"  model    {model['name']} — {model.get('description') or model.get('onnx')}")
+    out.print(f"  target   {target['name']} ({target['arch']}, cpu {target['cpu']})   backend {backend['name']} "
+              f"{backend['version']}, threads {backend['session']['intra_op_num_threads'] or 'all cores'}")
+    out.print(f"  recipe   {manifest['recipe']['name']}: "
+              + " → ".join(f"{p['pass']}{'' if p['modified'] else ' (no change)'}" for p in manifest["passes"]))
+    if backend.get("fusions"):
+        out.print("  fusions  " + ", ".join(f"{name}×{count}" for name, count in backend["fusions"].items()))
+    table = Table("metric", "original", "compiled", title=f"cost at {manifest['metrics']['at_shapes']}")
+    table.add_row("parameters", f"{original['params']:,}", f"{compiled['params']:,}")
+    table.add_row("weight bytes", _human_bytes(original["weight_bytes"]), _human_bytes(compiled["weight_bytes"]))
+    table.add_row("MACs", f"{original['macs']:,}", f"{compiled['macs']:,}")
+    out.print(table)
+    verify = manifest["verify"]
+    checks = Table("checked", "output", "max abs diff", "min cosine",
+                   title=f"verification vs {verify['reference']} on {verify['samples']} samples")
+    for stage in ("ir", "artifact"):
+        for name, numbers in verify.get(stage, {}).items():
+            checks.add_row("model.onnx" if stage == "ir" else backend["artifact"], name,
+                           f"{numbers['max_abs']:.3g}", f"{numbers['min_cosine']:.7f}")
+    out.print(checks)
+    files = manifest["files"]
+    out.print(f"  files    {len(files)}, {_human_bytes(sum(f['bytes'] for f in files.values()))}, sha256 "
+              + ("[green]all match[/]" if not problems else f"[red]{len(problems)} differ: {problems[0]}[/]"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        cli.main(args=argv, prog_name="redux-edge", standalone_mode=False)
+    except UserError as exc:
+        if debug:
+            err.print_exception()
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()} (see redux-edge --help)", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:
+        if debug:
+            err.print_exception()
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)", err=True)
+        return 1
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,89 @@
+"""A user's own ONNX file -> IR, treated as untrusted input.
+
+Checks, in order: the file parses as an ONNX ``ModelProto`` (a truncated or foreign file fails here);
+every external-data reference is a relative path that stays inside the model's folder and exists (the
+ONNX external-data spec allows any path; we do not let a model read ``../../etc/passwd``); the ONNX
+checker accepts the model; every operator has a schema in its domain (standard ONNX, or Microsoft's
+contrib domain that ONNX Runtime implements). Only then is the file loaded into ``onnx_ir``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+import onnx.external_data_helper
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from redux_edge.errors import UserError
+
+__all__ = ["load_onnx"]
+
+logger = logging.getLogger(__name__)
+
+# Domains whose operators ONNX Runtime's CPU provider implements beyond the ONNX standard.
+_RUNTIME_DOMAINS = {"com.microsoft", "com.microsoft.nchwc", "ai.onnx.ml"}
+
+
+def load_onnx(path: Path) -> ir.Model:
+    if not path.is_file():
+        raise UserError(f"ONNX file {path} does not exist", "check the path given to --model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
+        raise UserError(f"{path} is not a valid ONNX model ({exc})", "the file is malformed or truncated") from exc
+    if not proto.HasField("graph") or not proto.opset_import:
+        raise UserError(f"{path} is not a valid ONNX model (no graph or opset)", "the file is malformed or truncated")
+    _check_external_data(proto, path.parent)
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.shape_inference.InferenceError) as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise UserError(f"{path} fails the ONNX checker: {first_line}", "re-export the model") from exc
+    _check_operators(proto, path)
+    return ir.load(str(path))
+
+
+def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
+    root = folder.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+        target = (root / location).resolve()
+        if Path(location).is_absolute() or not target.is_relative_to(root):
+            raise UserError(
+                f"tensor '{tensor.name}' points outside the model's folder ({location})",
+                "external data must be a relative path inside the model's folder",
+            )
+        if not target.is_file():
+            raise UserError(
+                f"tensor '{tensor.name}' needs external data file {location}, which is missing",
+                f"put {location} beside the model",
+            )
+
+
+def _check_operators(proto: onnx.ModelProto, path: Path) -> None:
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
+    local_functions = {(function.domain, function.name) for function in proto.functions}
+    for node in _all_nodes(proto.graph):
+        domain = node.domain or "ai.onnx"
+        if (node.domain, node.op_type) in local_functions or domain in _RUNTIME_DOMAINS:
+            continue
+        if domain != "ai.onnx" or not onnx.defs.has(node.op_type, opsets.get(domain, 0), ""):
+            raise UserError(
+                f"unsupported operator {domain}::{node.op_type} (node '{node.name}') in {path}",
+                "export the model with standard ONNX operators",
+            )
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_nodes(subgraph)

@@ -1,0 +1,83 @@
+"""What a model costs: parameters, weight bytes, and multiply-accumulates at given input shapes.
+
+MACs follow the usual convention of FLOP counters (fvcore, ONNX Runtime's profiler): for ``MatMul``
+and ``Gemm`` the output size times the reduction length, for ``Conv`` the output size times the
+input channels per group times the kernel area; element-wise work is not counted. Shapes come from
+ONNX shape inference with data propagation on a copy of the model whose inputs are fixed to the
+given shapes, so dynamic dimensions are resolved the way the runtime would resolve them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.shape_inference
+import onnx_ir as ir
+
+__all__ = ["model_cost"]
+
+_SHAPE_CONSTANT_LIMIT = 1024
+
+
+def model_cost(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> dict:
+    params = 0
+    weight_bytes = 0
+    for initializer in model.graph.initializers.values():
+        if initializer.const_value is None:
+            continue
+        params += math.prod(initializer.shape.numpy())
+        weight_bytes += initializer.const_value.nbytes
+    return {"params": int(params), "weight_bytes": int(weight_bytes), "macs": _macs(model, input_shapes)}
+
+
+def _macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> int:
+    proto = ir.to_proto(model)
+    for value in proto.graph.input:
+        if value.name in input_shapes:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, input_shapes[value.name], strict=True):
+                dim.Clear()
+                dim.dim_value = size
+    del proto.graph.value_info[:]
+    # Large weights are not needed for shapes (small ones may be shape constants); dropping them keeps
+    # the copy small. Their shapes are taken from the IR below.
+    for tensor in proto.graph.initializer:
+        if math.prod(tensor.dims) > _SHAPE_CONSTANT_LIMIT:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    large = {t.name for t in proto.graph.initializer if math.prod(t.dims) > _SHAPE_CONSTANT_LIMIT}
+    kept = [t for t in proto.graph.initializer if t.name not in large]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    shapes = {
+        info.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim)
+        for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    }
+    shapes.update({t.name: tuple(t.dims) for t in kept})
+    total = 0
+    for node in inferred.graph.node:
+        total += _node_macs(node, shapes)
+    return int(total)
+
+
+def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int:
+    out = shapes.get(node.output[0]) if node.output else None
+    if not out or None in out:
+        return 0
+    out_size = int(np.prod(out))
+    if node.op_type == "MatMul":
+        a = shapes.get(node.input[0])
+        return out_size * a[-1] if a and a[-1] else 0
+    if node.op_type == "Gemm":
+        a = shapes.get(node.input[0])
+        trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
+        if not a or None in a:
+            return 0
+        return out_size * (a[0] if trans_a else a[1])
+    if node.op_type == "Conv":
+        w = shapes.get(node.input[1])
+        return out_size * int(np.prod(w[1:])) if w and None not in w else 0
+    return 0

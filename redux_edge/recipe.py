@@ -1,0 +1,94 @@
+"""Recipes: the ordered, declarative list of passes that a compile applies, as Olive and SparseML write them.
+
+A recipe is a TOML file::
+
+    name = "minilm-default"
+    [[passes]]
+    pass = "cleanup"
+    iterations = 2
+
+or the same steps given on the command line (``--pass cleanup:iterations=2``), or the ``recipe`` a bundle's
+``manifest.json`` recorded, so that ``compile --recipe build/minilm/manifest.json`` rebuilds that bundle.
+Every key is checked: a misspelt pass or parameter is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from redux_edge.errors import UserError
+from redux_edge.passes import RecipePass, build_pass
+
+__all__ = ["DEFAULT_RECIPE", "Recipe", "load_recipe", "parse_pass_flag"]
+
+_RECIPE_KEYS = {"name", "description", "passes"}
+
+
+@dataclass
+class Recipe:
+    name: str
+    passes: list[RecipePass]
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "passes": [{"pass": step.name, **step.parameters()} for step in self.passes],
+        }
+
+    def extended(self, extra: list[RecipePass]) -> Recipe:
+        return Recipe(self.name if not extra else f"{self.name}+cli", [*self.passes, *extra])
+
+
+DEFAULT_RECIPE = {"name": "default", "passes": [{"pass": "cleanup"}]}
+
+
+def recipe_from_dict(spec: dict, origin: str) -> Recipe:
+    if unknown := set(spec) - _RECIPE_KEYS:
+        raise UserError(
+            f"unknown recipe key {', '.join(sorted(unknown))} in {origin}",
+            f"a recipe has only {', '.join(sorted(_RECIPE_KEYS))}",
+        )
+    steps = spec.get("passes", [])
+    if not isinstance(steps, list):
+        raise UserError(f"'passes' in {origin} must be a list of tables", "write [[passes]] blocks")
+    passes = []
+    for index, step in enumerate(steps):
+        if not isinstance(step, dict) or "pass" not in step:
+            raise UserError(f"step {index} of {origin} names no pass", 'add pass = "<name>" to the step')
+        parameters = {key: value for key, value in step.items() if key != "pass"}
+        passes.append(build_pass(step["pass"], parameters))
+    return Recipe(spec.get("name", Path(origin).stem), passes)
+
+
+def load_recipe(path: Path | None) -> Recipe:
+    """The recipe in a TOML file or a bundle manifest; the default recipe when ``path`` is None."""
+    if path is None:
+        return recipe_from_dict(DEFAULT_RECIPE, "default")
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist", "give a recipe .toml or a bundle's manifest.json")
+    try:
+        if path.suffix == ".json":
+            spec = json.loads(path.read_text())["recipe"]
+        else:
+            spec = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read recipe {path}: {exc}", "give a recipe .toml or a manifest.json") from exc
+    return recipe_from_dict(spec, str(path))
+
+
+def parse_pass_flag(flag: str) -> RecipePass:
+    """``name`` or ``name:key=value,key=value`` (values parsed as TOML scalars) into a configured pass."""
+    name, _, rest = flag.partition(":")
+    parameters = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"cannot read pass parameter '{item}' in '{flag}'", "write --pass name:key=value")
+        try:
+            parameters[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            parameters[key.strip()] = raw.strip()
+    return build_pass(name.strip(), parameters)

@@ -1,0 +1,159 @@
+"""Run a redux-edge bundle with nothing but numpy and the backend's own runtime.
+
+This file is copied into every bundle as ``runner/run.py`` and is what a device executes, so it must not
+import redux-edge. It reads ``manifest.json``, opens the artifact with the session settings recorded at
+compile time, checks inputs against the recorded signature, and offers a latency benchmark and a health
+check (the bundle's sample inputs must reproduce its sample outputs)::
+
+    python runner/run.py --inputs x.npz --outputs y.npz
+    python runner/run.py --bench --iterations 100 --json
+    python runner/run.py --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["BundleSession", "InputError", "check_inputs", "latency_stats"]
+
+_DTYPES = {"FLOAT": np.float32, "FLOAT16": np.float16, "DOUBLE": np.float64, "INT64": np.int64,
+           "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
+
+
+class InputError(ValueError):
+    """Inputs that do not fit the bundle's recorded signature."""
+
+
+class BundleSession:
+    def __init__(self, bundle_dir: Path, threads: int | None = None) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
+        backend = self.manifest["backend"]
+        if backend["name"] != "onnxruntime":
+            raise NotImplementedError(f"this runner cannot run {backend['name']} artifacts")
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        settings = backend["session"]
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings["load_optimization_level"])
+        options.intra_op_num_threads = settings["intra_op_num_threads"] if threads is None else threads
+        options.inter_op_num_threads = settings["inter_op_num_threads"]
+        self.session = ort.InferenceSession(
+            str(self.bundle_dir / backend["artifact"]), options, providers=settings["providers"]
+        )
+        self.inputs = self.manifest["inputs"]
+        self.output_names = [output["name"] for output in self.manifest["outputs"]]
+
+    def check_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return check_inputs(self.inputs, feeds)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.output_names, self.check_inputs(feeds))
+
+    def sample(self) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        with np.load(self.bundle_dir / "sample" / "inputs.npz", allow_pickle=False) as inputs, \
+                np.load(self.bundle_dir / "sample" / "outputs.npz", allow_pickle=False) as outputs:
+            return {k: inputs[k] for k in inputs.files}, [outputs[name] for name in self.output_names]
+
+    def benchmark(self, feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> dict:
+        checked = self.check_inputs(feeds)
+        for _ in range(warmup):
+            self.session.run(self.output_names, checked)
+        seconds = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            self.session.run(self.output_names, checked)
+            seconds.append(time.perf_counter() - start)
+        batch = next(iter(checked.values())).shape[0] if checked else 1
+        return latency_stats(seconds, batch)
+
+
+def check_inputs(specs: list[dict], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` cast to the recorded dtypes; InputError when a name, rank, size or dtype does not fit."""
+    expected = [spec["name"] for spec in specs]
+    if sorted(feeds) != sorted(expected):
+        raise InputError(f"inputs are {sorted(feeds)}, the model takes {expected}")
+    checked = {}
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        array = np.asarray(feeds[spec["name"]])
+        shape = spec["shape"]
+        if array.ndim != len(shape):
+            raise InputError(f"input '{spec['name']}' has shape {list(array.shape)}, expected {shape}")
+        for axis, (dim, size) in enumerate(zip(shape, array.shape, strict=True)):
+            # A named dimension must agree across inputs (batch, sequence); a number must match exactly.
+            if isinstance(dim, str):
+                if sizes.setdefault(dim, size) != size:
+                    raise InputError(f"input '{spec['name']}' axis {axis} ({dim}) is {size}, "
+                                     f"another input has {dim}={sizes[dim]}")
+            elif dim != size:
+                raise InputError(f"input '{spec['name']}' has shape {list(array.shape)}, expected {shape}")
+        dtype = _DTYPES[spec["dtype"]]
+        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+            raise InputError(f"input '{spec['name']}' has dtype {array.dtype}, expected {np.dtype(dtype)}")
+        checked[spec["name"]] = array.astype(dtype, copy=False)
+    return checked
+
+
+def latency_stats(seconds: list[float], batch: int) -> dict:
+    ms = np.asarray(seconds) * 1000.0
+    return {
+        "iterations": len(seconds),
+        "batch": batch,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "std_ms": float(ms.std()),
+        "throughput_per_s": float(batch * 1000.0 / ms.mean()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a redux-edge bundle")
+    parser.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parent.parent)
+    parser.add_argument("--inputs", type=Path, help=".npz with one array per input (default: the sample)")
+    parser.add_argument("--outputs", type=Path, help="write outputs to this .npz")
+    parser.add_argument("--check", action="store_true", help="health check: sample inputs give sample outputs")
+    parser.add_argument("--bench", action="store_true")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    session = BundleSession(args.bundle, args.threads)
+    feeds, expected = session.sample()
+    if args.inputs:
+        with np.load(args.inputs, allow_pickle=False) as archive:
+            feeds = {k: archive[k] for k in archive.files}
+    try:
+        if args.bench:
+            report = session.benchmark(feeds, args.warmup, args.iterations)
+            print(json.dumps(report) if args.json else "  ".join(f"{k}={v:.4g}" for k, v in report.items()))
+            return 0
+        outputs = session.run(feeds)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.outputs:
+        np.savez(args.outputs, **dict(zip(session.output_names, outputs, strict=True)))
+    if args.check:
+        atol = session.manifest["verify"]["tolerance"]["atol"]
+        healthy = all(
+            float(np.abs(got - want).max()) <= atol * max(1.0, float(np.abs(want).max()))
+            for got, want in zip(outputs, expected, strict=True)
+        )
+        worst = max(float(np.abs(got - want).max()) for got, want in zip(outputs, expected, strict=True))
+        print(json.dumps({"healthy": healthy, "max_abs": worst}))
+        return 0 if healthy else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
