@@ -14,6 +14,7 @@ import hashlib
 import logging
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,8 +102,10 @@ def _onnx_source(path: Path, shapes: dict[str, list[int]], inputs_file: Path | N
     else:
         inputs = _synthetic_inputs(model, shapes)
     _check_feeds(model, inputs)
-    with step("running the original model for reference outputs"):
-        reference = _run_ir_file(path, inputs)
+    with step("running the original model for reference outputs"), tempfile.TemporaryDirectory() as scratch:
+        # The IR as loaded, not the file: loading may lower an IR version the runtime would refuse.
+        ir.save(model, str(Path(scratch) / "original.onnx"))
+        reference = _run_ir_file(Path(scratch) / "original.onnx", inputs)
     with path.open("rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
     return Source(

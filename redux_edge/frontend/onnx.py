@@ -4,7 +4,7 @@ Checks, in order: the file parses as an ONNX ``ModelProto`` (a truncated or fore
 every external-data reference is a relative path that stays inside the model's folder and exists (the
 ONNX external-data spec allows any path; we do not let a model read ``../../etc/passwd``); the ONNX
 checker accepts the model; every operator has a schema in its domain (standard ONNX, or Microsoft's
-contrib domain that ONNX Runtime implements). Only then is the file loaded into ``onnx_ir``.
+contrib domain that ONNX Runtime implements). Only then is the file loaded into ``onnx_ir``, its IR version lowered to the one its opsets need.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 import onnx.external_data_helper
+import onnx.helper
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
@@ -43,7 +44,12 @@ def load_onnx(path: Path) -> ir.Model:
         first_line = str(exc).strip().splitlines()[0]
         raise UserError(f"{path} fails the ONNX checker: {first_line}", "re-export the model") from exc
     _check_operators(proto, path)
-    return ir.load(str(path))
+    model = ir.load(str(path))
+    # Exporters stamp the newest IR version they know, which runtimes one release older refuse; the
+    # operators and types a model may use are fixed by its opsets, so the IR version those opsets need is
+    # what the file really requires.
+    model.ir_version = min(model.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import), True))
+    return model
 
 
 def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:

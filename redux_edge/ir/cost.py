@@ -26,7 +26,8 @@ def model_cost(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> dic
     params = 0
     weight_bytes = 0
     for initializer in model.graph.initializers.values():
-        if initializer.const_value is None:
+        # Integer initializers are shapes, axes and indices, not learned weights.
+        if initializer.const_value is None or not initializer.dtype.is_floating_point():
             continue
         params += math.prod(initializer.shape.numpy())
         weight_bytes += initializer.const_value.nbytes

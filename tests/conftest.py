@@ -1,0 +1,70 @@
+"""Shared fixtures: real bundles compiled once per session, and a CLI runner that returns what a user sees."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+
+from redux_edge import api
+from redux_edge.cli import main
+from redux_edge.recipe import load_recipe
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    def invoke(*args: str) -> CliResult:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def minilm_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "minilm"
+    api.compile_model("minilm-l6", "host", load_recipe(None), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mnist_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "mnist"
+    api.compile_model("mnist-cnn", "host", load_recipe(None), out)
+    return out
+
+
+def make_mlp_onnx(path: Path, hidden: int = 16) -> Path:
+    """A two-layer MLP written with onnx.helper: an ONNX file that redux-edge did not export."""
+    rng = np.random.default_rng(1)
+    w1 = onnx.numpy_helper.from_array(rng.standard_normal((8, hidden)).astype(np.float32), "w1")
+    b1 = onnx.numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), "b1")
+    w2 = onnx.numpy_helper.from_array(rng.standard_normal((hidden, 3)).astype(np.float32), "w2")
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "w1"], ["h0"]),
+            oh.make_node("Add", ["h0", "b1"], ["h1"]),
+            oh.make_node("Relu", ["h1"], ["h2"]),
+            oh.make_node("MatMul", ["h2", "w2"], ["y"]),
+        ],
+        "mlp",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])],
+        initializer=[w1, b1, w2],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path

@@ -1,0 +1,68 @@
+"""All nine targets load with their hardware facts; targets whose backend is missing fail clearly."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+
+from redux_edge.backends import select_backend
+from redux_edge.errors import UserError
+from redux_edge.targets import available_targets, load_target
+
+ALL_TARGETS = {
+    "host", "x86-64-avx2", "x86-64-avx512", "arm64-cortex-a72", "arm64-cortex-a76",
+    "jetson-orin-nano", "jetson-agx-orin", "jetson-xavier-nx", "jetson-nano",
+}
+
+
+def test_the_nine_targets_exist():
+    assert set(available_targets()) == ALL_TARGETS
+
+
+@pytest.mark.parametrize(
+    ("name", "sm", "l4t", "jetpack", "sparse"),
+    [
+        ("jetson-orin-nano", "8.7", "R36.4", "6.2", True),
+        ("jetson-agx-orin", "8.7", "R36.4", "6.2", True),
+        ("jetson-xavier-nx", "7.2", "R35.5", "5.1.3", False),
+        ("jetson-nano", "5.3", "R32.7", "4.6", False),
+    ],
+)
+def test_jetson_facts(name, sm, l4t, jetpack, sparse):
+    target = load_target(name)
+    assert target.gpu_compute_capability == sm
+    assert target.runtime["l4t"] == l4t
+    assert target.runtime["jetpack"] == jetpack
+    assert target.sparse_tensor_cores is sparse
+    assert target.arch == "aarch64"
+    assert target.backends[0] == "tensorrt"
+
+
+def test_host_is_this_machine():
+    host = load_target("host")
+    assert host.arch == platform.machine()
+    assert host.backends == ("onnxruntime",)
+    assert select_backend(host, None).name == "onnxruntime"
+
+
+def test_unknown_target_lists_the_choices():
+    with pytest.raises(UserError, match="unknown target 'pdp-11'") as info:
+        load_target("pdp-11")
+    assert "jetson-orin-nano" in info.value.hint
+
+
+def test_target_name_cannot_reach_outside_the_targets_folder():
+    with pytest.raises(UserError, match="unknown target"):
+        load_target("../pyproject")
+
+
+def test_target_whose_backend_is_not_built_is_a_clear_error():
+    with pytest.raises(UserError, match="needs the tensorrt backend") as info:
+        select_backend(load_target("jetson-orin-nano"), None)
+    assert "--backend onnxruntime" in info.value.hint
+
+
+def test_backend_override_must_be_one_the_target_runs():
+    with pytest.raises(UserError, match="unknown backend"):
+        select_backend(load_target("host"), "coreml")
