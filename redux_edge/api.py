@@ -64,8 +64,12 @@ class Source:
         return [value.name for value in self.model.graph.outputs]
 
 
-def load_source(model: str, shapes: dict[str, list[int]] | None = None, inputs_file: Path | None = None,
-                step: Step = _no_progress) -> Source:
+def load_source(
+    model: str,
+    shapes: dict[str, list[int]] | None = None,
+    inputs_file: Path | None = None,
+    step: Step = _no_progress,
+) -> Source:
     """A zoo name or a path to an ``.onnx`` file, as a Source."""
     if model.endswith(".onnx") or Path(model).is_file():
         return _onnx_source(Path(model), shapes or {}, inputs_file, step)
@@ -75,8 +79,11 @@ def load_source(model: str, shapes: dict[str, list[int]] | None = None, inputs_f
     zoo.load_card(model)  # fails fast on an unknown name, before torch work
     with step(f"loading {model}"):
         entry = zoo.load_model(model)
-        inputs = entry.inputs if inputs_file is None else read_inputs(inputs_file, list(entry.inputs),
-                                                                     entry.preprocessor)
+        inputs = (
+            entry.inputs
+            if inputs_file is None
+            else read_inputs(inputs_file, list(entry.inputs), entry.preprocessor)
+        )
     with step(f"exporting {model} with torch.onnx (dynamo)"):
         exported = export_module(entry.module, entry.inputs, entry.dynamic_axes, entry.output_names)
     _check_feeds(exported, inputs)
@@ -114,7 +121,8 @@ def _onnx_source(path: Path, shapes: dict[str, list[int]], inputs_file: Path | N
         model=model,
         inputs=inputs,
         reference=reference,
-        reference_kind="onnxruntime on the original file" + (" (synthetic inputs)" if inputs_file is None else ""),
+        reference_kind="onnxruntime on the original file"
+        + (" (synthetic inputs)" if inputs_file is None else ""),
     )
 
 
@@ -193,13 +201,18 @@ def compile_model(
     with bundles.staging(out, force) as stage:
         ir.save(source.model, str(stage / "model.onnx"))
         with step("verifying the transformed IR"):
-            ir_report = compare(source.reference, _run_ir_file(stage / "model.onnx", source.inputs),
-                                source.output_names)
+            ir_report = compare(
+                source.reference, _run_ir_file(stage / "model.onnx", source.inputs), source.output_names
+            )
             require_match(ir_report, tolerance, "the transformed IR (model.onnx)")
         with step(f"lowering with {backend.name} for {target.name}"):
-            backend_entry = backend.lower(stage / "model.onnx", target, stage / "artifact", {"threads": threads})
+            backend_entry = backend.lower(
+                stage / "model.onnx", target, stage / "artifact", {"threads": threads}
+            )
         _write_runner(stage, source)
-        manifest = _manifest(source, target, backend_entry, recipe, pass_log, original_cost, tolerance, ir_report)
+        manifest = _manifest(
+            source, target, backend_entry, recipe, pass_log, original_cost, tolerance, ir_report
+        )
         bundles.write_manifest(stage, manifest)
         with step("verifying the artifact"):
             session = backend.load(stage)
@@ -218,8 +231,13 @@ def _run_passes(model: ir.Model, recipe: Recipe, step: Step) -> list[dict]:
         with step(f"pass {configured.name}"):
             started = time.perf_counter()
             result = configured(model)
-        log.append({"pass": configured.name, "modified": result.modified,
-                    "seconds": round(time.perf_counter() - started, 3)})
+        log.append(
+            {
+                "pass": configured.name,
+                "modified": result.modified,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
     return log
 
 
@@ -234,12 +252,23 @@ def _write_runner(stage: Path, source: Source) -> None:
             shutil.copyfile(path, stage / relative)
 
 
-def _manifest(source: Source, target: Target, backend_entry: dict, recipe: Recipe, pass_log: list[dict],
-              original_cost: dict, tolerance: Tolerance, ir_report: dict) -> dict:
+def _manifest(
+    source: Source,
+    target: Target,
+    backend_entry: dict,
+    recipe: Recipe,
+    pass_log: list[dict],
+    original_cost: dict,
+    tolerance: Tolerance,
+    ir_report: dict,
+) -> dict:
     shapes = {k: v.shape for k, v in source.inputs.items()}
     outputs = [
-        {"name": value.name, "dtype": value.dtype.name,
-         "shape": [d if isinstance(d, int) else str(d) for d in value.shape or ()]}
+        {
+            "name": value.name,
+            "dtype": value.dtype.name,
+            "shape": [d if isinstance(d, int) else str(d) for d in value.shape or ()],
+        }
         for value in source.model.graph.outputs
     ]
     return {
@@ -263,8 +292,10 @@ def _manifest(source: Source, target: Target, backend_entry: dict, recipe: Recip
             "tolerance": tolerance.to_json(),
             "ir": ir_report,
         },
-        "toolchain": {"python": platform.python_version(),
-                      **{name: metadata.version(name) for name in _TOOLCHAIN}},
+        "toolchain": {
+            "python": platform.python_version(),
+            **{name: metadata.version(name) for name in _TOOLCHAIN},
+        },
     }
 
 
@@ -294,7 +325,9 @@ def _input_errors():
     try:
         yield
     except runner.InputError as exc:
-        raise UserError(f"wrong input: {exc}", "match the model's input signature (see `redux-edge inspect`)") from exc
+        raise UserError(
+            f"wrong input: {exc}", "match the model's input signature (see `redux-edge inspect`)"
+        ) from exc
 
 
 def run(bundle_path: Path, inputs_file: Path | None = None) -> tuple[dict[str, np.ndarray], dict]:
@@ -307,15 +340,24 @@ def run(bundle_path: Path, inputs_file: Path | None = None) -> tuple[dict[str, n
     return dict(zip(names, outputs, strict=True)), bundle.manifest
 
 
-def bench(bundle_path: Path, inputs_file: Path | None = None, warmup: int = 10, iterations: int = 100,
-          threads: int | None = None) -> dict:
+def bench(
+    bundle_path: Path,
+    inputs_file: Path | None = None,
+    warmup: int = 10,
+    iterations: int = 100,
+    threads: int | None = None,
+) -> dict:
     bundle, backend = _open(bundle_path)
     feeds = _feeds(bundle, inputs_file)
     with _input_errors():
         stats = backend.load(bundle.path, threads).benchmark(feeds, warmup, iterations)
-    return {"bundle": str(bundle_path), "backend": bundle.manifest["backend"]["name"],
-            "threads": threads or bundle.manifest["backend"]["session"]["intra_op_num_threads"],
-            "shapes": {k: list(v.shape) for k, v in feeds.items()}, **stats}
+    return {
+        "bundle": str(bundle_path),
+        "backend": bundle.manifest["backend"]["name"],
+        "threads": threads or bundle.manifest["backend"]["session"]["intra_op_num_threads"],
+        "shapes": {k: list(v.shape) for k, v in feeds.items()},
+        **stats,
+    }
 
 
 def inspect(bundle_path: Path) -> tuple[dict, list[str]]:

@@ -22,8 +22,15 @@ from pathlib import Path
 
 from redux_edge.errors import UserError
 
-__all__ = ["FORMAT_VERSION", "Bundle", "check_destination", "file_digest", "load_bundle", "staging",
-           "write_manifest"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Bundle",
+    "check_destination",
+    "file_digest",
+    "load_bundle",
+    "staging",
+    "write_manifest",
+]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -67,7 +74,9 @@ def check_destination(out: Path, force: bool) -> None:
         probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)
         Path(probe).rmdir()
     except OSError as exc:
-        raise UserError(f"cannot write to {out.parent}: {exc.strerror or exc}", "choose a writable -o") from exc
+        raise UserError(
+            f"cannot write to {out.parent}: {exc.strerror or exc}", "choose a writable -o"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -79,8 +88,9 @@ def staging(out: Path, force: bool) -> Iterator[Path]:
         yield stage
         _publish(stage, out, force)
     except OSError as exc:
-        raise UserError(f"cannot write bundle {out}: {exc.strerror or exc}", "free disk space or choose another -o") \
-            from exc
+        raise UserError(
+            f"cannot write bundle {out}: {exc.strerror or exc}", "free disk space or choose another -o"
+        ) from exc
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -105,7 +115,10 @@ def _publish(stage: Path, out: Path, force: bool) -> None:
 def write_manifest(stage: Path, manifest: dict) -> dict:
     files = {}
     for path in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files[path.relative_to(stage).as_posix()] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
+        files[path.relative_to(stage).as_posix()] = {
+            "sha256": file_digest(path),
+            "bytes": path.stat().st_size,
+        }
     manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files}
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -113,14 +126,17 @@ def write_manifest(stage: Path, manifest: dict) -> dict:
 
 def load_bundle(path: Path) -> Bundle:
     if not (path / MANIFEST).is_file():
-        raise UserError(f"{path} is not a bundle (no {MANIFEST})", "give a directory written by redux-edge compile")
+        raise UserError(
+            f"{path} is not a bundle (no {MANIFEST})", "give a directory written by redux-edge compile"
+        )
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path / MANIFEST} is not valid JSON: {exc}", "recompile the bundle") from exc
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(
-            f"{path} has bundle format {manifest.get('format_version')}, this redux-edge reads {FORMAT_VERSION}",
+            f"{path} has bundle format {manifest.get('format_version')}, "
+            f"this redux-edge reads {FORMAT_VERSION}",
             "recompile the bundle with this version",
         )
     bundle = Bundle(path, manifest)

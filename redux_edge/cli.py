@@ -61,7 +61,9 @@ def _parse_shapes(text: str | None) -> dict[str, list[int]]:
         except ValueError:
             sep = ""
         if not sep or not name:
-            raise UserError(f"cannot read shape '{item}'", "write --shapes input_ids:1x128,attention_mask:1x128")
+            raise UserError(
+                f"cannot read shape '{item}'", "write --shapes input_ids:1x128,attention_mask:1x128"
+            )
     return shapes
 
 
@@ -81,25 +83,58 @@ def cli(debug: bool) -> None:
 
 
 @cli.command("compile")
-@click.option("-m", "--model", required=True, help="Zoo name (see `redux-edge models`) or path to an .onnx file.")
-@click.option("-t", "--target", default="host", show_default=True, help="Target name (see `redux-edge targets`).")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
+@click.option(
+    "-m", "--model", required=True, help="Zoo name (see `redux-edge models`) or path to an .onnx file."
+)
+@click.option(
+    "-t", "--target", default="host", show_default=True, help="Target name (see `redux-edge targets`)."
+)
+@click.option(
+    "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory."
+)
 @click.option("--recipe", type=click.Path(path_type=Path), help="Recipe .toml, or a bundle's manifest.json.")
-@click.option("--pass", "extra_passes", multiple=True, metavar="NAME[:K=V,...]",
-              help="Append a pass to the recipe (repeatable), e.g. --pass cleanup:iterations=3.")
+@click.option(
+    "--pass",
+    "extra_passes",
+    multiple=True,
+    metavar="NAME[:K=V,...]",
+    help="Append a pass to the recipe (repeatable), e.g. --pass cleanup:iterations=3.",
+)
 @click.option("--backend", help="Override the target's preferred backend.")
 @click.option("--shapes", help="Input shapes for an ONNX file, trtexec style: input:1x3x28x28,...")
-@click.option("--inputs", "inputs_file", type=click.Path(path_type=Path),
-              help="Real inputs to verify on: .npz, .npy, or the model's text/image format.")
+@click.option(
+    "--inputs",
+    "inputs_file",
+    type=click.Path(path_type=Path),
+    help="Real inputs to verify on: .npz, .npy, or the model's text/image format.",
+)
 @click.option("--threads", type=int, help="intra-op threads recorded for the device (default: all cores).")
-@click.option("--tolerance-cosine", default=0.9999, show_default=True, help="Minimum cosine vs the reference.")
-@click.option("--tolerance-atol", default=1e-3, show_default=True,
-              help="Maximum abs difference vs the reference, scaled by its largest magnitude when above 1.")
+@click.option(
+    "--tolerance-cosine", default=0.9999, show_default=True, help="Minimum cosine vs the reference."
+)
+@click.option(
+    "--tolerance-atol",
+    default=1e-3,
+    show_default=True,
+    help="Maximum abs difference vs the reference, scaled by its largest magnitude when above 1.",
+)
 @click.option("-f", "--force", is_flag=True, help="Replace an existing bundle directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def compile_command(model: str, target: str, out: Path, recipe: Path | None, extra_passes: tuple[str, ...],
-                    backend: str | None, shapes: str | None, inputs_file: Path | None, threads: int | None,
-                    tolerance_cosine: float, tolerance_atol: float, force: bool, as_json: bool) -> None:
+def compile_command(
+    model: str,
+    target: str,
+    out: Path,
+    recipe: Path | None,
+    extra_passes: tuple[str, ...],
+    backend: str | None,
+    shapes: str | None,
+    inputs_file: Path | None,
+    threads: int | None,
+    tolerance_cosine: float,
+    tolerance_atol: float,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Compile MODEL for TARGET into a verified bundle.
 
     \b
@@ -115,8 +150,16 @@ def compile_command(model: str, target: str, out: Path, recipe: Path | None, ext
 
     chosen = load_recipe(recipe).extended([parse_pass_flag(flag) for flag in extra_passes])
     bundle = api.compile_model(
-        model, target, chosen, out, force=force, backend_name=backend, shapes=_parse_shapes(shapes),
-        inputs_file=inputs_file, threads=threads, tolerance=Tolerance(tolerance_cosine, tolerance_atol),
+        model,
+        target,
+        chosen,
+        out,
+        force=force,
+        backend_name=backend,
+        shapes=_parse_shapes(shapes),
+        inputs_file=inputs_file,
+        threads=threads,
+        tolerance=Tolerance(tolerance_cosine, tolerance_atol),
         step=_progress,
     )
     if as_json:
@@ -159,13 +202,16 @@ def run(bundle: Path, inputs_file: Path | None, output_file: Path | None, as_jso
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--inputs", "inputs_file", type=click.Path(path_type=Path), help="Inputs (default: the sample).")
+@click.option(
+    "--inputs", "inputs_file", type=click.Path(path_type=Path), help="Inputs (default: the sample)."
+)
 @click.option("--warmup", default=10, show_default=True)
 @click.option("--iterations", default=100, show_default=True)
 @click.option("--threads", type=int, help="intra-op threads (default: as recorded in the bundle).")
 @click.option("--json", "as_json", is_flag=True)
-def bench(bundle: Path, inputs_file: Path | None, warmup: int, iterations: int, threads: int | None,
-          as_json: bool) -> None:
+def bench(
+    bundle: Path, inputs_file: Path | None, warmup: int, iterations: int, threads: int | None, as_json: bool
+) -> None:
     """Measure BUNDLE's latency on this machine: p50/p90/p99 and throughput.
 
     \b
@@ -179,11 +225,15 @@ def bench(bundle: Path, inputs_file: Path | None, warmup: int, iterations: int, 
     if as_json:
         _emit_json(stats)
         return
-    table = Table(title=f"{bundle} ({stats['backend']}, threads={stats['threads']}, shapes={stats['shapes']})")
+    table = Table(
+        title=f"{bundle} ({stats['backend']}, threads={stats['threads']}, shapes={stats['shapes']})"
+    )
     for column in ("p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "throughput /s"):
         table.add_column(column, justify="right")
-    table.add_row(*(f"{stats[key]:.3f}" for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")),
-                  f"{stats['throughput_per_s']:.1f}")
+    table.add_row(
+        *(f"{stats[key]:.3f}" for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")),
+        f"{stats['throughput_per_s']:.1f}",
+    )
     out.print(table)
 
 
@@ -200,7 +250,7 @@ def inspect(bundle: Path, as_json: bool) -> None:
     else:
         _print_report(bundle, manifest, problems)
     if problems:
-        sys.exit(1)
+        raise click.exceptions.Exit(1)
 
 
 @cli.command()
@@ -216,16 +266,30 @@ def targets(as_json: bool) -> None:
         target = load_target(name)
         backend = built.get(target.backends[0])
         runs = backend.can_run_here(target) if backend else (False, "backend not in this version")
-        rows.append({**target.to_json(), "description": target.description,
-                     "builds_here": backend is not None, "runs_here": runs[0], "why": runs[1]})
+        rows.append(
+            {
+                **target.to_json(),
+                "description": target.description,
+                "builds_here": backend is not None,
+                "runs_here": runs[0],
+                "why": runs[1],
+            }
+        )
     if as_json:
         _emit_json(rows)
         return
     table = Table("target", "arch", "cpu", "gpu", "backends", "builds here", "runs here", "description")
     for row in rows:
-        table.add_row(row["name"], row["arch"], row["cpu"], row["gpu_compute_capability"] or "-",
-                      " > ".join(row["backends"]), "yes" if row["builds_here"] else "no",
-                      "yes" if row["runs_here"] else f"no ({row['why']})", row["description"])
+        table.add_row(
+            row["name"],
+            row["arch"],
+            row["cpu"],
+            row["gpu_compute_capability"] or "-",
+            " > ".join(row["backends"]),
+            "yes" if row["builds_here"] else "no",
+            "yes" if row["runs_here"] else f"no ({row['why']})",
+            row["description"],
+        )
     out.print(table)
 
 
@@ -236,8 +300,10 @@ def models(as_json: bool) -> None:
     from redux_edge import zoo
 
     cards = [zoo.load_card(name) for name in zoo.available_models()]
-    rows = [{"name": c["name"], "description": c["description"], "package": c["package"], "task": c["task"]}
-            for c in cards]
+    rows = [
+        {"name": c["name"], "description": c["description"], "package": c["package"], "task": c["task"]}
+        for c in cards
+    ]
     if as_json:
         _emit_json(rows)
         return
@@ -255,14 +321,22 @@ def passes(as_json: bool) -> None:
 
     from redux_edge.passes import PASSES
 
-    rows = [{"pass": name, "summary": cls.summary,
-             "parameters": {f.name: f.default for f in dataclasses.fields(cls)}} for name, cls in PASSES.items()]
+    rows = [
+        {
+            "pass": name,
+            "summary": cls.summary,
+            "parameters": {f.name: f.default for f in dataclasses.fields(cls)},
+        }
+        for name, cls in PASSES.items()
+    ]
     if as_json:
         _emit_json(rows)
         return
     table = Table("pass", "parameters (defaults)", "what it does")
     for row in rows:
-        table.add_row(row["pass"], ", ".join(f"{k}={v}" for k, v in row["parameters"].items()), row["summary"])
+        table.add_row(
+            row["pass"], ", ".join(f"{k}={v}" for k, v in row["parameters"].items()), row["summary"]
+        )
     out.print(table)
 
 
@@ -279,41 +353,57 @@ def _print_report(path: Path, manifest: dict, problems: list[str]) -> None:
     original, compiled = manifest["metrics"]["original"], manifest["metrics"]["compiled"]
     out.print(f"[bold]bundle[/] {path}  [dim](created {manifest['created']})[/]")
     out.print(f"  model    {model['name']} — {model.get('description') or model.get('onnx')}")
-    out.print(f"  target   {target['name']} ({target['arch']}, cpu {target['cpu']})   backend {backend['name']} "
-              f"{backend['version']}, threads {backend['session']['intra_op_num_threads'] or 'all cores'}")
-    out.print(f"  recipe   {manifest['recipe']['name']}: "
-              + " → ".join(f"{p['pass']}{'' if p['modified'] else ' (no change)'}" for p in manifest["passes"]))
+    out.print(
+        f"  target   {target['name']} ({target['arch']}, cpu {target['cpu']})   backend {backend['name']} "
+        f"{backend['version']}, threads {backend['session']['intra_op_num_threads'] or 'all cores'}"
+    )
+    out.print(
+        f"  recipe   {manifest['recipe']['name']}: "
+        + " → ".join(f"{p['pass']}{'' if p['modified'] else ' (no change)'}" for p in manifest["passes"])
+    )
     if backend.get("fusions"):
-        out.print("  fusions  " + ", ".join(f"{name}×{count}" for name, count in backend["fusions"].items()))
+        out.print("  fusions  " + ", ".join(f"{name} x{count}" for name, count in backend["fusions"].items()))
     table = Table("metric", "original", "compiled", title=f"cost at {manifest['metrics']['at_shapes']}")
     table.add_row("parameters", f"{original['params']:,}", f"{compiled['params']:,}")
-    table.add_row("weight bytes", _human_bytes(original["weight_bytes"]), _human_bytes(compiled["weight_bytes"]))
+    table.add_row(
+        "weight bytes", _human_bytes(original["weight_bytes"]), _human_bytes(compiled["weight_bytes"])
+    )
     table.add_row("MACs", f"{original['macs']:,}", f"{compiled['macs']:,}")
     out.print(table)
     verify = manifest["verify"]
-    checks = Table("checked", "output", "max abs diff", "min cosine",
-                   title=f"verification vs {verify['reference']} on {verify['samples']} samples")
+    checks = Table(
+        "checked",
+        "output",
+        "max abs diff",
+        "min cosine",
+        title=f"verification vs {verify['reference']} on {verify['samples']} samples",
+    )
     for stage in ("ir", "artifact"):
         for name, numbers in verify.get(stage, {}).items():
-            checks.add_row("model.onnx" if stage == "ir" else backend["artifact"], name,
-                           f"{numbers['max_abs']:.3g}", f"{numbers['min_cosine']:.7f}")
+            checks.add_row(
+                "model.onnx" if stage == "ir" else backend["artifact"],
+                name,
+                f"{numbers['max_abs']:.3g}",
+                f"{numbers['min_cosine']:.7f}",
+            )
     out.print(checks)
     files = manifest["files"]
-    out.print(f"  files    {len(files)}, {_human_bytes(sum(f['bytes'] for f in files.values()))}, sha256 "
-              + ("[green]all match[/]" if not problems else f"[red]{len(problems)} differ: {problems[0]}[/]"))
+    out.print(
+        f"  files    {len(files)}, {_human_bytes(sum(f['bytes'] for f in files.values()))}, sha256 "
+        + ("[green]all match[/]" if not problems else f"[red]{len(problems)} differ: {problems[0]}[/]")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
-        cli.main(args=argv, prog_name="redux-edge", standalone_mode=False)
+        # Without standalone mode click returns the code of click.exceptions.Exit instead of exiting.
+        code = cli.main(args=argv, prog_name="redux-edge", standalone_mode=False)
     except UserError as exc:
         if debug:
             err.print_exception()
         click.echo(f"error: {exc}", err=True)
-        return exc.exit_code
-    except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.Abort:
         click.echo("aborted", err=True)
@@ -327,9 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             err.print_exception()
-        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)", err=True)
+        click.echo(
+            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)", err=True
+        )
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def entry_point() -> None:

@@ -8,6 +8,7 @@ converts a picture to the model's grey-scale size and normalisation. Whatever th
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,13 @@ class ImagePreprocessor:
         return {}
 
     def to_manifest(self) -> dict:
-        return {"kind": "image", "size": self.size, "mean": self.mean, "std": self.std, "input": self.input_name}
+        return {
+            "kind": "image",
+            "size": self.size,
+            "mean": self.mean,
+            "std": self.std,
+            "input": self.input_name,
+        }
 
 
 Preprocessor = TextPreprocessor | ImagePreprocessor
@@ -94,22 +101,38 @@ def from_manifest(spec: dict | None, bundle_dir: Path) -> Preprocessor | None:
     return ImagePreprocessor(spec["size"], spec["mean"], spec["std"], spec["input"])
 
 
-def read_inputs(path: Path, input_names: list[str], preprocessor: Preprocessor | None) -> dict[str, np.ndarray]:
+def _read_numpy(path: Path) -> dict[str, np.ndarray]:
+    """Arrays of a .npy ({"": array}) or .npz file, never unpickling: an input file is untrusted."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return {"": loaded}
+        with loaded as archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise UserError(
+            f"cannot read {path}: {exc}", "save plain numeric arrays with numpy.save/savez"
+        ) from exc
+
+
+def read_inputs(
+    path: Path, input_names: list[str], preprocessor: Preprocessor | None
+) -> dict[str, np.ndarray]:
     """Read ``path`` into {input name: array}; raises UserError when the file does not fit the model."""
     if not path.is_file():
         raise UserError(f"input file {path} does not exist", "give a .npz, .npy, text or image file")
     suffix = path.suffix.lower()
-    if suffix == ".npz":
-        # allow_pickle=False: an input file is untrusted and must never run code when read
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+    if suffix in (".npz", ".npy"):
+        arrays = _read_numpy(path)
+        if suffix == ".npy":
+            if len(input_names) != 1:
+                raise UserError(
+                    f"the model takes {len(input_names)} inputs {input_names}", "give a .npz file"
+                )
+            return {input_names[0]: arrays[""]}
         if missing := set(input_names) - set(arrays):
             raise UserError(f"{path} lacks inputs {sorted(missing)}", f"the model takes {input_names}")
         return {name: arrays[name] for name in input_names}
-    if suffix == ".npy":
-        if len(input_names) != 1:
-            raise UserError(f"the model takes {len(input_names)} inputs {input_names}", "give a .npz file")
-        return {input_names[0]: np.load(path, allow_pickle=False)}
     if preprocessor is None:
         raise UserError(f"this model has no reader for '{suffix}' files", "give a .npz or .npy file")
     return preprocessor.read(path)

@@ -75,7 +75,9 @@ def load_recipe(path: Path | None) -> Recipe:
         else:
             spec = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read recipe {path}: {exc}", "give a recipe .toml or a manifest.json") from exc
+        raise UserError(
+            f"cannot read recipe {path}: {exc}", "give a recipe .toml or a manifest.json"
+        ) from exc
     return recipe_from_dict(spec, str(path))
 
 

@@ -19,7 +19,16 @@ __all__ = ["TARGETS_DIR", "Target", "available_targets", "load_target"]
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
-_REQUIRED = {"name", "description", "arch", "triple", "cpu", "cpu_features", "backends", "sparse_tensor_cores"}
+_REQUIRED = {
+    "name",
+    "description",
+    "arch",
+    "triple",
+    "cpu",
+    "cpu_features",
+    "backends",
+    "sparse_tensor_cores",
+}
 _OPTIONAL = {"gpu_compute_capability", "dla_cores", "runtime"}
 
 

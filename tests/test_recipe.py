@@ -39,7 +39,7 @@ def test_manifest_recipe_round_trips(tmp_path):
         ('colour = "blue"\n', "unknown recipe key colour"),
         ('[[passes]]\npass = "cleanup"\nspeed = 11\n', "has no parameter speed"),
         ('[[passes]]\npass = "cleanup"\niterations = "many"\n', "must be int"),
-        ('[[passes]]\niterations = 2\n', "names no pass"),
+        ("[[passes]]\niterations = 2\n", "names no pass"),
         ("passes = 3\n", "must be a list"),
         ("[[passes]\n", "cannot read recipe"),
     ],

@@ -11,8 +11,15 @@ from redux_edge.errors import UserError
 from redux_edge.targets import available_targets, load_target
 
 ALL_TARGETS = {
-    "host", "x86-64-avx2", "x86-64-avx512", "arm64-cortex-a72", "arm64-cortex-a76",
-    "jetson-orin-nano", "jetson-agx-orin", "jetson-xavier-nx", "jetson-nano",
+    "host",
+    "x86-64-avx2",
+    "x86-64-avx512",
+    "arm64-cortex-a72",
+    "arm64-cortex-a76",
+    "jetson-orin-nano",
+    "jetson-agx-orin",
+    "jetson-xavier-nx",
+    "jetson-nano",
 }
 
 

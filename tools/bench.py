@@ -5,8 +5,9 @@ Every row gets the same inputs (real sentences, tokenised to the benchmarked len
 count. Rows are measured in blocks (warm-up, then consecutive calls), in forward and then reverse order,
 so that drift in machine load hits all rows alike; calls are not interleaved one by one because each
 ONNX Runtime session keeps its own spinning thread pool, and the previous row's spinning threads would
-steal the two cores from the next row. Ratios are to the plain export: latency ratio < 1 and throughput ratio > 1 are
-better. The redux-edge row must not be slower than the transformer-optimizer row (ratio <= 1.05).
+steal the two cores from the next row. Ratios are to the plain export: latency ratio < 1 and throughput
+ratio > 1 are better. The redux-edge row must not be slower than the transformer-optimizer row
+(ratio <= 1.05).
 
     python tools/bench.py [--threads 2] [--rounds 60] [--json]
 """
@@ -57,7 +58,9 @@ def _rows(workdir: Path, threads: int) -> dict[str, Callable[[dict[str, np.ndarr
     plain = workdir / "plain.onnx"
     ir.save(export_module(entry.module, entry.inputs, entry.dynamic_axes, entry.output_names), str(plain))
     optimized = ort_transformer_optimizer.optimize_model(
-        str(plain), model_type="bert", num_heads=entry.architecture["num_heads"],
+        str(plain),
+        model_type="bert",
+        num_heads=entry.architecture["num_heads"],
         hidden_size=entry.architecture["hidden_size"],
     )
     optimized.save_model_to_file(str(workdir / "ort_transformer_optimizer.onnx"))
@@ -82,7 +85,9 @@ def _rows(workdir: Path, threads: int) -> dict[str, Callable[[dict[str, np.ndarr
     }
 
 
-def measure(rows: dict[str, Callable], feeds: dict[str, np.ndarray], rounds: int, warmup: int) -> dict[str, dict]:
+def measure(
+    rows: dict[str, Callable], feeds: dict[str, np.ndarray], rounds: int, warmup: int
+) -> dict[str, dict]:
     seconds: dict[str, list[float]] = {name: [] for name in rows}
     for order in (list(rows), list(rows)[::-1]):
         for name in order:
@@ -100,7 +105,9 @@ def measure(rows: dict[str, Callable], feeds: dict[str, np.ndarray], rounds: int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=60, help="measured rounds at batch 1 (batch 8: a third)")
+    parser.add_argument(
+        "--rounds", type=int, default=60, help="measured rounds at batch 1 (batch 8: a third)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     entry = zoo.load_model("minilm-l6")
@@ -117,8 +124,15 @@ def main() -> int:
                 numbers["throughput_ratio"] = numbers["throughput_per_s"] / base["throughput_per_s"]
             ours = stats["redux-edge host bundle"]["p50_ms"]
             theirs = stats["ONNX Runtime, transformer optimizer (bert)"]["p50_ms"]
-            report["cases"].append({"batch": batch, "sequence": length, "rounds": rounds, "rows": stats,
-                                    "redux_vs_optimizer": ours / theirs})
+            report["cases"].append(
+                {
+                    "batch": batch,
+                    "sequence": length,
+                    "rounds": rounds,
+                    "rows": stats,
+                    "redux_vs_optimizer": ours / theirs,
+                }
+            )
     passed = all(case["redux_vs_optimizer"] <= ALLOWED_RATIO_TO_OPTIMIZER for case in report["cases"])
     report["passed"] = passed
     if args.json:
@@ -129,17 +143,26 @@ def main() -> int:
 
 
 def _print(report: dict) -> None:
-    print(f"minilm-l6, {report['threads']} threads, p50 over forward and reverse blocks; ratios to the plain export")
+    print(
+        f"minilm-l6, {report['threads']} threads, p50 over forward and reverse blocks; "
+        "ratios to the plain export"
+    )
     for case in report["cases"]:
         print(f"\nbatch {case['batch']}, sequence {case['sequence']} ({case['rounds']} rounds)")
-        print(f"  {'row':<44} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'items/s':>9} {'lat ratio':>10} "
-              f"{'thr ratio':>10}")
+        print(
+            f"  {'row':<44} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'items/s':>9} {'lat ratio':>10} "
+            f"{'thr ratio':>10}"
+        )
         for name, s in case["rows"].items():
-            print(f"  {name:<44} {s['p50_ms']:9.2f} {s['p90_ms']:9.2f} {s['p99_ms']:9.2f} "
-                  f"{s['throughput_per_s']:9.1f} {s['latency_ratio']:10.3f} {s['throughput_ratio']:10.3f}")
+            print(
+                f"  {name:<44} {s['p50_ms']:9.2f} {s['p90_ms']:9.2f} {s['p99_ms']:9.2f} "
+                f"{s['throughput_per_s']:9.1f} {s['latency_ratio']:10.3f} {s['throughput_ratio']:10.3f}"
+            )
         verdict = "ok" if case["redux_vs_optimizer"] <= ALLOWED_RATIO_TO_OPTIMIZER else "SLOWER"
-        print(f"  redux-edge / transformer optimizer p50: {case['redux_vs_optimizer']:.3f} "
-              f"(must be <= {ALLOWED_RATIO_TO_OPTIMIZER}: {verdict})")
+        print(
+            f"  redux-edge / transformer optimizer p50: {case['redux_vs_optimizer']:.3f} "
+            f"(must be <= {ALLOWED_RATIO_TO_OPTIMIZER}: {verdict})"
+        )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,12 @@ def select_backend(target: Target, requested: str | None) -> Backend:
     preferred = target.backends[0]
     if preferred not in built:
         fallback = [name for name in target.backends if name in built]
-        hint = f"pass --backend {fallback[0]}" if fallback else "choose another target (see `redux-edge targets`)"
-        raise UserError(f"target {target.name} needs the {preferred} backend, which this version does not have yet",
-                        hint)
+        hint = (
+            f"pass --backend {fallback[0]}"
+            if fallback
+            else "choose another target (see `redux-edge targets`)"
+        )
+        raise UserError(
+            f"target {target.name} needs the {preferred} backend, which this version does not have yet", hint
+        )
     return built[preferred]

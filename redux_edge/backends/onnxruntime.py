@@ -54,7 +54,9 @@ class OnnxRuntimeBackend:
             ort.InferenceSession(str(fused_file), session, providers=_PROVIDERS)
         except Exception as exc:  # ORT raises its own pybind types (Fail, NotImplemented, InvalidGraph)
             first_line = str(exc).strip().splitlines()[0]
-            raise UserError(f"ONNX Runtime cannot run this model: {first_line}", "--debug for details") from exc
+            raise UserError(
+                f"ONNX Runtime cannot run this model: {first_line}", "--debug for details"
+            ) from exc
         finally:
             fused_file.unlink()
         return {

@@ -4,7 +4,8 @@ Checks, in order: the file parses as an ONNX ``ModelProto`` (a truncated or fore
 every external-data reference is a relative path that stays inside the model's folder and exists (the
 ONNX external-data spec allows any path; we do not let a model read ``../../etc/passwd``); the ONNX
 checker accepts the model; every operator has a schema in its domain (standard ONNX, or Microsoft's
-contrib domain that ONNX Runtime implements). Only then is the file loaded into ``onnx_ir``, its IR version lowered to the one its opsets need.
+contrib domain that ONNX Runtime implements). Only then is the file loaded into ``onnx_ir``, its IR
+version lowered to the one its opsets need.
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ def load_onnx(path: Path) -> ir.Model:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
-        raise UserError(f"{path} is not a valid ONNX model ({exc})", "the file is malformed or truncated") from exc
+        raise UserError(
+            f"{path} is not a valid ONNX model ({exc})", "the file is malformed or truncated"
+        ) from exc
     if not proto.HasField("graph") or not proto.opset_import:
-        raise UserError(f"{path} is not a valid ONNX model (no graph or opset)", "the file is malformed or truncated")
+        raise UserError(
+            f"{path} is not a valid ONNX model (no graph or opset)", "the file is malformed or truncated"
+        )
     _check_external_data(proto, path.parent)
     try:
         onnx.checker.check_model(str(path))
@@ -48,7 +53,9 @@ def load_onnx(path: Path) -> ir.Model:
     # Exporters stamp the newest IR version they know, which runtimes one release older refuse; the
     # operators and types a model may use are fixed by its opsets, so the IR version those opsets need is
     # what the file really requires.
-    model.ir_version = min(model.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import), True))
+    model.ir_version = min(
+        model.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import), True)
+    )
     return model
 
 

@@ -47,14 +47,18 @@ def _macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> int:
     # the copy small. Their shapes are taken from the IR below.
     for tensor in proto.graph.initializer:
         if math.prod(tensor.dims) > _SHAPE_CONSTANT_LIMIT:
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+            proto.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
     large = {t.name for t in proto.graph.initializer if math.prod(t.dims) > _SHAPE_CONSTANT_LIMIT}
     kept = [t for t in proto.graph.initializer if t.name not in large]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
     inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     shapes = {
-        info.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim)
+        info.name: tuple(
+            d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim
+        )
         for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
     }
     shapes.update({t.name: tuple(t.dims) for t in kept})

@@ -52,7 +52,9 @@ def require_match(report: dict, tolerance: Tolerance, what: str) -> None:
     for name, numbers in report.items():
         if "shape_mismatch" in numbers:
             expected, got = numbers["shape_mismatch"]
-            raise VerificationError(f"{what}: output '{name}' has shape {got}, expected {expected}", "--debug")
+            raise VerificationError(
+                f"{what}: output '{name}' has shape {got}, expected {expected}", "--debug"
+            )
         bound = tolerance.atol * max(1.0, numbers["ref_max_abs"])
         if numbers["min_cosine"] < tolerance.min_cosine or numbers["max_abs"] > bound:
             raise VerificationError(

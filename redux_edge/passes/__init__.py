@@ -43,9 +43,13 @@ def build_pass(name: str, parameters: dict) -> RecipePass:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if unknown := set(parameters) - set(fields):
         valid = ", ".join(sorted(fields)) or "none"
-        raise UserError(f"pass '{name}' has no parameter {', '.join(sorted(unknown))}", f"its parameters: {valid}")
+        raise UserError(
+            f"pass '{name}' has no parameter {', '.join(sorted(unknown))}", f"its parameters: {valid}"
+        )
     for key, value in parameters.items():
         expected = fields[key].type
         if type(value).__name__ != expected and not (expected == "float" and isinstance(value, int)):
-            raise UserError(f"pass '{name}' parameter '{key}' must be {expected}, got {value!r}", "fix the recipe")
+            raise UserError(
+                f"pass '{name}' parameter '{key}' must be {expected}, got {value!r}", "fix the recipe"
+            )
     return cls(**parameters)

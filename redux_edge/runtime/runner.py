@@ -22,8 +22,16 @@ import numpy as np
 
 __all__ = ["BundleSession", "InputError", "check_inputs", "latency_stats"]
 
-_DTYPES = {"FLOAT": np.float32, "FLOAT16": np.float16, "DOUBLE": np.float64, "INT64": np.int64,
-           "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "FLOAT": np.float32,
+    "FLOAT16": np.float16,
+    "DOUBLE": np.float64,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 class InputError(ValueError):
@@ -41,7 +49,9 @@ class BundleSession:
 
         options = ort.SessionOptions()
         settings = backend["session"]
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings["load_optimization_level"])
+        options.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, settings["load_optimization_level"]
+        )
         options.intra_op_num_threads = settings["intra_op_num_threads"] if threads is None else threads
         options.inter_op_num_threads = settings["inter_op_num_threads"]
         self.session = ort.InferenceSession(
@@ -57,8 +67,10 @@ class BundleSession:
         return self.session.run(self.output_names, self.check_inputs(feeds))
 
     def sample(self) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-        with np.load(self.bundle_dir / "sample" / "inputs.npz", allow_pickle=False) as inputs, \
-                np.load(self.bundle_dir / "sample" / "outputs.npz", allow_pickle=False) as outputs:
+        with (
+            np.load(self.bundle_dir / "sample" / "inputs.npz", allow_pickle=False) as inputs,
+            np.load(self.bundle_dir / "sample" / "outputs.npz", allow_pickle=False) as outputs,
+        ):
             return {k: inputs[k] for k in inputs.files}, [outputs[name] for name in self.output_names]
 
     def benchmark(self, feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> dict:
@@ -90,8 +102,10 @@ def check_inputs(specs: list[dict], feeds: dict[str, np.ndarray]) -> dict[str, n
             # A named dimension must agree across inputs (batch, sequence); a number must match exactly.
             if isinstance(dim, str):
                 if sizes.setdefault(dim, size) != size:
-                    raise InputError(f"input '{spec['name']}' axis {axis} ({dim}) is {size}, "
-                                     f"another input has {dim}={sizes[dim]}")
+                    raise InputError(
+                        f"input '{spec['name']}' axis {axis} ({dim}) is {size}, "
+                        f"another input has {dim}={sizes[dim]}"
+                    )
             elif dim != size:
                 raise InputError(f"input '{spec['name']}' has shape {list(array.shape)}, expected {shape}")
         dtype = _DTYPES[spec["dtype"]]
@@ -120,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--inputs", type=Path, help=".npz with one array per input (default: the sample)")
     parser.add_argument("--outputs", type=Path, help="write outputs to this .npz")
-    parser.add_argument("--check", action="store_true", help="health check: sample inputs give sample outputs")
+    parser.add_argument(
+        "--check", action="store_true", help="health check: sample inputs give sample outputs"
+    )
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=100)

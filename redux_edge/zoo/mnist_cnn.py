@@ -26,7 +26,9 @@ class MnistCnn(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Linear(64 * (image_size // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, 10))
+        self.classifier = nn.Sequential(
+            nn.Linear(64 * (image_size // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(image).flatten(start_dim=1))

@@ -1,0 +1,191 @@
+"""The user-error contract: one line, exit code 2, no traceback, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from conftest import make_mlp_onnx
+
+
+def _assert_clean_user_error(result, parent, *, message: str) -> None:
+    assert result.exit_code == 2, result
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "(" in lines[0] and lines[0].endswith(")"), "the line carries a hint"
+    # No bundle and no hidden staging directory left beside it.
+    assert not (parent / "out").exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(".out.")]
+
+
+@pytest.fixture
+def mlp(tmp_path):
+    return make_mlp_onnx(tmp_path / "mlp.onnx")
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _custom_op_model(path):
+    graph = oh.make_graph(
+        [oh.make_node("Frobnicate", ["x"], ["y"], domain="com.example")],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    onnx.save(
+        oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("com.example", 1)]), path
+    )
+    return path
+
+
+CASES = {
+    "unknown model": (lambda d, mlp: ["--model", "gpt-17"], "unknown model 'gpt-17'"),
+    "unknown target": (lambda d, mlp: ["--model", mlp, "--target", "cray-1"], "unknown target 'cray-1'"),
+    "target without its backend": (
+        lambda d, mlp: ["--model", mlp, "--target", "jetson-orin-nano"],
+        "needs the tensorrt backend",
+    ),
+    "unknown pass": (lambda d, mlp: ["--model", mlp, "--pass", "shrink-ray"], "unknown pass 'shrink-ray'"),
+    "unknown pass parameter": (
+        lambda d, mlp: ["--model", mlp, "--pass", "cleanup:turbo=1"],
+        "has no parameter",
+    ),
+    "unknown recipe key": (
+        lambda d, mlp: ["--model", mlp, "--recipe", _write(d / "r.toml", b'flavour = "x"\n')],
+        "unknown recipe key flavour",
+    ),
+    "missing onnx": (lambda d, mlp: ["--model", d / "absent.onnx"], "does not exist"),
+    "malformed onnx": (
+        lambda d, mlp: ["--model", _write(d / "bad.onnx", b"\x08\x07garbage" * 50)],
+        "not a valid ONNX model",
+    ),
+    "truncated onnx": (
+        lambda d, mlp: ["--model", _write(d / "cut.onnx", mlp.read_bytes()[:300])],
+        "not a valid ONNX model",
+    ),
+    "unsupported operator": (
+        lambda d, mlp: ["--model", _custom_op_model(d / "custom.onnx")],
+        "unsupported operator com.example::Frobnicate",
+    ),
+    "wrong input shape": (lambda d, mlp: ["--model", mlp, "--shapes", "x:2x9"], "wrong input"),
+    "wrong input rank": (lambda d, mlp: ["--model", mlp, "--shapes", "x:9"], "wrong input"),
+    "shape of an unknown input": (lambda d, mlp: ["--model", mlp, "--shapes", "z:1x8"], "unknown inputs"),
+    "unreadable shape": (lambda d, mlp: ["--model", mlp, "--shapes", "x:axb"], "cannot read shape"),
+    "diverging artifact": (lambda d, mlp: ["--model", mlp, "--tolerance-cosine", "1.5"], "diverges"),
+    "unknown option": (lambda d, mlp: ["--model", mlp, "--frobnicate"], "No such option"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compile_user_errors(cli, tmp_path, mlp, case):
+    arguments, message = CASES[case]
+    argv = arguments(tmp_path, mlp)
+    result = cli("compile", *argv, "-o", tmp_path / "out")
+    _assert_clean_user_error(result, tmp_path, message=message)
+
+
+def test_existing_output_needs_force(cli, tmp_path, mlp):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    result = cli("compile", "--model", mlp, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "already exists" in result.stderr and "--force" in result.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_output_that_cannot_be_written(cli, tmp_path, mlp):
+    (tmp_path / "afile").write_text("not a directory")
+    result = cli("compile", "--model", mlp, "-o", tmp_path / "afile" / "out")
+    assert result.exit_code == 2
+    assert "cannot write to" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_failed_forced_compile_keeps_the_previous_bundle(cli, tmp_path, mlp):
+    out = tmp_path / "out"
+    assert cli("compile", "--model", mlp, "-o", out).exit_code == 0
+    before = (out / "manifest.json").read_text()
+    failed = cli("compile", "--model", mlp, "-o", out, "--force", "--tolerance-cosine", "1.5")
+    assert failed.exit_code == 2 and "diverges" in failed.stderr
+    assert (out / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "out"]
+
+
+def test_forced_compile_replaces_the_bundle(cli, tmp_path, mlp):
+    out = tmp_path / "out"
+    cli("compile", "--model", mlp, "-o", out)
+    (out / "stale.txt").write_text("old")
+    result = cli("compile", "--model", mlp, "-o", out, "--force", "--json")
+    assert result.exit_code == 0
+    assert not (out / "stale.txt").exists()
+    assert (
+        json.loads(result.stdout)["files"].keys()
+        == json.loads((out / "manifest.json").read_text())["files"].keys()
+    )
+
+
+def test_debug_shows_the_traceback(cli, tmp_path):
+    result = cli("--debug", "compile", "--model", "gpt-17", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "error: unknown model" in result.stderr
+
+
+@pytest.fixture
+def mlp_bundle(cli, tmp_path, mlp):
+    out = tmp_path / "bundle"
+    assert cli("compile", "--model", mlp, "-o", out).exit_code == 0
+    return out
+
+
+def test_run_with_wrong_input_shape(cli, tmp_path, mlp_bundle):
+    np.save(tmp_path / "x.npy", np.zeros((2, 9), np.float32))
+    result = cli("run", mlp_bundle, tmp_path / "x.npy")
+    assert (
+        result.exit_code == 2 and "wrong input" in result.stderr and "expected ['batch', 8]" in result.stderr
+    )
+
+
+def test_run_with_wrong_input_dtype(cli, tmp_path, mlp_bundle):
+    np.save(tmp_path / "x.npy", np.array([["a"] * 8]))
+    result = cli("run", mlp_bundle, tmp_path / "x.npy")
+    assert result.exit_code == 2 and "dtype" in result.stderr
+
+
+def test_run_refuses_pickled_npy(cli, tmp_path, mlp_bundle):
+    np.save(tmp_path / "x.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    result = cli("run", mlp_bundle, tmp_path / "x.npy")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+
+
+def test_run_text_on_a_model_without_a_text_reader(cli, tmp_path, mlp_bundle):
+    (tmp_path / "in.txt").write_text("hello")
+    result = cli("run", mlp_bundle, tmp_path / "in.txt")
+    assert result.exit_code == 2 and "no reader" in result.stderr
+
+
+def test_run_on_a_directory_that_is_not_a_bundle(cli, tmp_path):
+    result = cli("run", tmp_path)
+    assert result.exit_code == 2 and "is not a bundle" in result.stderr
+
+
+def test_tampered_bundle_is_detected(cli, mlp_bundle):
+    with (mlp_bundle / "model.onnx").open("ab") as handle:
+        handle.write(b"\0")
+    inspected = cli("inspect", mlp_bundle)
+    assert inspected.exit_code == 1 and "model.onnx" in inspected.stdout
+    ran = cli("run", mlp_bundle)
+    assert ran.exit_code == 2 and "damaged" in ran.stderr
+
+
+def test_bundle_paths_may_not_escape(cli, mlp_bundle):
+    manifest = json.loads((mlp_bundle / "manifest.json").read_text())
+    manifest["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
+    (mlp_bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("inspect", mlp_bundle)
+    assert result.exit_code == 2 and "outside itself" in result.stderr
