@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import onnx
@@ -189,3 +190,25 @@ def test_bundle_paths_may_not_escape(cli, mlp_bundle):
     (mlp_bundle / "manifest.json").write_text(json.dumps(manifest))
     result = cli("inspect", mlp_bundle)
     assert result.exit_code == 2 and "outside itself" in result.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs: a real file system that runs out of space (needs root, as in CI)."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)
+
+
+def test_full_disk_is_a_clear_error_and_leaves_nothing(cli, full_disk):
+    result = cli("compile", "--model", "mnist-cnn", "-o", full_disk / "out")
+    _assert_clean_user_error(result, full_disk, message="No space left on device")
+    assert list(full_disk.iterdir()) == []
