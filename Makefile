@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements/models.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/redux-edge compile --model minilm-l6 --target host -o build/minilm --force
+	$(BIN)/redux-edge compile --model minilm-l6 --target host -o build/demo/minilm --force
 
 test: $(STAMP)
 	$(BIN)/ruff check redux_edge tests tools

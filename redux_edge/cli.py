@@ -226,7 +226,8 @@ def bench(
         _emit_json(stats)
         return
     table = Table(
-        title=f"{bundle} ({stats['backend']}, threads={stats['threads']}, shapes={stats['shapes']})"
+        title=f"{bundle} ({stats['backend']}, threads={stats['threads'] or 'all cores'}, "
+        f"shapes={stats['shapes']})"
     )
     for column in ("p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "throughput /s"):
         table.add_column(column, justify="right")
