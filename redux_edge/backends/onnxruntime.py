@@ -12,15 +12,14 @@ recorded in the manifest and reused by the runner.
 from __future__ import annotations
 
 import logging
-import platform
 from pathlib import Path
 
 import onnx_ir as ir
 import onnxruntime as ort
 from onnxscript.rewriter import ort_fusions
 
+from redux_edge.backends.base import CpuBackend
 from redux_edge.errors import UserError
-from redux_edge.runtime.runner import BundleSession
 from redux_edge.targets import Target
 
 __all__ = ["OnnxRuntimeBackend"]
@@ -30,16 +29,11 @@ logger = logging.getLogger(__name__)
 _PROVIDERS = ["CPUExecutionProvider"]
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(CpuBackend):
     name = "onnxruntime"
 
     def can_build_here(self) -> tuple[bool, str]:
         return True, f"onnxruntime {ort.__version__}"
-
-    def can_run_here(self, target: Target) -> tuple[bool, str]:
-        if target.arch != platform.machine():
-            return False, f"{target.arch} artifact on a {platform.machine()} machine"
-        return True, "CPU execution provider"
 
     def lower(self, model_file: Path, target: Target, artifact_dir: Path, options: dict) -> dict:
         model = ir.load(str(model_file))
@@ -63,16 +57,14 @@ class OnnxRuntimeBackend:
             "name": self.name,
             "version": ort.__version__,
             "artifact": "artifact/model.onnx",
+            "precision": "fp32",
             "fusions": {name: count for name, count in fusion_counts.items() if count},
             "session": {
                 "providers": _PROVIDERS,
                 "save_optimization_level": "ORT_ENABLE_EXTENDED",
                 "load_optimization_level": "ORT_ENABLE_ALL",
                 # 0 lets ONNX Runtime use one thread per physical core of the device it runs on.
-                "intra_op_num_threads": options.get("threads") or 0,
+                "threads": options.get("threads") or 0,
                 "inter_op_num_threads": 1,
             },
         }
-
-    def load(self, bundle_dir: Path, threads: int | None = None) -> BundleSession:
-        return BundleSession(bundle_dir, threads)

@@ -1,5 +1,8 @@
 """Run a redux-edge bundle with nothing but numpy and the backend's own runtime.
 
+Backends: ONNX Runtime, OpenVINO and Apache TVM (the Relax virtual machine); each is imported only when a
+bundle of its kind is opened, so a device needs just the runtime its bundles use.
+
 This file is copied into every bundle as ``runner/run.py`` and is what a device executes, so it must not
 import redux-edge. It reads ``manifest.json``, opens the artifact with the session settings recorded at
 compile time, checks inputs against the recorded signature, and offers a latency benchmark and a health
@@ -43,28 +46,18 @@ class BundleSession:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
         backend = self.manifest["backend"]
-        if backend["name"] != "onnxruntime":
+        if backend["name"] not in _EXECUTORS:
             raise NotImplementedError(f"this runner cannot run {backend['name']} artifacts")
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        settings = backend["session"]
-        options.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel, settings["load_optimization_level"]
-        )
-        options.intra_op_num_threads = settings["intra_op_num_threads"] if threads is None else threads
-        options.inter_op_num_threads = settings["inter_op_num_threads"]
-        self.session = ort.InferenceSession(
-            str(self.bundle_dir / backend["artifact"]), options, providers=settings["providers"]
-        )
         self.inputs = self.manifest["inputs"]
         self.output_names = [output["name"] for output in self.manifest["outputs"]]
+        threads = backend["session"]["threads"] if threads is None else threads
+        self._execute = _EXECUTORS[backend["name"]](self.bundle_dir, backend, threads, self.output_names)
 
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return check_inputs(self.inputs, feeds)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.output_names, self.check_inputs(feeds))
+        return self._execute(self.check_inputs(feeds))
 
     def sample(self) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         with (
@@ -76,14 +69,67 @@ class BundleSession:
     def benchmark(self, feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> dict:
         checked = self.check_inputs(feeds)
         for _ in range(warmup):
-            self.session.run(self.output_names, checked)
+            self._execute(checked)
         seconds = []
         for _ in range(iterations):
             start = time.perf_counter()
-            self.session.run(self.output_names, checked)
+            self._execute(checked)
             seconds.append(time.perf_counter() - start)
         batch = next(iter(checked.values())).shape[0] if checked else 1
         return latency_stats(seconds, batch)
+
+
+def _onnxruntime(bundle_dir: Path, backend: dict, threads: int, output_names: list[str]):
+    import onnxruntime as ort
+
+    settings = backend["session"]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, settings["load_optimization_level"]
+    )
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = settings["inter_op_num_threads"]
+    session = ort.InferenceSession(
+        str(bundle_dir / backend["artifact"]), options, providers=settings["providers"]
+    )
+    return lambda feeds: session.run(output_names, feeds)
+
+
+def _openvino(bundle_dir: Path, backend: dict, threads: int, output_names: list[str]):
+    import openvino as ov
+
+    settings = backend["session"]
+    config = {"INFERENCE_PRECISION_HINT": settings["inference_precision"], "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(str(bundle_dir / backend["artifact"]), settings["device"], config)
+    request = compiled.create_infer_request()
+
+    def execute(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = request.infer(feeds)
+        return [np.array(results[compiled.output(name)]) for name in output_names]
+
+    return execute
+
+
+def _tvm(bundle_dir: Path, backend: dict, threads: int, output_names: list[str]):
+    import tvm
+    from tvm import relax
+
+    if threads:
+        tvm.get_global_func("runtime.config_threadpool")(0, threads)
+    machine = relax.VirtualMachine(tvm.runtime.load_module(str(bundle_dir / backend["artifact"])), tvm.cpu())
+    order = backend["session"]["input_order"]
+
+    def execute(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = machine["main"](*(tvm.runtime.tensor(feeds[name]) for name in order))
+        results = result if isinstance(result, (list, tuple)) or hasattr(result, "__len__") else [result]
+        return [np.asarray(item.numpy()) for item in results]
+
+    return execute
+
+
+_EXECUTORS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tvm": _tvm}
 
 
 def check_inputs(specs: list[dict], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

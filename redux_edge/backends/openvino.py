@@ -1,0 +1,61 @@
+"""OpenVINO (Intel's inference runtime) for x86-64 and ARM CPUs.
+
+Lowering follows OpenVINO's documented model-preparation flow: ``openvino.convert_model`` reads the ONNX
+graph through OpenVINO's ONNX frontend, and ``openvino.save_model`` writes the OpenVINO IR (``.xml``
+topology + ``.bin`` weights). Weights are stored in fp32 unless the precision is fp16 (``save_model``
+compresses to fp16 by default; we make it an explicit choice). The inference precision is a recorded
+hint: OpenVINO's CPU plugin otherwise picks bf16 on CPUs that have it, which changes numerics silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from redux_edge.backends.base import CpuBackend
+from redux_edge.errors import UserError
+from redux_edge.targets import Target
+
+__all__ = ["OpenVinoBackend"]
+
+logger = logging.getLogger(__name__)
+
+# redux-edge precision name -> OpenVINO's INFERENCE_PRECISION_HINT
+_INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+
+
+class OpenVinoBackend(CpuBackend):
+    name = "openvino"
+    precisions = tuple(_INFERENCE_PRECISION)
+
+    def can_build_here(self) -> tuple[bool, str]:
+        try:
+            import openvino
+        except ImportError:
+            return False, "openvino is not installed (pip install openvino==2026.4.0)"
+        return True, f"openvino {openvino.get_version()}"
+
+    def lower(self, model_file: Path, target: Target, artifact_dir: Path, options: dict) -> dict:
+        import openvino as ov
+
+        precision = options["precision"]
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            converted = ov.convert_model(str(model_file))
+        except Exception as exc:  # OpenVINO's frontend raises its own OpConversionFailure and RuntimeError
+            first_line = str(exc).strip().splitlines()[0]
+            raise UserError(
+                f"OpenVINO cannot convert this model: {first_line}", "--debug for details"
+            ) from exc
+        ov.save_model(converted, str(artifact_dir / "model.xml"), compress_to_fp16=precision == "fp16")
+        return {
+            "name": self.name,
+            "version": ov.get_version(),
+            "artifact": "artifact/model.xml",
+            "precision": precision,
+            "session": {
+                "device": "CPU",
+                "inference_precision": _INFERENCE_PRECISION[precision],
+                "threads": options.get("threads") or 0,
+            },
+        }

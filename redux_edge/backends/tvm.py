@@ -1,0 +1,237 @@
+"""Apache TVM (Relax) for x86-64 and aarch64 CPUs, with optional MetaSchedule tuning.
+
+Follows TVM's Relax flow: the ONNX importer (``tvm.relax.frontend.onnx.from_onnx``, which needs static
+input shapes, so they are fixed on a copy of the IR and the onnxscript optimizer folds what becomes
+constant), ``tvm.compile`` with the default Relax pipeline for an LLVM target built from the target file
+(``-mtriple``, ``-mcpu``, ``-mattr``), and ``export_library`` into a shared object, cross-compiled for
+aarch64 with Debian's ``aarch64-linux-gnu-g++``. With ``tune`` > 0, MetaSchedule searches schedules with
+that trial budget (measured locally, or on a board through TVM's RPC tracker) into a JSON database that
+is kept per target and reused by later compiles, tuned or not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxscript.optimizer
+
+from redux_edge.backends.base import CpuBackend
+from redux_edge.errors import UserError
+from redux_edge.targets import Target
+
+__all__ = ["AARCH64_RUNTIME_DIR", "TUNING_ROOT", "TvmBackend", "tvm_target"]
+
+logger = logging.getLogger(__name__)
+
+TUNING_ROOT = Path(os.environ.get("REDUX_EDGE_CACHE", Path.home() / ".cache" / "redux-edge")) / "tvm-tuning"
+# The aarch64 build of the TVM runtime, from PyPI's aarch64 wheels (tools/fetch_tvm_aarch64_runtime.py).
+AARCH64_RUNTIME_DIR = Path(sys.prefix) / "share" / "redux-edge" / "tvm-aarch64"
+_CROSS_COMPILER = "aarch64-linux-gnu-g++"
+_AARCH64_SYSROOT = Path("/usr/aarch64-linux-gnu")
+_HOST_SOURCE = Path(__file__).with_name("native") / "tvm_host.cc"
+_EMULATION_TIMEOUT_S = 600
+_ELF_MACHINES = {62: "x86-64", 183: "AArch64"}
+_INSTALL_TVM = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1"
+
+
+def tvm_target(target: Target) -> dict:
+    """The LLVM target of TVM 0.27 (a JSON dict) for a redux-edge target."""
+    from tvm.target import codegen
+
+    if target.cpu == "native":
+        return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
+    spec = {"kind": "llvm", "mtriple": target.triple, "mcpu": target.cpu}
+    if target.cpu_features:
+        spec["mattr"] = [f"+{feature}" for feature in target.cpu_features]
+    return spec
+
+
+class TvmBackend(CpuBackend):
+    name = "tvm"
+    static_shapes = True
+
+    def can_build_here(self) -> tuple[bool, str]:
+        try:
+            import tvm
+        except ImportError:
+            return False, f"apache-tvm is not installed ({_INSTALL_TVM})"
+        return True, f"apache-tvm {tvm.__version__}"
+
+    def check_target(self, target: Target) -> None:
+        super().check_target(target)
+        if target.arch != platform.machine() and shutil.which(_CROSS_COMPILER) is None:
+            raise UserError(
+                f"cross-compiling for {target.arch} needs {_CROSS_COMPILER}, which is not installed",
+                "apt-get install g++-aarch64-linux-gnu",
+            )
+
+    def lower(self, model_file: Path, target: Target, artifact_dir: Path, options: dict) -> dict:
+        import tvm
+        from tvm import relax
+        from tvm.relax.frontend.onnx import from_onnx
+
+        model = ir.load(str(model_file))
+        shapes = options["shapes"]
+        for value in model.graph.inputs:
+            value.shape = ir.Shape(shapes[value.name])
+        onnxscript.optimizer.optimize(model)
+        try:
+            module = from_onnx(ir.to_proto(model), keep_params_in_input=False)
+        except Exception as exc:  # the importer raises bare errors for operators it lacks
+            raise UserError(
+                f"TVM's ONNX importer cannot read this model: {exc}", "--debug for details"
+            ) from exc
+        llvm = tvm.target.Target(tvm_target(target))
+        tuning = self._tuning(target, options)
+        if tuning["trials"] > 0 or tuning["records_before"] > 0:
+            executable = self._compile_tuned(module, llvm, tuning, options)
+        else:
+            executable = tvm.compile(module, llvm, relax_pipeline=relax.get_default_pipeline(llvm))
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        export = {}
+        if target.arch != platform.machine():
+            export["fcompile"] = tvm.support.cc.cross_compiler(_CROSS_COMPILER)
+        executable.export_library(str(artifact_dir / "model.so"), **export)
+        return {
+            "name": self.name,
+            "version": tvm.__version__,
+            "artifact": "artifact/model.so",
+            "elf_machine": _elf_machine(artifact_dir / "model.so"),
+            "precision": "fp32",
+            "target": tvm_target(target),
+            "tuning": {k: (str(v) if isinstance(v, Path) else v) for k, v in tuning.items()},
+            "session": {
+                "threads": options.get("threads") or 0,
+                "input_order": [v.name for v in model.graph.inputs],
+            },
+            "static_shapes": {name: list(shape) for name, shape in shapes.items()},
+        }
+
+    def _tuning(self, target: Target, options: dict) -> dict:
+        key = hashlib.sha256(json.dumps(tvm_target(target), sort_keys=True).encode()).hexdigest()[:12]
+        database = Path(options.get("tuning_db") or TUNING_ROOT / f"{target.name}-{key}")
+        records = database / "database_tuning_record.json"
+        count = len(records.read_text().splitlines()) if records.is_file() else 0
+        trials = options.get("tune") or 0
+        if trials and target.arch != platform.machine() and not options.get("rpc"):
+            raise UserError(
+                f"tuning for {target.arch} must measure on a {target.arch} board",
+                "pass --rpc-tracker HOST:PORT --rpc-key KEY of a TVM RPC tracker with the board registered",
+            )
+        return {"trials": trials, "database": database, "records_before": count}
+
+    def _compile_tuned(self, module, llvm, tuning: dict, options: dict):
+        from tvm.s_tir import meta_schedule as ms
+        from tvm.s_tir.meta_schedule.relax_integration import compile_relax, tune_relax
+
+        database_dir = tuning["database"]
+        database_dir.mkdir(parents=True, exist_ok=True)
+        if tuning["trials"] > 0:
+            runner = "local"
+            if rpc := options.get("rpc"):
+                host, _, port = rpc["tracker"].rpartition(":")
+                runner = ms.runner.RPCRunner(ms.runner.RPCConfig(host, int(port), rpc["key"], 600))
+            database = tune_relax(
+                module,
+                {},
+                llvm,
+                str(database_dir),
+                max_trials_global=tuning["trials"],
+                num_trials_per_iter=min(64, tuning["trials"]),
+                runner=runner,
+                seed=0,
+            )
+        else:
+            database = ms.database.JSONDatabase(work_dir=str(database_dir))
+        return compile_relax(database, module, llvm, None)
+
+    def emulate(self, stage: Path, target: Target):
+        """A runner for an aarch64 artifact under qemu-aarch64, or (None, why not)."""
+        qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+        if target.arch != "aarch64" or qemu is None:
+            return None, "no qemu-aarch64 (apt-get install qemu-user-static)"
+        libraries = [AARCH64_RUNTIME_DIR / name for name in ("libtvm_runtime.so", "libtvm_ffi.so")]
+        if not all(path.is_file() for path in libraries):
+            return None, "no aarch64 TVM runtime (python tools/fetch_tvm_aarch64_runtime.py)"
+        host = _build_host()
+        manifest = json.loads((stage / "manifest.json").read_text())
+        order = manifest["backend"]["session"]["input_order"]
+        model = stage / manifest["backend"]["artifact"]
+
+        def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            with tempfile.TemporaryDirectory() as scratch:
+                specs = []
+                for name in order:
+                    array = np.ascontiguousarray(feeds[name])
+                    array.tofile(Path(scratch) / f"{name}.bin")
+                    dims = "x".join(str(d) for d in array.shape)
+                    specs.append(f"{Path(scratch) / name}.bin:{_tvm_dtype(array.dtype)}:{dims}")
+                completed = subprocess.run(
+                    [qemu, "-L", str(_AARCH64_SYSROOT), str(host), str(model), scratch, *specs],
+                    capture_output=True,
+                    text=True,
+                    timeout=_EMULATION_TIMEOUT_S,
+                    check=False,
+                )
+                if completed.returncode != 0:
+                    raise RuntimeError(f"tvm_host under qemu failed: {completed.stderr.strip()[-2000:]}")
+                outputs = []
+                for line in completed.stdout.splitlines():
+                    index, dtype, dims = line.split()
+                    shape = [int(d) for d in dims.split("x")]
+                    outputs.append(
+                        np.fromfile(Path(scratch) / f"output_{index}.bin", dtype=dtype).reshape(shape)
+                    )
+                return outputs
+
+        return run, f"ran under {Path(qemu).name} with the aarch64 TVM runtime"
+
+
+def _tvm_dtype(dtype: np.dtype) -> str:
+    return "bool" if dtype == np.bool_ else str(dtype)
+
+
+def _elf_machine(path: Path) -> str:
+    with path.open("rb") as handle:
+        header = handle.read(20)
+    machine = int.from_bytes(header[18:20], "little")
+    return _ELF_MACHINES.get(machine, f"e_machine {machine}")
+
+
+def _build_host() -> Path:
+    """tvm_host for aarch64, linked against the fetched runtime; rebuilt when its source changes."""
+    import tvm_ffi
+
+    digest = hashlib.sha256(_HOST_SOURCE.read_bytes()).hexdigest()[:12]
+    host = AARCH64_RUNTIME_DIR / f"tvm_host-{digest}"
+    if not host.is_file():
+        include = Path(tvm_ffi.__file__).parent / "include"
+        subprocess.run(
+            [
+                _CROSS_COMPILER,
+                "-std=c++17",
+                "-O2",
+                str(_HOST_SOURCE),
+                f"-I{include}",
+                f"-L{AARCH64_RUNTIME_DIR}",
+                "-ltvm_runtime",
+                "-ltvm_ffi",
+                "-Wl,-rpath,$ORIGIN",
+                "-o",
+                str(host),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return host
