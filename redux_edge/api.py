@@ -236,7 +236,8 @@ def compile_model(
     """
     target = load_target(target_name)
     backend = select_backend(target, backend_name)
-    options = {"precision": "fp32", **(backend_options or {})}
+    options = {**(backend_options or {})}
+    options["precision"] = options.get("precision") or backend.default_precision
     if options["precision"] not in backend.precisions:
         raise UserError(
             f"the {backend.name} backend has no precision '{options['precision']}'",
@@ -433,6 +434,48 @@ def bench(
         "shapes": {k: list(v.shape) for k, v in feeds.items()},
         **stats,
     }
+
+
+def target_status() -> list[dict]:
+    """Every target with, per backend it lists, whether that backend can build and run for it here."""
+    from redux_edge.backends.base import available_backends
+    from redux_edge.targets import available_targets
+
+    known = available_backends()
+    rows = []
+    for name in available_targets():
+        target = load_target(name)
+        statuses = []
+        for backend_name in target.backends:
+            backend = known.get(backend_name)
+            if backend is None:
+                statuses.append(
+                    {
+                        "backend": backend_name,
+                        "builds_here": False,
+                        "runs_here": False,
+                        "build_note": "not in this version",
+                        "run_note": "not in this version",
+                    }
+                )
+                continue
+            builds, build_note = backend.can_build_here()
+            try:
+                backend.check_target(target)
+            except UserError as exc:
+                builds, build_note = False, str(exc)
+            runs, run_note = backend.can_run_here(target)
+            statuses.append(
+                {
+                    "backend": backend_name,
+                    "builds_here": builds,
+                    "runs_here": runs,
+                    "build_note": build_note,
+                    "run_note": run_note,
+                }
+            )
+        rows.append({**target.to_json(), "description": target.description, "backend_status": statuses})
+    return rows
 
 
 def inspect(bundle_path: Path) -> tuple[dict, list[str]]:

@@ -79,7 +79,9 @@ def cli(debug: bool) -> None:
       redux-edge run build/minilm sentences.txt
       redux-edge bench build/minilm --json
     """
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    # Libraries' warnings (exporter, converters) are not actionable for a user; ours are.
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR, format="%(name)s: %(message)s")
+    logging.getLogger("redux_edge").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 @cli.command("compile")
@@ -113,9 +115,8 @@ def cli(debug: bool) -> None:
     help="Real inputs to verify on: .npz, .npy, or the model's text/image format.",
 )
 @click.option("--threads", type=int, help="Threads recorded for the device (default: all cores).")
-@click.option(
-    "--precision", default="fp32", show_default=True, help="fp32, or fp16/bf16 where the backend has it."
-)
+@click.option("--precision", help="fp32, fp16 or bf16 where the backend has it [fp32; TensorRT: fp16].")
+@click.option("--dla-core", type=int, help="TensorRT: run on this DLA core, with GPU fallback.")
 @click.option(
     "--tune", type=int, default=0, help="TVM: MetaSchedule trial budget (0 = reuse the database only)."
 )
@@ -142,7 +143,8 @@ def compile_command(
     shapes: str | None,
     inputs_file: Path | None,
     threads: int | None,
-    precision: str,
+    precision: str | None,
+    dla_core: int | None,
     tune: int,
     tuning_db: Path | None,
     rpc_tracker: str | None,
@@ -170,11 +172,19 @@ def compile_command(
 
     if (rpc_tracker is None) != (rpc_key is None):
         raise UserError("--rpc-tracker and --rpc-key go together", "give both, or neither to tune locally")
-    options = {"threads": threads, "precision": precision, "tune": tune, "tuning_db": tuning_db}
+    options = {
+        "threads": threads,
+        "precision": precision,
+        "tune": tune,
+        "tuning_db": tuning_db,
+        "dla_core": dla_core,
+    }
     if rpc_tracker:
         options["rpc"] = {"tracker": rpc_tracker, "key": rpc_key}
-    default = Tolerance.for_precision(precision)
-    tolerance = Tolerance(tolerance_cosine or default.min_cosine, tolerance_atol or default.atol)
+    tolerance = None  # the backend's precision decides, unless the user sets either bound
+    if tolerance_cosine is not None or tolerance_atol is not None:
+        default = Tolerance.for_precision(precision or "fp32")
+        tolerance = Tolerance(tolerance_cosine or default.min_cosine, tolerance_atol or default.atol)
     chosen = load_recipe(recipe).extended([parse_pass_flag(flag) for flag in extra_passes])
     bundle = api.compile_model(
         model,
@@ -284,40 +294,31 @@ def inspect(bundle: Path, as_json: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def targets(as_json: bool) -> None:
-    """List deployment targets and whether their backends can build and run here."""
-    from redux_edge.backends.base import available_backends
-    from redux_edge.targets import available_targets, load_target
+    """List deployment targets and, per backend, whether it can build and run here."""
+    from redux_edge import api
 
-    built = available_backends()
-    rows = []
-    for name in available_targets():
-        target = load_target(name)
-        backend = built.get(target.backends[0])
-        runs = backend.can_run_here(target) if backend else (False, "backend not in this version")
-        rows.append(
-            {
-                **target.to_json(),
-                "description": target.description,
-                "builds_here": backend is not None,
-                "runs_here": runs[0],
-                "why": runs[1],
-            }
-        )
+    rows = api.target_status()
     if as_json:
         _emit_json(rows)
         return
-    table = Table("target", "arch", "cpu", "gpu", "backends", "builds here", "runs here", "description")
+    table = Table("target", "arch / cpu", "gpu", "backend", "builds here", "runs here")
     for row in rows:
-        table.add_row(
-            row["name"],
-            row["arch"],
-            row["cpu"],
-            row["gpu_compute_capability"] or "-",
-            " > ".join(row["backends"]),
-            "yes" if row["builds_here"] else "no",
-            "yes" if row["runs_here"] else f"no ({row['why']})",
-            row["description"],
-        )
+        for index, backend in enumerate(row["backend_status"]):
+            first = index == 0
+            table.add_row(
+                row["name"] if first else "",
+                f"{row['arch']} / {row['cpu']}" if first else "",
+                (
+                    f"sm_{row['gpu_compute_capability'].replace('.', '')}"
+                    if row["gpu_compute_capability"]
+                    else "-"
+                )
+                if first
+                else "",
+                backend["backend"],
+                "yes" if backend["builds_here"] else f"no: {backend['build_note']}",
+                "yes" if backend["runs_here"] else f"no: {backend['run_note']}",
+            )
     out.print(table)
 
 

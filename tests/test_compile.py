@@ -176,9 +176,13 @@ def test_console_script_and_listings(tmp_path):
         text=True,
         check=True,
     )
-    rows = {row["name"]: row for row in json.loads(script.stdout)}
-    assert rows["host"]["runs_here"] is True
-    assert rows["jetson-orin-nano"]["builds_here"] is False
+    rows = {
+        row["name"]: {b["backend"]: b for b in row["backend_status"]} for row in json.loads(script.stdout)
+    }
+    assert all(rows["host"][name]["runs_here"] for name in ("onnxruntime", "openvino", "tvm"))
+    assert rows["jetson-orin-nano"]["tensorrt"]["builds_here"] is True
+    assert rows["jetson-orin-nano"]["tensorrt"]["runs_here"] is False
+    assert rows["arm64-cortex-a72"]["tvm"]["runs_here"] is False
     models = subprocess.run(
         [sys.executable, "-m", "redux_edge.cli", "models", "--json"],
         capture_output=True,

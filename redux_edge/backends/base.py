@@ -22,6 +22,7 @@ __all__ = ["Backend", "CpuBackend", "available_backends", "select_backend"]
 class Backend(Protocol):
     name: str
     precisions: tuple[str, ...]
+    default_precision: str
     static_shapes: bool
 
     def can_build_here(self) -> tuple[bool, str]:
@@ -49,6 +50,7 @@ class CpuBackend:
 
     name: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    default_precision: ClassVar[str] = "fp32"
     static_shapes: ClassVar[bool] = False
     arches: ClassVar[frozenset[str]] = frozenset({"x86_64", "aarch64"})
 
@@ -60,8 +62,8 @@ class CpuBackend:
 
     def can_run_here(self, target: Target) -> tuple[bool, str]:
         if target.arch != platform.machine():
-            return False, f"{target.arch} artifact on a {platform.machine()} machine"
-        return True, "runs on this machine's CPU"
+            return False, f"{target.arch} code"
+        return True, "this CPU"
 
     def load(self, bundle_dir: Path, threads: int | None = None) -> BundleSession:
         return BundleSession(bundle_dir, threads)
@@ -70,9 +72,11 @@ class CpuBackend:
 def available_backends() -> dict[str, Backend]:
     from redux_edge.backends.onnxruntime import OnnxRuntimeBackend
     from redux_edge.backends.openvino import OpenVinoBackend
+    from redux_edge.backends.tensorrt import TensorRtBackend
     from redux_edge.backends.tvm import TvmBackend
 
-    return {backend.name: backend for backend in (OnnxRuntimeBackend(), OpenVinoBackend(), TvmBackend())}
+    backends = (OnnxRuntimeBackend(), OpenVinoBackend(), TvmBackend(), TensorRtBackend())
+    return {backend.name: backend for backend in backends}
 
 
 def select_backend(target: Target, requested: str | None) -> Backend:
@@ -92,6 +96,7 @@ def select_backend(target: Target, requested: str | None) -> Backend:
             f"target {target.name} needs the {name} backend, which this version does not have", hint
         )
     backend = known[name]
+    backend.check_target(target)
     if requested is not None and requested not in target.backends:
         raise UserError(
             f"target {target.name} does not use the {requested} backend",

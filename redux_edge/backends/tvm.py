@@ -68,6 +68,12 @@ class TvmBackend(CpuBackend):
             return False, f"apache-tvm is not installed ({_INSTALL_TVM})"
         return True, f"apache-tvm {tvm.__version__}"
 
+    def can_run_here(self, target: Target) -> tuple[bool, str]:
+        runs, why = super().can_run_here(target)
+        if not runs and target.arch == "aarch64":
+            return False, f"{why}; checked under qemu-aarch64 at compile"
+        return runs, why
+
     def check_target(self, target: Target) -> None:
         super().check_target(target)
         if target.arch != platform.machine() and shutil.which(_CROSS_COMPILER) is None:

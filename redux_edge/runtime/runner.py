@@ -17,13 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BundleSession", "InputError", "check_inputs", "latency_stats"]
+__all__ = [
+    "BundleSession",
+    "EngineBuildError",
+    "InputError",
+    "build_engine",
+    "check_inputs",
+    "check_sparse_tactics",
+    "latency_stats",
+    "parse_trtexec_log",
+]
 
 _DTYPES = {
     "FLOAT": np.float32,
@@ -132,6 +143,60 @@ def _tvm(bundle_dir: Path, backend: dict, threads: int, output_names: list[str])
 _EXECUTORS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tvm": _tvm}
 
 
+class EngineBuildError(RuntimeError):
+    """trtexec failed, or 2:4 sparsity was asked for and TensorRT picked no sparse tactic."""
+
+
+_SPARSE_ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math:(.*)$")
+_SPARSE_PICKED = re.compile(r"\(Sparsity\) TRT inference plan picks sparse implementation for layers:(.*)$")
+
+
+def parse_trtexec_log(text: str) -> dict:
+    """Which layers TensorRT found eligible for 2:4 sparse math and which took sparse tactics."""
+
+    def layers(pattern: re.Pattern) -> list[str]:
+        found: list[str] = []
+        for line in text.splitlines():
+            if match := pattern.search(line):
+                found.extend(name.strip() for name in match.group(1).split(",") if name.strip())
+        return found
+
+    return {"sparse_eligible": layers(_SPARSE_ELIGIBLE), "sparse_picked": layers(_SPARSE_PICKED)}
+
+
+def check_sparse_tactics(report: dict, sparsity_requested: bool) -> None:
+    if sparsity_requested and not report["sparse_picked"]:
+        eligible = ", ".join(report["sparse_eligible"]) or "none"
+        raise EngineBuildError(
+            "2:4 sparsity was requested but TensorRT picked no sparse tactic "
+            f"(layers eligible: {eligible}); the engine would run dense"
+        )
+
+
+def build_engine(bundle_dir: Path, trtexec: str = "trtexec") -> dict:
+    """Build the bundle's TensorRT engine with trtexec, keep the log, and check the sparse tactics."""
+    backend = json.loads((bundle_dir / "manifest.json").read_text())["backend"]
+    plan = backend["engine_build"]
+    engines = bundle_dir / plan["engine_dir"]
+    engines.mkdir(exist_ok=True)
+    engine = engines / f"{plan['engine_name']}-trt{_tensorrt_version(trtexec)}.plan"
+    argv = [trtexec if arg == "trtexec" else arg.replace("{engine}", str(engine)) for arg in plan["argv"]]
+    completed = subprocess.run(argv, cwd=bundle_dir, capture_output=True, text=True, check=False)
+    engine.with_suffix(".log").write_text(completed.stdout + completed.stderr)
+    if completed.returncode != 0:
+        raise EngineBuildError(f"trtexec failed ({completed.returncode}); log: {engine.with_suffix('.log')}")
+    report = parse_trtexec_log(completed.stdout + completed.stderr)
+    check_sparse_tactics(report, plan["sparsity"])
+    return {"engine": str(engine), **report}
+
+
+def _tensorrt_version(trtexec: str) -> str:
+    # trtexec's banner reads "&&&& RUNNING TensorRT.trtexec [TensorRT v100300]"
+    banner = subprocess.run([trtexec, "--help"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"TensorRT v(\d+)", banner)
+    return match.group(1) if match else "unknown"
+
+
 def check_inputs(specs: list[dict], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``feeds`` cast to the recorded dtypes; InputError when a name, rank, size or dtype does not fit."""
     expected = [spec["name"] for spec in specs]
@@ -188,7 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--build-engine", action="store_true", help="TensorRT: build this device's engine")
     args = parser.parse_args(argv)
+    if args.build_engine:
+        try:
+            print(json.dumps(build_engine(args.bundle)))
+        except EngineBuildError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     session = BundleSession(args.bundle, args.threads)
     feeds, expected = session.sample()
     if args.inputs:

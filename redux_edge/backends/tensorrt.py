@@ -1,0 +1,187 @@
+"""TensorRT for Jetson: a TensorRT-ready ONNX, a static support report, and the engine build for the device.
+
+TensorRT engines are specific to the GPU, the TensorRT release and the precision, so they are built on
+the device (NVIDIA's deployment guidance for Jetson); what is made here is everything that build needs.
+The ONNX is given static shapes and converted to the newest opset the target's TensorRT parses (the
+onnxscript version converter), then every node is checked against onnx-tensorrt's operator support
+matrix for that release (``tensorrt_support.toml``); an unsupported node fails the compile. The build
+is a ``trtexec`` command line (``--fp16``, ``--sparsity=enable`` for 2:4 bundles, ``--useDLACore`` with
+``--allowGPUFallback`` on targets with DLA) that the bundle's runner runs on the device
+(``runner/run.py --build-engine``), keeping the log and failing when 2:4 was asked for and no layer took
+a sparse tactic. Where ``tensorrt`` and a GPU are present, the same runner call builds it here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tomllib
+from pathlib import Path
+
+import onnx_ir as ir
+import onnxscript.optimizer
+import onnxscript.version_converter
+
+from redux_edge.bundle import file_digest
+from redux_edge.errors import UserError
+from redux_edge.runtime.runner import BundleSession, build_engine
+from redux_edge.targets import Target
+
+__all__ = ["TensorRtBackend", "support_report"]
+
+logger = logging.getLogger(__name__)
+
+_SUPPORT = tomllib.loads(Path(__file__).with_name("tensorrt_support.toml").read_text())
+_PRECISION_FLAGS = {"fp16": ["--fp16"], "fp32": []}
+
+
+def _release_line(version: str) -> str:
+    """The support table for a TensorRT version: its own line, or the newest older one."""
+    as_tuple = tuple(int(part) for part in version.split("."))
+    known = sorted(_SUPPORT, key=lambda line: tuple(int(p) for p in line.split(".")))
+    older = [line for line in known if tuple(int(p) for p in line.split(".")) <= as_tuple]
+    if not older:
+        raise UserError(f"TensorRT {version} is older than any release redux-edge knows", f"known: {known}")
+    return older[-1]
+
+
+def support_report(model: ir.Model, tensorrt_version: str) -> dict:
+    """Nodes that TensorRT's ONNX parser of ``tensorrt_version`` rejects, with the reason for each."""
+    import onnx.defs
+
+    table = _SUPPORT[_release_line(tensorrt_version)]
+    opset = model.opset_imports.get("", 0)
+    unsupported = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            why = f"custom domain {node.domain}"
+        elif node.op_type in table["unsupported"]:
+            why = "not implemented by the parser"
+        elif not onnx.defs.has(node.op_type, min(opset, table["max_opset"]), ""):
+            why = f"needs opset > {table['max_opset']}"
+        else:
+            continue
+        unsupported.append({"node": node.name, "op": node.op_type, "why": why})
+    return {
+        "tensorrt": tensorrt_version,
+        "opset": opset,
+        "max_opset": table["max_opset"],
+        "nodes": sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph)),
+        "unsupported": unsupported,
+    }
+
+
+class TensorRtBackend:
+    name = "tensorrt"
+    # int8 needs calibration data or a quantized (QDQ) graph, which no pass produces yet
+    precisions = ("fp16", "fp32")
+    default_precision = "fp16"
+    static_shapes = True
+
+    def can_build_here(self) -> tuple[bool, str]:
+        return True, "writes the TensorRT-ready ONNX and the engine build; the engine is built on the device"
+
+    def check_target(self, target: Target) -> None:
+        if target.gpu_compute_capability is None:
+            raise UserError(
+                f"TensorRT needs an NVIDIA GPU, and target {target.name} has none",
+                "choose a jetson-* target, or a CPU backend: --backend onnxruntime, openvino or tvm",
+            )
+        if "tensorrt" not in target.runtime:
+            raise UserError(f"target {target.name} names no TensorRT version", "add tensorrt under [runtime]")
+
+    def can_run_here(self, target: Target) -> tuple[bool, str]:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return (
+                False,
+                "no TensorRT here; engine built on the device",
+            )
+        if shutil.which("trtexec") is None or shutil.which("nvidia-smi") is None:
+            return False, "no trtexec or GPU here; engine built on the device"
+        return True, "TensorRT and a GPU are present"
+
+    def lower(self, model_file: Path, target: Target, artifact_dir: Path, options: dict) -> dict:
+        version = target.runtime["tensorrt"]
+        model = ir.load(str(model_file))
+        for value in model.graph.inputs:
+            value.shape = ir.Shape(options["shapes"][value.name])
+        max_opset = _SUPPORT[_release_line(version)]["max_opset"]
+        if model.opset_imports.get("", 0) > max_opset:
+            onnxscript.version_converter.convert_version(model, max_opset, fallback=True)
+        onnxscript.optimizer.optimize(model)
+        report = support_report(model, version)
+        if report["unsupported"]:
+            logger.debug("nodes TensorRT %s cannot parse: %s", version, report["unsupported"])
+            first = report["unsupported"][0]
+            raise UserError(
+                f"TensorRT {version} cannot parse {len(report['unsupported'])} node(s) of this model, "
+                f"e.g. {first['op']} ({first['node']}): {first['why']}",
+                "--debug shows all; choose another backend or change the model",
+            )
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        onnx_file = artifact_dir / "model.trt.onnx"
+        ir.save(model, str(onnx_file))
+        (artifact_dir / "support.json").write_text(json.dumps(report, indent=2) + "\n")
+        sparsity = options.get("sparsity") == "2:4"
+        argv = [
+            "trtexec",
+            "--onnx=artifact/model.trt.onnx",
+            "--saveEngine={engine}",
+            "--verbose",
+            *_PRECISION_FLAGS[options["precision"]],
+        ]
+        if sparsity:
+            argv.append("--sparsity=enable")
+        dla_core = options.get("dla_core")
+        if dla_core is not None:
+            if not 0 <= dla_core < target.dla_cores:
+                raise UserError(f"target {target.name} has {target.dla_cores} DLA cores", "drop --dla-core")
+            argv += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
+        suffix = "".join(
+            [
+                f"-{options['precision']}",
+                "-sparse" if sparsity else "",
+                f"-dla{dla_core}" if dla_core is not None else "",
+            ]
+        )
+        sm = target.gpu_compute_capability.replace(".", "")
+        return {
+            "name": self.name,
+            "version": version,
+            "artifact": "artifact/model.trt.onnx",
+            "precision": options["precision"],
+            "support": {k: report[k] for k in ("tensorrt", "opset", "max_opset", "nodes")}
+            | {"unsupported": 0},
+            "engine_build": {
+                "argv": argv,
+                "engine_dir": "engines",
+                "engine_name": f"{file_digest(onnx_file)[:12]}-sm{sm}{suffix}",
+                "sparsity": sparsity,
+                "dla_core": dla_core,
+                "where": "on the device, by `python3 runner/run.py --build-engine` (flash runs it)",
+            },
+            "session": {"threads": 0, "input_order": [v.name for v in model.graph.inputs]},
+            "static_shapes": {name: list(shape) for name, shape in options["shapes"].items()},
+        }
+
+    def emulate(self, stage: Path, target: Target):
+        """The TensorRT-ready ONNX through ONNX Runtime: checks the opset conversion, not TensorRT."""
+        import onnxruntime as ort
+
+        manifest = json.loads((stage / "manifest.json").read_text())
+        if self.can_run_here(target)[0]:
+            build_engine(stage)
+        session = ort.InferenceSession(
+            str(stage / manifest["backend"]["artifact"]), providers=["CPUExecutionProvider"]
+        )
+        names = [output["name"] for output in manifest["outputs"]]
+        return (
+            lambda feeds: session.run(names, feeds),
+            "TensorRT-ready ONNX run by ONNX Runtime here; the engine is built and checked on the device",
+        )
+
+    def load(self, bundle_dir: Path, threads: int | None = None) -> BundleSession:
+        return BundleSession(bundle_dir, threads)
