@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 test: $(STAMP) system-packages
 	$(BIN)/ruff check redux_edge tests tools
+	$(BIN)/hadolint Dockerfile.jetson
 	$(BIN)/pytest
 
 bench: $(STAMP)

@@ -257,7 +257,9 @@ def compile_model(
             require_match(ir_report, tolerance, "the transformed IR (model.onnx)")
         with step(f"lowering with {backend.name} for {target.name}"):
             backend_entry = backend.lower(stage / "model.onnx", target, stage / "artifact", options)
-        _write_runner(stage, source)
+        # The health-check sample is one batch the artifact takes: all samples, or one static batch.
+        sample_count = next(iter(options["shapes"].values()))[0] if backend.static_shapes else None
+        _write_runner(stage, source, sample_count)
         manifest = _manifest(
             source, target, backend_entry, recipe, pass_log, original_cost, tolerance, ir_report
         )
@@ -273,7 +275,10 @@ def compile_model(
                     require_match(manifest["verify"][name], tolerance, f"the {backend.name} artifact")
             manifest["verify"]["artifact_run"] = how
         expected = outputs if outputs is not None else ir_outputs
-        np.savez(stage / "sample" / "outputs.npz", **dict(zip(source.output_names, expected, strict=True)))
+        np.savez(
+            stage / "sample" / "outputs.npz",
+            **{name: value[:sample_count] for name, value in zip(source.output_names, expected, strict=True)},
+        )
         bundles.write_manifest(stage, manifest)
     return bundles.load_bundle(out)
 
@@ -317,11 +322,11 @@ def _run_passes(model: ir.Model, recipe: Recipe, step: Step) -> list[dict]:
     return log
 
 
-def _write_runner(stage: Path, source: Source) -> None:
+def _write_runner(stage: Path, source: Source, sample_count: int) -> None:
     (stage / "runner").mkdir()
     shutil.copyfile(runner.__file__, stage / "runner" / "run.py")
     (stage / "sample").mkdir()
-    np.savez(stage / "sample" / "inputs.npz", **source.inputs)
+    np.savez(stage / "sample" / "inputs.npz", **{k: v[:sample_count] for k, v in source.inputs.items()})
     if source.preprocessor is not None:
         for relative, path in source.preprocessor.assets().items():
             (stage / relative).parent.mkdir(parents=True, exist_ok=True)

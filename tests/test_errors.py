@@ -50,9 +50,17 @@ def _custom_op_model(path):
 CASES = {
     "unknown model": (lambda d, mlp: ["--model", "gpt-17"], "unknown model 'gpt-17'"),
     "unknown target": (lambda d, mlp: ["--model", mlp, "--target", "cray-1"], "unknown target 'cray-1'"),
-    "target without its backend": (
-        lambda d, mlp: ["--model", mlp, "--target", "jetson-orin-nano"],
-        "needs the tensorrt backend",
+    "tensorrt without a gpu": (
+        lambda d, mlp: ["--model", mlp, "--target", "host", "--backend", "tensorrt"],
+        "TensorRT needs an NVIDIA GPU, and target host has none",
+    ),
+    "backend the target does not use": (
+        lambda d, mlp: ["--model", mlp, "--target", "jetson-orin-nano", "--backend", "openvino"],
+        "does not use the openvino backend",
+    ),
+    "precision the backend lacks": (
+        lambda d, mlp: ["--model", mlp, "--precision", "int4"],
+        "has no precision 'int4'",
     ),
     "unknown pass": (lambda d, mlp: ["--model", mlp, "--pass", "shrink-ray"], "unknown pass 'shrink-ray'"),
     "unknown pass parameter": (

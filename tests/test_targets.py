@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 
 import pytest
 
@@ -64,10 +65,28 @@ def test_target_name_cannot_reach_outside_the_targets_folder():
         load_target("../pyproject")
 
 
-def test_target_whose_backend_is_not_built_is_a_clear_error():
-    with pytest.raises(UserError, match="needs the tensorrt backend") as info:
-        select_backend(load_target("jetson-orin-nano"), None)
-    assert "--backend onnxruntime" in info.value.hint
+def test_tensorrt_for_a_target_without_gpu_names_what_is_missing():
+    with pytest.raises(UserError, match="TensorRT needs an NVIDIA GPU, and target host has none") as info:
+        select_backend(load_target("host"), "tensorrt")
+    assert "jetson" in info.value.hint
+
+
+def test_missing_tvm_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tvm", None)  # what a machine without apache-tvm shows import
+    with pytest.raises(UserError, match="apache-tvm is not installed") as info:
+        select_backend(load_target("arm64-cortex-a72"), None)
+    assert "pip install apache-tvm==" in str(info.value)
+
+
+def test_missing_cross_compiler_says_what_to_install(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UserError, match="needs aarch64-linux-gnu-g\\+\\+") as info:
+        select_backend(load_target("arm64-cortex-a72"), None)
+    assert info.value.hint == "apt-get install g++-aarch64-linux-gnu"
+
+
+def test_jetson_targets_lower_with_tensorrt():
+    assert select_backend(load_target("jetson-orin-nano"), None).name == "tensorrt"
 
 
 def test_backend_override_must_be_one_the_target_runs():

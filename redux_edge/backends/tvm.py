@@ -41,6 +41,7 @@ _CROSS_COMPILER = "aarch64-linux-gnu-g++"
 _AARCH64_SYSROOT = Path("/usr/aarch64-linux-gnu")
 _HOST_SOURCE = Path(__file__).with_name("native") / "tvm_host.cc"
 _EMULATION_TIMEOUT_S = 600
+_EVOLUTIONARY_MIN_TRIALS = 256
 _ELF_MACHINES = {62: "x86-64", 183: "AArch64"}
 _INSTALL_TVM = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1"
 
@@ -98,8 +99,12 @@ class TvmBackend(CpuBackend):
             raise UserError(
                 f"TVM's ONNX importer cannot read this model: {exc}", "--debug for details"
             ) from exc
-        llvm = tvm.target.Target(tvm_target(target))
         tuning = self._tuning(target, options)
+        spec = tvm_target(target)
+        if tuning["trials"] > 0:
+            # MetaSchedule sizes its parallel schedules by the core count of the machine it measures on.
+            spec["num-cores"] = options.get("threads") or os.cpu_count()
+        llvm = tvm.target.Target(spec)
         if tuning["trials"] > 0 or tuning["records_before"] > 0:
             executable = self._compile_tuned(module, llvm, tuning, options)
         else:
@@ -148,14 +153,19 @@ class TvmBackend(CpuBackend):
             if rpc := options.get("rpc"):
                 host, _, port = rpc["tracker"].rpartition(":")
                 runner = ms.runner.RPCRunner(ms.runner.RPCConfig(host, int(port), rpc["key"], 600))
+            # Small budgets sample schedules at random: the evolutionary search's cost model and
+            # population of 2048 cost minutes per iteration on a small machine before the first trial.
+            small = tuning["trials"] < _EVOLUTIONARY_MIN_TRIALS
             database = tune_relax(
-                module,
+                _fused(module, llvm),
                 {},
                 llvm,
                 str(database_dir),
                 max_trials_global=tuning["trials"],
                 num_trials_per_iter=min(64, tuning["trials"]),
                 runner=runner,
+                strategy="replay-trace" if small else "evolutionary",
+                cost_model="random" if small else "xgb",
                 seed=0,
             )
         else:
@@ -202,6 +212,26 @@ class TvmBackend(CpuBackend):
                 return outputs
 
         return run, f"ran under {Path(qemu).name} with the aarch64 TVM runtime"
+
+
+def _fused(module, llvm):
+    """The module as compile_relax prepares it before applying a database (legalised, fused TIR), so that
+    the tuned tasks are the ones the final build looks up."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import pipeline
+
+    with llvm:
+        return tvm.transform.Sequential(
+            [
+                *pipeline.library_dispatch_passes(llvm),
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+            ]
+        )(module)
 
 
 def _tvm_dtype(dtype: np.dtype) -> str:
