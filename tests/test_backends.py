@@ -194,3 +194,38 @@ def test_trtexec_log_without_sparse_tactics_fails_loudly_when_2_4_was_asked():
     check_sparse_tactics(report, sparsity_requested=False)
     with pytest.raises(EngineBuildError, match="picked no sparse tactic"):
         check_sparse_tactics(report, sparsity_requested=True)
+
+
+def test_tvm_tuning_writes_a_database_that_later_compiles_reuse(tmp_path_factory):
+    database = tmp_path_factory.mktemp("tuning")
+    tuned = _compile(
+        tmp_path_factory,
+        "tuned",
+        "host",
+        model="mnist-cnn",
+        backend_name="tvm",
+        backend_options={"tune": 8, "tuning_db": database},
+    )
+    tuning = json.loads((tuned / "manifest.json").read_text())["backend"]["tuning"]
+    assert tuning == {"trials": 8, "database": str(database), "records_before": 0}
+    records = (database / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) == 8
+    reused = _compile(
+        tmp_path_factory,
+        "reused",
+        "host",
+        model="mnist-cnn",
+        backend_name="tvm",
+        backend_options={"tuning_db": database},
+    )
+    manifest = json.loads((reused / "manifest.json").read_text())
+    assert manifest["backend"]["tuning"]["records_before"] == 8
+    assert manifest["verify"]["artifact"]["logits"]["min_cosine"] >= 0.9999
+
+
+def test_tuning_for_a_board_needs_its_rpc_tracker(tmp_path):
+    with pytest.raises(UserError, match="must measure on an aarch64 board") as info:
+        api.compile_model(
+            "mnist-cnn", "arm64-cortex-a72", load_recipe(None), tmp_path / "out", backend_options={"tune": 8}
+        )
+    assert "--rpc-tracker" in info.value.hint

@@ -1,5 +1,6 @@
 """Side-by-side latency of minilm-l6 in one process: PyTorch eager, ONNX Runtime on a plain export,
-ONNX Runtime after its transformer optimizer, and the redux-edge ``host`` bundle.
+ONNX Runtime after its transformer optimizer, and redux-edge bundles for this machine: ONNX Runtime (the
+``host`` default), OpenVINO, and TVM untuned and tuned with a small MetaSchedule budget.
 
 Every row gets the same inputs (real sentences, tokenised to the benchmarked length) and the same thread
 count. Rows are measured in blocks (warm-up, then consecutive calls), in forward and then reverse order,
@@ -9,7 +10,7 @@ steal the two cores from the next row. Ratios are to the plain export: latency r
 ratio > 1 are better. The redux-edge row must not be slower than the transformer-optimizer row
 (ratio <= 1.05).
 
-    python tools/bench.py [--threads 2] [--rounds 60] [--json]
+    python tools/bench.py [--threads 2] [--rounds 60] [--tvm-trials 32] [--json]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,16 @@ from redux_edge.runtime.runner import BundleSession, latency_stats
 
 CASES = ((1, 128), (8, 128))
 ALLOWED_RATIO_TO_OPTIMIZER = 1.05
+PLAIN = "ONNX Runtime, plain export"
+OPTIMIZER = "ONNX Runtime, transformer optimizer (bert)"
+REDUX = "redux-edge host bundle (ONNX Runtime)"
+
+
+@dataclass
+class Row:
+    run: Callable[[dict[str, np.ndarray]], object]
+    # rows that take seconds per call (untuned TVM) are measured fewer times
+    max_rounds: int = 1_000_000
 
 
 def _sentences_to_length(entry: zoo.ZooModel, batch: int, length: int) -> dict[str, np.ndarray]:
@@ -53,7 +65,8 @@ def _ort_session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _rows(workdir: Path, threads: int) -> dict[str, Callable[[dict[str, np.ndarray]], object]]:
+def _rows(workdir: Path, threads: int) -> dict[str, Row]:
+    """The rows that take any shape: PyTorch, ONNX Runtime two ways, and the dynamic-shape bundles."""
     entry = zoo.load_model("minilm-l6")
     plain = workdir / "plain.onnx"
     ir.save(export_module(entry.module, entry.inputs, entry.dynamic_axes, entry.output_names), str(plain))
@@ -64,41 +77,71 @@ def _rows(workdir: Path, threads: int) -> dict[str, Callable[[dict[str, np.ndarr
         hidden_size=entry.architecture["hidden_size"],
     )
     optimized.save_model_to_file(str(workdir / "ort_transformer_optimizer.onnx"))
-    bundle = api.compile_model(
-        "minilm-l6", "host", load_recipe(None), workdir / "bundle", backend_options={"threads": threads}
-    )
-    torch.set_num_threads(threads)
-    module = entry.module.eval()
     sessions = {
         "plain": _ort_session(plain, threads),
         "optimizer": _ort_session(workdir / "ort_transformer_optimizer.onnx", threads),
     }
-    redux = BundleSession(bundle.path, threads)
+    torch.set_num_threads(threads)
+    module = entry.module.eval()
 
     def eager(feeds: dict[str, np.ndarray]) -> object:
         with torch.inference_mode():
             return module(*(torch.from_numpy(a) for a in feeds.values()))
 
     return {
-        "PyTorch eager": eager,
-        "ONNX Runtime, plain export": lambda feeds: sessions["plain"].run(None, feeds),
-        "ONNX Runtime, transformer optimizer (bert)": lambda feeds: sessions["optimizer"].run(None, feeds),
-        "redux-edge host bundle": redux.run,
+        "PyTorch eager": Row(eager),
+        PLAIN: Row(lambda feeds: sessions["plain"].run(None, feeds)),
+        OPTIMIZER: Row(lambda feeds: sessions["optimizer"].run(None, feeds)),
+        REDUX: Row(_bundle(workdir / "ort", threads).run),
+        "redux-edge OpenVINO bundle (fp32)": Row(_bundle(workdir / "ov", threads, backend="openvino").run),
     }
 
 
-def measure(
-    rows: dict[str, Callable], feeds: dict[str, np.ndarray], rounds: int, warmup: int
-) -> dict[str, dict]:
+def _tvm_rows(workdir: Path, threads: int, shapes: dict[str, list[int]], trials: int) -> dict[str, Row]:
+    """TVM bundles for one static shape: untuned, and tuned with a small MetaSchedule budget."""
+    tag = "x".join(str(d) for d in shapes["input_ids"])
+    untuned = _bundle(
+        workdir / f"tvm-{tag}", threads, backend="tvm", shapes=shapes, tuning_db=workdir / "no-tuning"
+    )
+    rows = {"redux-edge TVM bundle, untuned": Row(untuned.run, max_rounds=4)}
+    if trials:
+        tuned = _bundle(
+            workdir / f"tvm-tuned-{tag}",
+            threads,
+            backend="tvm",
+            shapes=shapes,
+            tune=trials,
+            tuning_db=workdir / "tuning",
+        )
+        rows[f"redux-edge TVM bundle, tuned ({trials} trials)"] = Row(tuned.run, max_rounds=10)
+    return rows
+
+
+def _bundle(
+    out: Path, threads: int, backend: str | None = None, shapes: dict | None = None, **options
+) -> BundleSession:
+    api.compile_model(
+        "minilm-l6",
+        "host",
+        load_recipe(None),
+        out,
+        backend_name=backend,
+        shapes=shapes,
+        backend_options={"threads": threads, **options},
+    )
+    return BundleSession(out, threads)
+
+
+def measure(rows: dict[str, Row], feeds: dict[str, np.ndarray], rounds: int, warmup: int) -> dict[str, dict]:
     seconds: dict[str, list[float]] = {name: [] for name in rows}
     for order in (list(rows), list(rows)[::-1]):
         for name in order:
-            run = rows[name]
-            for _ in range(warmup):
-                run(feeds)
-            for _ in range(rounds // 2):
+            row = rows[name]
+            for _ in range(min(warmup, row.max_rounds)):
+                row.run(feeds)
+            for _ in range(min(rounds, row.max_rounds) // 2 or 1):
                 started = time.perf_counter()
-                run(feeds)
+                row.run(feeds)
                 seconds[name].append(time.perf_counter() - started)
     batch = feeds["input_ids"].shape[0]
     return {name: latency_stats(values, batch) for name, values in seconds.items()}
@@ -110,6 +153,9 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=60, help="measured rounds at batch 1 (batch 8: a third)"
     )
+    parser.add_argument(
+        "--tvm-trials", type=int, default=32, help="MetaSchedule budget per shape (0: no tuned row)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     entry = zoo.load_model("minilm-l6")
@@ -118,14 +164,16 @@ def main() -> int:
         rows = _rows(Path(workdir), args.threads)
         for batch, length in CASES:
             feeds = _sentences_to_length(entry, batch, length)
+            shapes = {name: list(array.shape) for name, array in feeds.items()}
+            case_rows = rows | _tvm_rows(Path(workdir), args.threads, shapes, args.tvm_trials)
             rounds = args.rounds if batch == 1 else max(10, args.rounds // 3)
-            stats = measure(rows, feeds, rounds, warmup=5)
-            base = stats["ONNX Runtime, plain export"]
+            stats = measure(case_rows, feeds, rounds, warmup=5)
+            base = stats[PLAIN]
             for numbers in stats.values():
                 numbers["latency_ratio"] = numbers["p50_ms"] / base["p50_ms"]
                 numbers["throughput_ratio"] = numbers["throughput_per_s"] / base["throughput_per_s"]
-            ours = stats["redux-edge host bundle"]["p50_ms"]
-            theirs = stats["ONNX Runtime, transformer optimizer (bert)"]["p50_ms"]
+            ours = stats[REDUX]["p50_ms"]
+            theirs = stats[OPTIMIZER]["p50_ms"]
             report["cases"].append(
                 {
                     "batch": batch,
@@ -150,14 +198,17 @@ def _print(report: dict) -> None:
         "ratios to the plain export"
     )
     for case in report["cases"]:
-        print(f"\nbatch {case['batch']}, sequence {case['sequence']} ({case['rounds']} rounds)")
         print(
-            f"  {'row':<44} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'items/s':>9} {'lat ratio':>10} "
+            f"\nbatch {case['batch']}, sequence {case['sequence']} ({case['rounds']} rounds; "
+            "untuned TVM: 2, tuned TVM: 5)"
+        )
+        print(
+            f"  {'row':<46} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'items/s':>9} {'lat ratio':>10} "
             f"{'thr ratio':>10}"
         )
         for name, s in case["rows"].items():
             print(
-                f"  {name:<44} {s['p50_ms']:9.2f} {s['p90_ms']:9.2f} {s['p99_ms']:9.2f} "
+                f"  {name:<46} {s['p50_ms']:9.2f} {s['p90_ms']:9.2f} {s['p99_ms']:9.2f} "
                 f"{s['throughput_per_s']:9.1f} {s['latency_ratio']:10.3f} {s['throughput_ratio']:10.3f}"
             )
         verdict = "ok" if case["redux_vs_optimizer"] <= ALLOWED_RATIO_TO_OPTIMIZER else "SLOWER"

@@ -137,7 +137,7 @@ class TvmBackend(CpuBackend):
         trials = options.get("tune") or 0
         if trials and target.arch != platform.machine() and not options.get("rpc"):
             raise UserError(
-                f"tuning for {target.arch} must measure on a {target.arch} board",
+                f"tuning for {target.arch} must measure on an {target.arch} board",
                 "pass --rpc-tracker HOST:PORT --rpc-key KEY of a TVM RPC tracker with the board registered",
             )
         return {"trials": trials, "database": database, "records_before": count}
