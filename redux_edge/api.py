@@ -380,7 +380,8 @@ def _manifest(
     }
 
 
-def _open(bundle_path: Path, threads: int | None = None) -> tuple[bundles.Bundle, Backend]:
+def _open(bundle_path: Path) -> tuple[bundles.Bundle, Backend]:
+    """A bundle that is intact and runnable on this machine, with its backend."""
     from redux_edge.backends.base import available_backends
 
     bundle = bundles.load_bundle(bundle_path)
@@ -390,6 +391,13 @@ def _open(bundle_path: Path, threads: int | None = None) -> tuple[bundles.Bundle
     backend = available_backends().get(name)
     if backend is None:
         raise UserError(f"bundle {bundle_path} needs the {name} backend", "run it on its target device")
+    target = Target.from_json(bundle.manifest["target"])
+    runs, why = backend.can_run_here(target)
+    if not runs:
+        raise UserError(
+            f"this {name} bundle for {target.name} cannot run on this machine ({why})",
+            "run it on the device with runner/run.py, or compile for --target host",
+        )
     return bundle, backend
 
 

@@ -424,15 +424,17 @@ def _print_report(path: Path, manifest: dict, problems: list[str]) -> None:
         "min cosine",
         title=f"verification vs {verify['reference']} on {verify['samples']} samples",
     )
-    for stage in ("ir", "artifact"):
+    labels = {
+        "ir": "model.onnx",
+        "artifact": backend["artifact"],
+        "artifact_vs_onnxruntime": f"{backend['artifact']} vs ONNX Runtime on model.onnx",
+    }
+    for stage, label in labels.items():
         for name, numbers in verify.get(stage, {}).items():
-            checks.add_row(
-                "model.onnx" if stage == "ir" else backend["artifact"],
-                name,
-                f"{numbers['max_abs']:.3g}",
-                f"{numbers['min_cosine']:.7f}",
-            )
+            checks.add_row(label, name, f"{numbers['max_abs']:.3g}", f"{numbers['min_cosine']:.7f}")
     out.print(checks)
+    if "artifact_run" in verify:
+        out.print(f"  artifact {verify['artifact_run']}")
     files = manifest["files"]
     out.print(
         f"  files    {len(files)}, {_human_bytes(sum(f['bytes'] for f in files.values()))}, sha256 "

@@ -46,6 +46,19 @@ class Target:
     dla_cores: int = 0
     runtime: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def from_json(cls, recorded: dict) -> Target:
+        """The target as a manifest recorded it (``host`` resolved on the machine that compiled)."""
+        fields = {
+            **recorded,
+            "cpu_features": tuple(recorded["cpu_features"]),
+            "backends": tuple(recorded["backends"]),
+        }
+        return cls(
+            description=recorded.get("description", ""),
+            **{k: v for k, v in fields.items() if k != "description"},
+        )
+
     def to_json(self) -> dict:
         return {
             "name": self.name,

@@ -112,7 +112,7 @@ def test_bench_runs_each_backend(cli, request, fixture):
     assert stats["iterations"] == 2 and stats["p50_ms"] > 0
 
 
-def test_aarch64_library_runs_under_qemu_and_matches_onnxruntime(tmp_path_factory):
+def test_aarch64_library_runs_under_qemu_and_matches_onnxruntime(tmp_path_factory, cli):
     bundle = _compile(tmp_path_factory, "a72", "arm64-cortex-a72")
     library = bundle / "artifact" / "model.so"
     header = library.read_bytes()[:20]
@@ -128,6 +128,8 @@ def test_aarch64_library_runs_under_qemu_and_matches_onnxruntime(tmp_path_factor
     assert manifest["verify"]["artifact_run"].startswith("ran under qemu-aarch64")
     assert manifest["verify"]["artifact_vs_onnxruntime"]["sentence_embedding"]["min_cosine"] >= 0.9999
     assert manifest["verify"]["samples"] == 8
+    result = cli("bench", bundle)
+    assert result.exit_code == 2 and "cannot run on this machine" in result.stderr
 
 
 def test_jetson_bundle_carries_tensorrt_ready_onnx_and_engine_build(tmp_path_factory):
