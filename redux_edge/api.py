@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import logging
+import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -34,12 +35,35 @@ from redux_edge.recipe import Recipe
 from redux_edge.runtime import runner
 from redux_edge.targets import Target, load_target
 
-__all__ = ["Source", "bench", "compile_model", "inspect", "load_source", "run"]
+__all__ = [
+    "Source",
+    "bench",
+    "compile_model",
+    "inspect",
+    "load_source",
+    "native_output_to_stderr",
+    "run",
+    "target_status",
+]
 
-logger = logging.getLogger(__name__)
 
 Step = Callable[[str], contextlib.AbstractContextManager]
 _TOOLCHAIN = ("torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime")
+
+
+@contextlib.contextmanager
+def native_output_to_stderr() -> Iterator[None]:
+    """Send what native libraries print (TVM's and ONNX Runtime's C++ logs) to stderr, at the file
+    descriptor, so that stdout carries only our report or JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _no_progress(_: str) -> contextlib.AbstractContextManager:

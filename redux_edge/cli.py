@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -38,21 +37,6 @@ def _progress(message: str) -> contextlib.AbstractContextManager:
         err.print(f"[green]✓[/] {message} [dim]({time.perf_counter() - started:.1f}s)[/]")
 
     return step()
-
-
-@contextlib.contextmanager
-def _native_stdout_to_stderr() -> Iterator[None]:
-    """Send what native libraries print (TVM's and ONNX Runtime's C++ logs) to stderr, at the file
-    descriptor, so that stdout carries only our report or JSON."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _emit_json(payload: object) -> None:
@@ -202,7 +186,7 @@ def compile_command(
         default = Tolerance.for_precision(precision or "fp32")
         tolerance = Tolerance(tolerance_cosine or default.min_cosine, tolerance_atol or default.atol)
     chosen = load_recipe(recipe).extended([parse_pass_flag(flag) for flag in extra_passes])
-    with _native_stdout_to_stderr():
+    with api.native_output_to_stderr():
         bundle = api.compile_model(
             model,
             target,

@@ -161,11 +161,13 @@ def main() -> int:
     entry = zoo.load_model("minilm-l6")
     report = {"threads": args.threads, "cases": []}
     with tempfile.TemporaryDirectory() as workdir:
-        rows = _rows(Path(workdir), args.threads)
+        with api.native_output_to_stderr():
+            rows = _rows(Path(workdir), args.threads)
         for batch, length in CASES:
             feeds = _sentences_to_length(entry, batch, length)
             shapes = {name: list(array.shape) for name, array in feeds.items()}
-            case_rows = rows | _tvm_rows(Path(workdir), args.threads, shapes, args.tvm_trials)
+            with api.native_output_to_stderr():
+                case_rows = rows | _tvm_rows(Path(workdir), args.threads, shapes, args.tvm_trials)
             rounds = args.rounds if batch == 1 else max(10, args.rounds // 3)
             stats = measure(case_rows, feeds, rounds, warmup=5)
             base = stats[PLAIN]

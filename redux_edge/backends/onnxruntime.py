@@ -11,7 +11,6 @@ recorded in the manifest and reused by the runner.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import onnx_ir as ir
@@ -24,7 +23,6 @@ from redux_edge.targets import Target
 
 __all__ = ["OnnxRuntimeBackend"]
 
-logger = logging.getLogger(__name__)
 
 _PROVIDERS = ["CPUExecutionProvider"]
 

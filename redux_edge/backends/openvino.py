@@ -9,7 +9,6 @@ hint: OpenVINO's CPU plugin otherwise picks bf16 on CPUs that have it, which cha
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from redux_edge.backends.base import CpuBackend
@@ -18,7 +17,6 @@ from redux_edge.targets import Target
 
 __all__ = ["OpenVinoBackend"]
 
-logger = logging.getLogger(__name__)
 
 # redux-edge precision name -> OpenVINO's INFERENCE_PRECISION_HINT
 _INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}

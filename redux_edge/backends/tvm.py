@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import platform
 import shutil
@@ -32,7 +31,6 @@ from redux_edge.targets import Target
 
 __all__ = ["AARCH64_RUNTIME_DIR", "TUNING_ROOT", "TvmBackend", "tvm_target"]
 
-logger = logging.getLogger(__name__)
 
 TUNING_ROOT = Path(os.environ.get("REDUX_EDGE_CACHE", Path.home() / ".cache" / "redux-edge")) / "tvm-tuning"
 # The aarch64 build of the TVM runtime, from PyPI's aarch64 wheels (tools/fetch_tvm_aarch64_runtime.py).
@@ -42,6 +40,9 @@ _AARCH64_SYSROOT = Path("/usr/aarch64-linux-gnu")
 _HOST_SOURCE = Path(__file__).with_name("native") / "tvm_host.cc"
 _EMULATION_TIMEOUT_S = 600
 _EVOLUTIONARY_MIN_TRIALS = 256
+# Task-name fragments of the compute-bound operators a small tuning budget is spent on. Each names
+# disjoint tasks: MetaSchedule selects a task once per fragment it contains.
+_COMPUTE_BOUND = ("matmul", "conv")
 _ELF_MACHINES = {62: "x86-64", 183: "AArch64"}
 _INSTALL_TVM = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1"
 
@@ -144,7 +145,7 @@ class TvmBackend(CpuBackend):
 
     def _compile_tuned(self, module, llvm, tuning: dict, options: dict):
         from tvm.s_tir import meta_schedule as ms
-        from tvm.s_tir.meta_schedule.relax_integration import compile_relax, tune_relax
+        from tvm.s_tir.meta_schedule.relax_integration import compile_relax, extract_tasks, tune_relax
 
         database_dir = tuning["database"]
         database_dir.mkdir(parents=True, exist_ok=True)
@@ -153,16 +154,22 @@ class TvmBackend(CpuBackend):
             if rpc := options.get("rpc"):
                 host, _, port = rpc["tracker"].rpartition(":")
                 runner = ms.runner.RPCRunner(ms.runner.RPCConfig(host, int(port), rpc["key"], 600))
-            # Small budgets sample schedules at random: the evolutionary search's cost model and
-            # population of 2048 cost minutes per iteration on a small machine before the first trial.
+            # A small budget goes to the compute-bound tasks, spread evenly, and samples schedules at
+            # random: the task scheduler would otherwise spend it on the first (often trivial) tasks,
+            # and the evolutionary search's cost model and population of 2048 cost minutes per
+            # iteration on a small machine before its first trial.
+            fused = _fused(module, llvm)
             small = tuning["trials"] < _EVOLUTIONARY_MIN_TRIALS
+            op_names = list(_COMPUTE_BOUND) if small else None
+            tasks = [t for t in extract_tasks(fused, llvm) if not op_names or _is_compute_bound(t.task_name)]
             database = tune_relax(
-                _fused(module, llvm),
+                fused,
                 {},
                 llvm,
                 str(database_dir),
                 max_trials_global=tuning["trials"],
-                num_trials_per_iter=min(64, tuning["trials"]),
+                num_trials_per_iter=max(1, min(64, tuning["trials"] // max(1, len(tasks)))),
+                op_names=op_names,
                 runner=runner,
                 strategy="replay-trace" if small else "evolutionary",
                 cost_model="random" if small else "xgb",
@@ -212,6 +219,10 @@ class TvmBackend(CpuBackend):
                 return outputs
 
         return run, f"ran under {Path(qemu).name} with the aarch64 TVM runtime"
+
+
+def _is_compute_bound(task_name: str) -> bool:
+    return any(fragment in task_name for fragment in _COMPUTE_BOUND)
 
 
 def _fused(module, llvm):

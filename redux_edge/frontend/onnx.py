@@ -10,7 +10,6 @@ version lowered to the one its opsets need.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import onnx
@@ -23,7 +22,6 @@ from redux_edge.errors import UserError
 
 __all__ = ["load_onnx"]
 
-logger = logging.getLogger(__name__)
 
 # Domains whose operators ONNX Runtime's CPU provider implements beyond the ONNX standard.
 _RUNTIME_DOMAINS = {"com.microsoft", "com.microsoft.nchwc", "ai.onnx.ml"}
