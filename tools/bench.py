@@ -10,7 +10,7 @@ steal the two cores from the next row. Ratios are to the plain export: latency r
 ratio > 1 are better. The redux-edge row must not be slower than the transformer-optimizer row
 (ratio <= 1.05).
 
-    python tools/bench.py [--threads 2] [--rounds 60] [--tvm-trials 32] [--json]
+    python tools/bench.py [--threads 2] [--rounds 60] [--tvm-trials 12] [--json]
 """
 
 from __future__ import annotations

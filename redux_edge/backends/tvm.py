@@ -40,6 +40,7 @@ _AARCH64_SYSROOT = Path("/usr/aarch64-linux-gnu")
 _HOST_SOURCE = Path(__file__).with_name("native") / "tvm_host.cc"
 _EMULATION_TIMEOUT_S = 600
 _EVOLUTIONARY_MIN_TRIALS = 256
+_WORKER_TIMEOUT_S = 900
 # Task-name fragments of the compute-bound operators a small tuning budget is spent on. Each names
 # disjoint tasks: MetaSchedule selects a task once per fragment it contains.
 _COMPUTE_BOUND = ("matmul", "conv")
@@ -150,10 +151,15 @@ class TvmBackend(CpuBackend):
         database_dir = tuning["database"]
         database_dir.mkdir(parents=True, exist_ok=True)
         if tuning["trials"] > 0:
-            runner = "local"
+            # Each builder and runner worker imports TVM's schedule intrinsics on start, which takes minutes
+            # on a small machine: with the default 30 s timeouts every candidate would time out unmeasured.
+            builder = ms.builder.LocalBuilder(timeout_sec=_WORKER_TIMEOUT_S)
+            runner = ms.runner.LocalRunner(timeout_sec=_WORKER_TIMEOUT_S)
             if rpc := options.get("rpc"):
                 host, _, port = rpc["tracker"].rpartition(":")
-                runner = ms.runner.RPCRunner(ms.runner.RPCConfig(host, int(port), rpc["key"], 600))
+                runner = ms.runner.RPCRunner(
+                    ms.runner.RPCConfig(host, int(port), rpc["key"], _WORKER_TIMEOUT_S)
+                )
             # A small budget goes to the compute-bound tasks, spread evenly, and samples schedules at
             # random: the task scheduler would otherwise spend it on the first (often trivial) tasks,
             # and the evolutionary search's cost model and population of 2048 cost minutes per
@@ -170,6 +176,7 @@ class TvmBackend(CpuBackend):
                 max_trials_global=tuning["trials"],
                 num_trials_per_iter=max(1, min(64, tuning["trials"] // max(1, len(tasks)))),
                 op_names=op_names,
+                builder=builder,
                 runner=runner,
                 strategy="replay-trace" if small else "evolutionary",
                 cost_model="random" if small else "xgb",

@@ -134,7 +134,8 @@ def _tvm(bundle_dir: Path, backend: dict, threads: int, output_names: list[str])
 
     def execute(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = machine["main"](*(tvm.runtime.tensor(feeds[name]) for name in order))
-        results = result if isinstance(result, (list, tuple)) or hasattr(result, "__len__") else [result]
+        # One output comes back as a tensor, several as a tuple of tensors.
+        results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return [np.asarray(item.numpy()) for item in results]
 
     return execute
