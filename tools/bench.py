@@ -154,7 +154,7 @@ def main() -> int:
         "--rounds", type=int, default=60, help="measured rounds at batch 1 (batch 8: a third)"
     )
     parser.add_argument(
-        "--tvm-trials", type=int, default=32, help="MetaSchedule budget per shape (0: no tuned row)"
+        "--tvm-trials", type=int, default=12, help="MetaSchedule budget per shape (0: no tuned row)"
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
