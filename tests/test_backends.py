@@ -206,7 +206,7 @@ def test_tvm_tuning_writes_a_database_that_later_compiles_reuse(tmp_path_factory
         "host",
         model="mnist-cnn",
         backend_name="tvm",
-        backend_options={"tune": 8, "tuning_db": database},
+        backend_options={"tune": 2, "tuning_db": database},
     )
     tuning = json.loads((tuned / "manifest.json").read_text())["backend"]["tuning"]
     assert tuning == {"trials": 2, "database": str(database), "records_before": 0}

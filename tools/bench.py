@@ -10,7 +10,7 @@ steal the two cores from the next row. Ratios are to the plain export: latency r
 ratio > 1 are better. The redux-edge row must not be slower than the transformer-optimizer row
 (ratio <= 1.05).
 
-    python tools/bench.py [--threads 2] [--rounds 60] [--tvm-trials 12] [--json]
+    python tools/bench.py [--threads 2] [--rounds 60] [--tvm-trials 8] [--json]
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main() -> int:
         "--rounds", type=int, default=60, help="measured rounds at batch 1 (batch 8: a third)"
     )
     parser.add_argument(
-        "--tvm-trials", type=int, default=12, help="MetaSchedule budget per shape (0: no tuned row)"
+        "--tvm-trials", type=int, default=8, help="MetaSchedule budget per shape (0: no tuned row)"
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

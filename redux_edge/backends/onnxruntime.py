@@ -25,6 +25,8 @@ __all__ = ["OnnxRuntimeBackend"]
 
 
 _PROVIDERS = ["CPUExecutionProvider"]
+# On a Jetson, ONNX Runtime (NVIDIA's Jetson builds) runs through TensorRT, then CUDA, then the CPU.
+_GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", *_PROVIDERS]
 
 
 class OnnxRuntimeBackend(CpuBackend):
@@ -58,7 +60,7 @@ class OnnxRuntimeBackend(CpuBackend):
             "precision": "fp32",
             "fusions": {name: count for name, count in fusion_counts.items() if count},
             "session": {
-                "providers": _PROVIDERS,
+                "providers": _GPU_PROVIDERS if target.gpu_compute_capability else _PROVIDERS,
                 "save_optimization_level": "ORT_ENABLE_EXTENDED",
                 "load_optimization_level": "ORT_ENABLE_ALL",
                 # 0 lets ONNX Runtime use one thread per physical core of the device it runs on.

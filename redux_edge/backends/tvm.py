@@ -41,9 +41,9 @@ _HOST_SOURCE = Path(__file__).with_name("native") / "tvm_host.cc"
 _EMULATION_TIMEOUT_S = 600
 _EVOLUTIONARY_MIN_TRIALS = 256
 _WORKER_TIMEOUT_S = 900
-# Task-name fragments of the compute-bound operators a small tuning budget is spent on. Each names
-# disjoint tasks: MetaSchedule selects a task once per fragment it contains.
+# Task-name fragments of the compute-bound operators a small tuning budget is spent on.
 _COMPUTE_BOUND = ("matmul", "conv")
+_SMALL_BUDGET_TRIALS_PER_TASK = 4
 _ELF_MACHINES = {62: "x86-64", 183: "AArch64"}
 _INSTALL_TVM = "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1"
 
@@ -146,7 +146,11 @@ class TvmBackend(CpuBackend):
 
     def _compile_tuned(self, module, llvm, tuning: dict, options: dict):
         from tvm.s_tir import meta_schedule as ms
-        from tvm.s_tir.meta_schedule.relax_integration import compile_relax, extract_tasks, tune_relax
+        from tvm.s_tir.meta_schedule.relax_integration import (
+            compile_relax,
+            extract_tasks,
+            extracted_tasks_to_tune_contexts,
+        )
 
         database_dir = tuning["database"]
         database_dir.mkdir(parents=True, exist_ok=True)
@@ -160,27 +164,22 @@ class TvmBackend(CpuBackend):
                 runner = ms.runner.RPCRunner(
                     ms.runner.RPCConfig(host, int(port), rpc["key"], _WORKER_TIMEOUT_S)
                 )
-            # A small budget goes to the compute-bound tasks, spread evenly, and samples schedules at
-            # random: the task scheduler would otherwise spend it on the first (often trivial) tasks,
-            # and the evolutionary search's cost model and population of 2048 cost minutes per
-            # iteration on a small machine before its first trial.
-            fused = _fused(module, llvm)
+            tasks, per_iteration = _tasks_for_budget(
+                extract_tasks(_fused(module, llvm), llvm), tuning["trials"]
+            )
             small = tuning["trials"] < _EVOLUTIONARY_MIN_TRIALS
-            op_names = list(_COMPUTE_BOUND) if small else None
-            tasks = [t for t in extract_tasks(fused, llvm) if not op_names or _is_compute_bound(t.task_name)]
-            database = tune_relax(
-                fused,
-                {},
-                llvm,
-                str(database_dir),
+            contexts, weights = extracted_tasks_to_tune_contexts(
+                tasks, str(database_dir), strategy="replay-trace" if small else "evolutionary", seed=0
+            )
+            database = ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=str(database_dir),
                 max_trials_global=tuning["trials"],
-                num_trials_per_iter=max(1, min(64, tuning["trials"] // max(1, len(tasks)))),
-                op_names=op_names,
+                num_trials_per_iter=per_iteration,
                 builder=builder,
                 runner=runner,
-                strategy="replay-trace" if small else "evolutionary",
                 cost_model="random" if small else "xgb",
-                seed=0,
             )
         else:
             database = ms.database.JSONDatabase(work_dir=str(database_dir))
@@ -228,8 +227,22 @@ class TvmBackend(CpuBackend):
         return run, f"ran under {Path(qemu).name} with the aarch64 TVM runtime"
 
 
-def _is_compute_bound(task_name: str) -> bool:
-    return any(fragment in task_name for fragment in _COMPUTE_BOUND)
+def _tasks_for_budget(tasks: list, trials: int) -> tuple[list, int]:
+    """The tasks a budget of ``trials`` is spent on, and the trials per task and round.
+
+    A large budget tunes every task, evolutionary search with a cost model. A small one tunes only the
+    heaviest compute-bound tasks (estimated FLOPs x occurrences), ``_SMALL_BUDGET_TRIALS_PER_TASK`` random
+    schedules each: spread over every task it would buy one schedule of some trivial reshape, and each
+    round costs a minute or more of worker start-up on a small machine.
+    """
+    if trials >= _EVOLUTIONARY_MIN_TRIALS:
+        return tasks, 64
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    compute_bound = [t for t in tasks if any(fragment in t.task_name for fragment in _COMPUTE_BOUND)]
+    ranked = sorted(compute_bound, key=lambda t: estimate_tir_flops(t.dispatched[0]) * t.weight, reverse=True)
+    count = max(1, -(-trials // _SMALL_BUDGET_TRIALS_PER_TASK))
+    return ranked[:count], min(trials, _SMALL_BUDGET_TRIALS_PER_TASK)
 
 
 def _fused(module, llvm):

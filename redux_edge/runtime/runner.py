@@ -100,9 +100,9 @@ def _onnxruntime(bundle_dir: Path, backend: dict, threads: int, output_names: li
     )
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = settings["inter_op_num_threads"]
-    session = ort.InferenceSession(
-        str(bundle_dir / backend["artifact"]), options, providers=settings["providers"]
-    )
+    # The recorded order of preference, less the providers this ONNX Runtime build lacks.
+    providers = [name for name in settings["providers"] if name in ort.get_available_providers()]
+    session = ort.InferenceSession(str(bundle_dir / backend["artifact"]), options, providers=providers)
     return lambda feeds: session.run(output_names, feeds)
 
 
