@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from redux_edge.errors import UserError
 
-__all__ = ["PASSES", "RecipePass", "build_pass"]
+__all__ = ["PASSES", "RecipePass", "StructuralPass", "build_pass"]
 
 
 class RecipePass(ir.passes.InPlacePass):
@@ -27,10 +27,69 @@ class RecipePass(ir.passes.InPlacePass):
         return dataclasses.asdict(self)
 
 
+class StructuralPass(RecipePass):
+    """A pass that removes heads, neurons or layers. Before it runs, the pipeline gives it real
+    ``calibration`` inputs; afterwards ``removed`` says what went, in original indices (the plan that
+    the exact reference is built from)."""
+
+    unit: ClassVar[str]
+    calibration: dict | None = None
+    removed: ClassVar[dict] = {}
+
+    def requires(self, model: ir.Model) -> None:
+        from redux_edge.analysis.importance import IMPORTANCE
+
+        if self.importance not in IMPORTANCE:
+            raise UserError(
+                f"{self.name}: unknown importance '{self.importance}'",
+                f"choose one of: {', '.join(IMPORTANCE)}",
+            )
+        fraction = getattr(self, "fraction", 0.0)
+        if not 0.0 <= fraction < 1.0:
+            raise UserError(f"{self.name}: fraction {fraction} is not in [0, 1)", "give the share to remove")
+
+    def require_blocks(self, blocks: list, problems: list[str], kind: str) -> list:
+        if problems:
+            raise UserError(
+                f"{self.name} cannot follow a {kind} block, {problems[0]}; the model is left unchanged",
+                "export with torch.onnx.export(dynamo=True); docs/ARCHITECTURE.md shows the matched pattern",
+            )
+        if not blocks:
+            raise UserError(
+                f"{self.name}: the model has no {kind} blocks", "this pass is for transformer models"
+            )
+        return blocks
+
+    def planned(self, sizes: dict[int, int]) -> dict[int, list[int]]:
+        """The plan file's units per layer, checked against the layers and their sizes."""
+        from redux_edge.analysis.importance import load_plan
+
+        plan = load_plan(self.plan, self.unit)
+        for layer, units in plan.items():
+            if layer not in sizes:
+                raise UserError(
+                    f"plan {self.plan} names layer {layer}, the model has {sorted(sizes)}", "fix the plan"
+                )
+            if any(not 0 <= unit < sizes[layer] for unit in units):
+                raise UserError(
+                    f"plan {self.plan}: layer {layer} has {sizes[layer]} {self.unit}, the plan names {units}",
+                    "fix the plan",
+                )
+            if len(units) >= sizes[layer]:
+                raise UserError(
+                    f"plan {self.plan} removes all {sizes[layer]} {self.unit} of layer {layer}",
+                    "keep at least one per layer, or drop the layer with drop-layers",
+                )
+        return plan
+
+
 def _registry() -> dict[str, type[RecipePass]]:
     from redux_edge.passes.cleanup import CleanupPass
+    from redux_edge.passes.ffn_prune import PruneFfnPass
+    from redux_edge.passes.head_prune import PruneHeadsPass
+    from redux_edge.passes.layer_drop import DropLayersPass
 
-    return {cls.name: cls for cls in (CleanupPass,)}
+    return {cls.name: cls for cls in (CleanupPass, PruneHeadsPass, PruneFfnPass, DropLayersPass)}
 
 
 PASSES = _registry()

@@ -1,0 +1,1 @@
+"""Analyses that choose and judge compression: unit importance, exact references, task quality."""

@@ -1,0 +1,68 @@
+"""prune-heads: remove whole attention heads from every matched attention block.
+
+Follows SHRP ("Specialized Head Routing and Pruning", see ../shared/PAPERS.md), whose deployment step is a
+deterministic decision to drop the heads that are rarely used, and Michel et al. (2019) for choosing them by
+importance. A removed head is gone for real: its columns of the query, key and value weights and biases, its
+rows of the output projection, and the head count in every reshape of the block, so the saved model is
+smaller and faster. The result equals the dense model with those heads' outputs zeroed, which is exactly
+what the compile verifies against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from redux_edge.analysis import importance
+from redux_edge.ir.blocks import AttentionBlock, number_layers
+from redux_edge.ir.surgery import finish, replace_linear, replace_shape_slot
+from redux_edge.passes import StructuralPass
+
+__all__ = ["PruneHeadsPass"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PruneHeadsPass(StructuralPass):
+    name = "prune-heads"
+    summary = "remove attention heads: Q/K/V columns, output-projection rows and head counts (SHRP)"
+    unit = "heads"
+
+    fraction: float = 0.0
+    per_layer: list = dataclasses.field(default_factory=list)
+    importance: str = "magnitude"
+    plan: str = ""
+    seed: int = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        structure = number_layers(model)
+        blocks = self.require_blocks(structure.attention, structure.problems, "attention")
+        if self.importance == "plan":
+            removed = self.planned({b.layer: b.heads for b in blocks})
+        else:
+            scores = importance.head_scores(model, blocks, self.importance, self.calibration, self.seed)
+            removed = importance.select_lowest(scores, self.fraction, self.per_layer, across_layers=True)
+        for block in blocks:
+            if removed.get(block.layer):
+                _remove_heads(model.graph, block, removed[block.layer])
+        finish(model)
+        self.removed = {"heads": {str(k): v for k, v in removed.items() if v}}
+        logger.info("prune-heads removed %s", self.removed["heads"])
+        return ir.passes.PassResult(model, modified=bool(self.removed["heads"]))
+
+
+def _remove_heads(graph: ir.Graph, block: AttentionBlock, heads: list[int]) -> None:
+    kept = [h for h in range(block.heads) if h not in heads]
+    columns = (np.asarray(kept)[:, None] * block.head_dim + np.arange(block.head_dim)).reshape(-1)
+    for projection in (block.query, block.key, block.value):
+        bias = None if projection.bias is None else projection.bias[columns]
+        replace_linear(graph, projection, projection.weight[:, columns], bias)
+    replace_linear(graph, block.output, block.output.weight[columns], block.output.bias)
+    for slot in block.head_slots:
+        replace_shape_slot(graph, slot, len(kept))
+    for slot in block.width_slots:
+        replace_shape_slot(graph, slot, len(kept) * block.head_dim)

@@ -1,0 +1,86 @@
+"""drop-layers: remove whole transformer layers; the residual stream passes straight through.
+
+Follows the layer-dropping results summarised in ../shared/PAPERS.md (selective layer dropping in the LLaVA
+efficiency study; DAS, dynamic architecture skipping) with block influence (ShortGPT) as the measured
+importance. A dropped layer's output is replaced by its input, so every node of the layer becomes dead and
+is removed; entry and exit have the same shape by construction of a transformer layer. The result equals
+the dense model run with those layers skipped, which the compile verifies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import onnx_ir as ir
+
+from redux_edge.analysis import importance
+from redux_edge.errors import UserError
+from redux_edge.ir.blocks import number_layers
+from redux_edge.ir.surgery import finish
+from redux_edge.passes import StructuralPass
+
+__all__ = ["DropLayersPass"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DropLayersPass(StructuralPass):
+    name = "drop-layers"
+    summary = "remove whole transformer layers (residual stream passes through)"
+    unit = "layers"
+
+    count: int = 0
+    layers: list = dataclasses.field(default_factory=list)
+    importance: str = "calibration"
+    plan: str = ""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        structure = number_layers(model)
+        found = self.require_blocks(structure.layers, structure.problems, "transformer layer")
+        indices = [layer.index for layer in found]
+        chosen = self._choose(model, found)
+        if unknown := set(chosen) - set(indices):
+            raise UserError(
+                f"drop-layers: no layers {sorted(unknown)}; the model has {indices}", "fix the list"
+            )
+        if len(chosen) >= len(found):
+            raise UserError(
+                f"drop-layers would remove all {len(found)} layers",
+                "keep at least one: lower count or the list",
+            )
+        # Last first, so that a dropped layer's entry is never a value an earlier replacement removed.
+        for layer in sorted((layer for layer in found if layer.index in chosen), key=lambda lay: -lay.index):
+            _bypass(model.graph, layer.exit, layer.entry)
+        finish(model)
+        self.removed = {"layers": sorted(chosen)}
+        logger.info("drop-layers removed %s", self.removed["layers"])
+        return ir.passes.PassResult(model, modified=bool(chosen))
+
+    def _choose(self, model: ir.Model, found: list) -> list[int]:
+        if self.layers:
+            return sorted(set(self.layers))
+        if self.importance == "plan":
+            return sorted(set(importance.load_plan(self.plan, "layers")["layers"]))
+        if self.count <= 0:
+            return []
+        if self.count >= len(found):
+            raise UserError(
+                f"drop-layers count {self.count} would remove all {len(found)} layers", "lower the count"
+            )
+        scores = importance.layer_scores(model, found, self.importance, self.calibration)
+        return sorted(sorted(scores, key=scores.get)[: self.count])
+
+
+def _bypass(graph: ir.Graph, exit_value: ir.Value, entry: ir.Value) -> None:
+    """Use ``entry`` wherever ``exit_value`` was used; a graph output keeps its name through an Identity."""
+    if exit_value.is_graph_output():
+        name = exit_value.name
+        exit_value.name = f"{name}_dropped"
+        identity = ir.node("Identity", [entry], name=f"{name}_passthrough")
+        identity.outputs[0].name = name
+        identity.outputs[0].dtype, identity.outputs[0].shape = exit_value.dtype, exit_value.shape
+        graph.append(identity)
+        entry = identity.outputs[0]
+    ir.convenience.replace_all_uses_with(exit_value, entry, replace_graph_outputs=True)
