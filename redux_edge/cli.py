@@ -102,6 +102,17 @@ def cli(debug: bool) -> None:
     metavar="NAME[:K=V,...]",
     help="Append a pass to the recipe (repeatable), e.g. --pass cleanup:iterations=3.",
 )
+@click.option("--prune-heads", type=float, help="Remove this fraction of attention heads (prune-heads).")
+@click.option("--prune-ffn", type=float, help="Remove this fraction of feed-forward neurons (prune-ffn).")
+@click.option(
+    "--drop-layers", metavar="N|I,J,...", help="Drop N layers by block influence, or the listed layers."
+)
+@click.option(
+    "--importance",
+    type=click.Choice(["magnitude", "calibration", "random", "plan"]),
+    help="How --prune-heads/--prune-ffn choose [magnitude]; --drop-layers uses calibration or --plan.",
+)
+@click.option("--plan", type=click.Path(path_type=Path), help="Plan JSON naming heads/neurons/layers.")
 @click.option("--backend", help="Override the target's preferred backend.")
 @click.option(
     "--shapes",
@@ -139,6 +150,11 @@ def compile_command(
     out: Path,
     recipe: Path | None,
     extra_passes: tuple[str, ...],
+    prune_heads: float | None,
+    prune_ffn: float | None,
+    drop_layers: str | None,
+    importance: str | None,
+    plan: Path | None,
     backend: str | None,
     shapes: str | None,
     inputs_file: Path | None,
@@ -164,6 +180,8 @@ def compile_command(
           input_ids:1x128,attention_mask:1x128 --tune 64 -o build/tvm
       redux-edge compile --model minilm-l6 --target arm64-cortex-a72 -o build/a72
       redux-edge compile --model my.onnx --shapes x:1x3x224x224 -o build/my
+      redux-edge compile --model minilm-l6 --recipe models/minilm-l6/edge.toml -o build/edge
+      redux-edge compile --model minilm-l6 --prune-heads 0.5 --importance calibration -o build/half
       redux-edge compile --model minilm-l6 --recipe build/minilm/manifest.json -o build/again
     """
     from redux_edge import api
@@ -185,7 +203,8 @@ def compile_command(
     if tolerance_cosine is not None or tolerance_atol is not None:
         default = Tolerance.for_precision(precision or "fp32")
         tolerance = Tolerance(tolerance_cosine or default.min_cosine, tolerance_atol or default.atol)
-    chosen = load_recipe(recipe).extended([parse_pass_flag(flag) for flag in extra_passes])
+    structural = _structural_flags(prune_heads, prune_ffn, drop_layers, importance, plan)
+    chosen = load_recipe(recipe).extended([*(parse_pass_flag(flag) for flag in extra_passes), *structural])
     with api.native_output_to_stderr():
         bundle = api.compile_model(
             model,
@@ -370,6 +389,77 @@ def passes(as_json: bool) -> None:
     out.print(table)
 
 
+def _structural_flags(
+    prune_heads: float | None,
+    prune_ffn: float | None,
+    drop_layers: str | None,
+    importance: str | None,
+    plan: Path | None,
+) -> list:
+    """The passes that --prune-heads/--prune-ffn/--drop-layers stand for, and a cleanup after them."""
+    from redux_edge.passes import build_pass
+
+    if importance == "plan" and plan is None:
+        raise UserError("--importance plan needs --plan FILE", "give the plan JSON")
+    chosen = importance or ("plan" if plan else "magnitude")
+    by_plan = {"importance": "plan", "plan": str(plan)} if chosen == "plan" else {"importance": chosen}
+    passes = []
+    for name, fraction in (("prune-heads", prune_heads), ("prune-ffn", prune_ffn)):
+        if fraction is not None:
+            passes.append(build_pass(name, {"fraction": fraction, **by_plan}))
+    if drop_layers is not None:
+        if chosen == "plan":
+            parameters = by_plan
+        elif drop_layers.isdigit():
+            parameters = {"count": int(drop_layers), "importance": "calibration"}
+        else:
+            try:
+                parameters = {"layers": [int(i) for i in drop_layers.split(",")]}
+            except ValueError as exc:
+                raise UserError(f"cannot read --drop-layers {drop_layers}", "give N or I,J,...") from exc
+        passes.append(build_pass("drop-layers", parameters))
+    return [*passes, build_pass("cleanup", {})] if passes else []
+
+
+def _per_layer(counts: dict) -> str:
+    return " ".join(f"{layer}:{count}" for layer, count in counts.items()) or "-"
+
+
+def _print_compression(report: dict, backend: str) -> None:
+    before = report["architecture"]["original"]
+    out.print(
+        f"  removed  from {before['layers']} layers with heads {_per_layer(before['heads_per_layer'])}: "
+        + ", ".join(f"{key} {_count_units(units)}" for key, units in report["plan"].items())
+        + (f"  (calibrated on {report['calibration']})" if report["calibration"] else "")
+    )
+    quality = report["quality"]
+    if quality.get("measured", True):
+        cosine, probe = quality["embedding_cosine"], quality["probe_accuracy"]
+        out.print(
+            f"  quality  {quality['task']}, {quality['train_sentences']} train / {quality['test_sentences']} "
+            f"test: embedding cosine to dense {cosine['mean']:.3f} (min {cosine['min']:.3f}); linear-probe "
+            f"accuracy {probe['dense']:.3f} dense -> {probe['compressed']:.3f} "
+            f"({probe['retention']:.1%} kept, before fine-tuning)"
+        )
+    else:
+        out.print(f"  quality  not measured: {quality['why']}")
+    speed = report["speed"]
+    if speed.get("measured", True):
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in speed["shapes"].items())
+        out.print(
+            f"  speed    {backend}, {shapes}, p50 of {speed['rounds']} interleaved runs: dense "
+            f"{speed['dense_p50_ms']:.1f} ms -> {speed['compressed_p50_ms']:.1f} ms ({speed['speedup']:.2f}x)"
+        )
+    else:
+        out.print(f"  speed    not measured: {speed['why']}")
+
+
+def _count_units(units: dict | list) -> str:
+    if isinstance(units, list):
+        return str(units)
+    return str(sum(len(v) for v in units.values()))
+
+
 def _human_bytes(count: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
@@ -400,6 +490,14 @@ def _print_report(path: Path, manifest: dict, problems: list[str]) -> None:
     )
     table.add_row("MACs", f"{original['macs']:,}", f"{compiled['macs']:,}")
     out.print(table)
+    if "structure" in manifest["metrics"]:
+        structure = manifest["metrics"]["structure"]
+        out.print(
+            f"  layers   {structure['layers']}   heads per layer {_per_layer(structure['heads_per_layer'])}"
+        )
+        out.print(f"  feed-forward width per layer {_per_layer(structure['ffn_width_per_layer'])}")
+    if "compression" in manifest:
+        _print_compression(manifest["compression"], backend["name"])
     verify = manifest["verify"]
     checks = Table(
         "checked",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redux_edge.errors import UserError
-from redux_edge.passes import RecipePass, build_pass
+from redux_edge.passes import RecipePass, StructuralPass, build_pass
 
 __all__ = ["DEFAULT_RECIPE", "Recipe", "load_recipe", "parse_pass_flag"]
 
@@ -31,6 +31,15 @@ _RECIPE_KEYS = {"name", "description", "passes"}
 class Recipe:
     name: str
     passes: list[RecipePass]
+
+    def __post_init__(self) -> None:
+        # A plan's unit indices refer to the model as one pass of each kind sees it; a second pass of the
+        # same kind would renumber them under the exact reference.
+        names = [p.name for p in self.passes if isinstance(p, StructuralPass)]
+        if repeated := sorted({name for name in names if names.count(name) > 1}):
+            raise UserError(
+                f"the recipe runs {', '.join(repeated)} more than once", "give each structural pass once"
+            )
 
     def to_json(self) -> dict:
         return {

@@ -1,5 +1,9 @@
 """The exact references a structurally pruned model is checked against.
 
+For a model given as an ONNX file, ``masked_graph`` does the same on a copy of the original graph: the
+removed heads' rows of the output projection and the removed neurons' rows of the second feed-forward
+projection are zeroed, and dropped layers are bypassed, all without slicing anything.
+
 A plan (``{"heads": {layer: [head, ...]}, "ffn": {layer: [neuron, ...]}, "layers": [layer, ...]}``) applied
 without removing anything: in PyTorch, forward hooks zero the chosen heads' slices of the attention output
 projection's input (that is the heads' outputs), zero the chosen neurons at the input of the second
@@ -13,10 +17,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import onnx_ir as ir
 import torch
 from torch import nn
 
-__all__ = ["masked"]
+from redux_edge.ir.blocks import find_structure
+from redux_edge.ir.surgery import bypass, head_columns, replace_linear
+
+__all__ = ["masked", "masked_graph"]
 
 _LAYER_LISTS = ("encoder.layer", "transformer.layer")
 _OUTPUT_PROJECTIONS = ("attention.output.dense", "attention.out_lin")
@@ -54,7 +62,7 @@ def masked(module: nn.Module, plan: dict, head_dim: int) -> Iterator[nn.Module]:
     handles = []
     try:
         for layer, heads in plan.get("heads", {}).items():
-            columns = (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+            columns = torch.from_numpy(head_columns(heads, head_dim))
             target = _find(layers[int(layer)], _OUTPUT_PROJECTIONS)
             handles.append(target.register_forward_pre_hook(_zero_columns(columns)))
         for layer, neurons in plan.get("ffn", {}).items():
@@ -66,3 +74,24 @@ def masked(module: nn.Module, plan: dict, head_dim: int) -> Iterator[nn.Module]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def masked_graph(model: ir.Model, plan: dict) -> ir.Model:
+    """``model`` (changed in place and returned) computing as if ``plan`` were applied."""
+    structure = find_structure(model)
+    attention = {block.layer: block for block in structure.attention}
+    feed_forward = {block.layer: block for block in structure.feed_forward}
+    for layer, heads in plan.get("heads", {}).items():
+        block = attention[int(layer)]
+        weight = block.output.weight.copy()
+        weight[head_columns(heads, block.head_dim)] = 0.0
+        replace_linear(model.graph, block.output, weight, block.output.bias)
+    for layer, neurons in plan.get("ffn", {}).items():
+        block = feed_forward[int(layer)]
+        weight = block.down.weight.copy()
+        weight[neurons] = 0.0
+        replace_linear(model.graph, block.down, weight, block.down.bias)
+    layers = {layer.index: layer for layer in structure.layers}
+    for index in sorted(plan.get("layers", []), reverse=True):
+        bypass(model.graph, layers[index].exit, layers[index].entry)
+    return model

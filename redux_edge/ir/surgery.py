@@ -13,7 +13,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from redux_edge.ir.blocks import Linear, ShapeSlot, const_array
 
-__all__ = ["finish", "replace_linear", "replace_shape_slot"]
+__all__ = ["bypass", "finish", "head_columns", "replace_linear", "replace_shape_slot"]
 
 
 def _constant(graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:
@@ -68,3 +68,21 @@ def finish(model: ir.Model) -> None:
             if output not in graph_values:
                 output.shape = None
     ShapeInferencePass()(model)
+
+
+def head_columns(heads: list[int], head_dim: int) -> np.ndarray:
+    """The feature indices of ``heads`` in a [.., heads * head_dim] projection."""
+    return (np.asarray(heads, dtype=np.int64)[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
+
+
+def bypass(graph: ir.Graph, exit_value: ir.Value, entry: ir.Value) -> None:
+    """Use ``entry`` wherever ``exit_value`` was used; a graph output keeps its name through an Identity."""
+    if exit_value.is_graph_output():
+        name = exit_value.name
+        exit_value.name = f"{name}_dropped"
+        identity = ir.node("Identity", [entry], name=f"{name}_passthrough")
+        identity.outputs[0].name = name
+        identity.outputs[0].dtype, identity.outputs[0].shape = exit_value.dtype, exit_value.shape
+        graph.append(identity)
+        entry = identity.outputs[0]
+    ir.convenience.replace_all_uses_with(exit_value, entry, replace_graph_outputs=True)

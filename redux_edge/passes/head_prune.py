@@ -13,12 +13,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import numpy as np
 import onnx_ir as ir
 
 from redux_edge.analysis import importance
 from redux_edge.ir.blocks import AttentionBlock, number_layers
-from redux_edge.ir.surgery import finish, replace_linear, replace_shape_slot
+from redux_edge.ir.surgery import finish, head_columns, replace_linear, replace_shape_slot
 from redux_edge.passes import StructuralPass
 
 __all__ = ["PruneHeadsPass"]
@@ -57,7 +56,7 @@ class PruneHeadsPass(StructuralPass):
 
 def _remove_heads(graph: ir.Graph, block: AttentionBlock, heads: list[int]) -> None:
     kept = [h for h in range(block.heads) if h not in heads]
-    columns = (np.asarray(kept)[:, None] * block.head_dim + np.arange(block.head_dim)).reshape(-1)
+    columns = head_columns(kept, block.head_dim)
     for projection in (block.query, block.key, block.value):
         bias = None if projection.bias is None else projection.bias[columns]
         replace_linear(graph, projection, projection.weight[:, columns], bias)

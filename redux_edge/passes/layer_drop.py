@@ -17,7 +17,7 @@ import onnx_ir as ir
 from redux_edge.analysis import importance
 from redux_edge.errors import UserError
 from redux_edge.ir.blocks import number_layers
-from redux_edge.ir.surgery import finish
+from redux_edge.ir.surgery import bypass, finish
 from redux_edge.passes import StructuralPass
 
 __all__ = ["DropLayersPass"]
@@ -52,7 +52,7 @@ class DropLayersPass(StructuralPass):
             )
         # Last first, so that a dropped layer's entry is never a value an earlier replacement removed.
         for layer in sorted((layer for layer in found if layer.index in chosen), key=lambda lay: -lay.index):
-            _bypass(model.graph, layer.exit, layer.entry)
+            bypass(model.graph, layer.exit, layer.entry)
         finish(model)
         self.removed = {"layers": sorted(chosen)}
         logger.info("drop-layers removed %s", self.removed["layers"])
@@ -71,16 +71,3 @@ class DropLayersPass(StructuralPass):
             )
         scores = importance.layer_scores(model, found, self.importance, self.calibration)
         return sorted(sorted(scores, key=scores.get)[: self.count])
-
-
-def _bypass(graph: ir.Graph, exit_value: ir.Value, entry: ir.Value) -> None:
-    """Use ``entry`` wherever ``exit_value`` was used; a graph output keeps its name through an Identity."""
-    if exit_value.is_graph_output():
-        name = exit_value.name
-        exit_value.name = f"{name}_dropped"
-        identity = ir.node("Identity", [entry], name=f"{name}_passthrough")
-        identity.outputs[0].name = name
-        identity.outputs[0].dtype, identity.outputs[0].shape = exit_value.dtype, exit_value.shape
-        graph.append(identity)
-        entry = identity.outputs[0]
-    ir.convenience.replace_all_uses_with(exit_value, entry, replace_graph_outputs=True)

@@ -144,6 +144,11 @@ def _tvm(bundle_dir: Path, backend: dict, threads: int, output_names: list[str])
 _EXECUTORS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tvm": _tvm}
 
 
+def open_artifact(bundle_dir: Path, backend: dict, threads: int, output_names: list[str]):
+    """``run(feeds) -> outputs`` for an artifact described by a manifest's backend entry."""
+    return _EXECUTORS[backend["name"]](Path(bundle_dir), backend, threads, output_names)
+
+
 class EngineBuildError(RuntimeError):
     """trtexec failed, or 2:4 sparsity was asked for and TensorRT picked no sparse tactic."""
 

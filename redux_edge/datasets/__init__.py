@@ -1,0 +1,1 @@
+"""Real evaluation data, read offline from packages installed by ``make``."""
