@@ -83,7 +83,7 @@ class Source:
     reference_kind: str
     preprocessor: Preprocessor | None = None
     architecture: dict = field(default_factory=dict)
-    # The reference with a structural plan applied by masking (nothing removed), and its description.
+    # The PyTorch reference with a structural plan applied by masking (nothing removed).
     masked_reference: Callable[[dict], list[np.ndarray]] | None = None
     task_data: str | None = None
 
@@ -156,15 +156,6 @@ def _onnx_source(path: Path, shapes: dict[str, list[int]], inputs_file: Path | N
         reference = _run_ir_file(Path(scratch) / "original.onnx", inputs)
     with path.open("rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    original = copy_model(model)
-
-    def masked_reference(plan: dict) -> list[np.ndarray]:
-        from redux_edge.analysis.reference import masked_graph
-
-        with tempfile.TemporaryDirectory() as scratch:
-            ir.save(masked_graph(copy_model(original), plan), str(Path(scratch) / "masked.onnx"))
-            return _run_ir_file(Path(scratch) / "masked.onnx", inputs)
-
     return Source(
         name=path.stem,
         origin={"onnx": str(path), "sha256": digest},
@@ -173,7 +164,6 @@ def _onnx_source(path: Path, shapes: dict[str, list[int]], inputs_file: Path | N
         reference=reference,
         reference_kind="onnxruntime on the original file"
         + (" (synthetic inputs)" if inputs_file is None else ""),
-        masked_reference=masked_reference,
     )
 
 
@@ -301,16 +291,13 @@ def compile_model(
     options["shapes"] = {name: list(array.shape) for name, array in source.inputs.items()} | (shapes or {})
     original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
     structural = [p for p in recipe.passes if isinstance(p, StructuralPass)]
-    dense = copy_model(source.model) if structural else None
     calibration = _calibration(source, structural)
-    pass_log = _run_passes(source.model, recipe, step)
+    pass_log, dense = _run_passes(source.model, recipe, step)
     plan = {key: units for p in structural for key, units in p.removed.items() if units}
     reference, reference_kind = source.reference, source.reference_kind
     if plan:
-        if source.masked_reference is None:
-            raise UserError(f"no exact reference for structural passes on {source.name}", "--debug")
         with step("running the reference with the plan's units masked"):
-            reference = source.masked_reference(plan)
+            reference = _masked_reference(source, dense, plan)
         reference_kind += ", with the removed heads/neurons zeroed and dropped layers skipped"
     with bundles.staging(out, force) as stage:
         ir.save(source.model, str(stage / "model.onnx"))
@@ -374,9 +361,25 @@ def _run_artifact(
     return [np.concatenate(parts) for parts in zip(*chunks, strict=True)], how
 
 
-def _run_passes(model: ir.Model, recipe: Recipe, step: Step) -> list[dict]:
-    log = []
+def _masked_reference(source: Source, dense: ir.Model, plan: dict) -> list[np.ndarray]:
+    """The original computation with the plan masked in: PyTorch for zoo models; for ONNX files, ONNX
+    Runtime on the graph the structural passes started from, with weights zeroed instead of sliced."""
+    if source.masked_reference is not None:
+        return source.masked_reference(plan)
+    from redux_edge.analysis.reference import masked_graph
+
+    with tempfile.TemporaryDirectory() as scratch:
+        ir.save(masked_graph(copy_model(dense), plan), str(Path(scratch) / "masked.onnx"))
+        return _run_ir_file(Path(scratch) / "masked.onnx", source.inputs)
+
+
+def _run_passes(model: ir.Model, recipe: Recipe, step: Step) -> tuple[list[dict], ir.Model | None]:
+    """Run the recipe; also return the model as the first structural pass found it (the dense model
+    that quality, speed and the exact reference compare against), None when there is none."""
+    log, dense = [], None
     for configured in recipe.passes:
+        if dense is None and isinstance(configured, StructuralPass):
+            dense = copy_model(model)
         with step(f"pass {configured.name}"):
             started = time.perf_counter()
             try:
@@ -394,14 +397,11 @@ def _run_passes(model: ir.Model, recipe: Recipe, step: Step) -> list[dict]:
         if isinstance(configured, StructuralPass):
             entry["removed"] = {key: _count(units) for key, units in configured.removed.items()}
         log.append(entry)
-    return log
+    return log, dense
 
 
 def _count(units: dict | list) -> int:
     return sum(len(v) for v in units.values()) if isinstance(units, dict) else len(units)
-
-
-_CALIBRATION_SENTENCES = 32
 
 
 def _calibration(source: Source, structural: list[StructuralPass]) -> str | None:
@@ -412,7 +412,7 @@ def _calibration(source: Source, structural: list[StructuralPass]) -> str | None
     if source.task_data == "rotten-tomatoes" and source.preprocessor is not None:
         from redux_edge.datasets import rotten_tomatoes
 
-        texts = rotten_tomatoes.load(train=_CALIBRATION_SENTENCES, test=0).train_texts
+        texts = rotten_tomatoes.calibration_texts()
         feeds, described = source.preprocessor(texts), f"{len(texts)} Rotten Tomatoes training sentences"
     else:
         feeds = source.inputs

@@ -110,7 +110,7 @@ def cli(debug: bool) -> None:
 @click.option(
     "--importance",
     type=click.Choice(["magnitude", "calibration", "random", "plan"]),
-    help="How --prune-heads/--prune-ffn choose [magnitude]; --drop-layers uses calibration or --plan.",
+    help="How the structural flags choose units [magnitude; --drop-layers N: calibration].",
 )
 @click.option("--plan", type=click.Path(path_type=Path), help="Plan JSON naming heads/neurons/layers.")
 @click.option("--backend", help="Override the target's preferred backend.")
@@ -411,7 +411,7 @@ def _structural_flags(
         if chosen == "plan":
             parameters = by_plan
         elif drop_layers.isdigit():
-            parameters = {"count": int(drop_layers), "importance": "calibration"}
+            parameters = {"count": int(drop_layers), "importance": importance or "calibration"}
         else:
             try:
                 parameters = {"layers": [int(i) for i in drop_layers.split(",")]}

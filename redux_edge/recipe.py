@@ -15,6 +15,7 @@ Every key is checked: a misspelt pass or parameter is an error, never silently i
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,8 @@ def parse_pass_flag(flag: str) -> RecipePass:
     """``name`` or ``name:key=value,key=value`` (values parsed as TOML scalars) into a configured pass."""
     name, _, rest = flag.partition(":")
     parameters = {}
-    for item in filter(None, rest.split(",")):
+    # Commas inside [...] belong to a list value: per_layer=[2,2,0].
+    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"cannot read pass parameter '{item}' in '{flag}'", "write --pass name:key=value")

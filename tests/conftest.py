@@ -68,3 +68,16 @@ def make_mlp_onnx(path: Path, hidden: int = 16) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path
+
+
+def assert_clean_user_error(result, parent, *, message: str) -> None:
+    """Exit code 2, one `error:` line with a hint, no traceback, and nothing written at parent/out."""
+    assert result.exit_code == 2, result
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "(" in lines[0] and lines[0].endswith(")"), "the line carries a hint"
+    # No bundle and no hidden staging directory left beside it.
+    assert not (parent / "out").exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(".out.")]

@@ -9,19 +9,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from conftest import make_mlp_onnx
-
-
-def _assert_clean_user_error(result, parent, *, message: str) -> None:
-    assert result.exit_code == 2, result
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    assert message in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    assert "(" in lines[0] and lines[0].endswith(")"), "the line carries a hint"
-    # No bundle and no hidden staging directory left beside it.
-    assert not (parent / "out").exists()
-    assert not [p for p in parent.iterdir() if p.name.startswith(".out.")]
+from conftest import assert_clean_user_error, make_mlp_onnx
 
 
 @pytest.fixture
@@ -98,7 +86,7 @@ def test_compile_user_errors(cli, tmp_path, mlp, case):
     arguments, message = CASES[case]
     argv = arguments(tmp_path, mlp)
     result = cli("compile", *argv, "-o", tmp_path / "out")
-    _assert_clean_user_error(result, tmp_path, message=message)
+    assert_clean_user_error(result, tmp_path, message=message)
 
 
 def test_existing_output_needs_force(cli, tmp_path, mlp):
@@ -218,5 +206,5 @@ def full_disk(tmp_path):
 
 def test_full_disk_is_a_clear_error_and_leaves_nothing(cli, full_disk):
     result = cli("compile", "--model", "mnist-cnn", "-o", full_disk / "out")
-    _assert_clean_user_error(result, full_disk, message="No space left on device")
+    assert_clean_user_error(result, full_disk, message="No space left on device")
     assert list(full_disk.iterdir()) == []

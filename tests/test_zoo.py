@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from redux_edge import zoo
+from redux_edge.analysis.reference import masked
 from redux_edge.errors import UserError
 from redux_edge.frontend.torch import run_module
 
@@ -32,16 +32,17 @@ def test_minilm_exposes_addressable_heads():
     assert layers[0].attention.self.head_dim * 12 == 384
 
 
-def test_zeroing_a_head_changes_the_embedding_and_ones_mask_does_not():
+def test_masking_a_head_changes_the_embedding_and_an_empty_plan_does_not():
     entry = zoo.load_model("minilm-l6")
-    attention = entry.module.encoder.layer[2].attention.self
     (dense,) = run_module(entry.module, entry.inputs)
-    attention.head_mask = torch.ones(12)
-    (ones,) = run_module(entry.module, entry.inputs)
-    attention.head_mask = torch.ones(12).index_fill(0, torch.tensor([3]), 0.0)
-    (masked,) = run_module(entry.module, entry.inputs)
-    np.testing.assert_array_equal(dense, ones)
-    assert np.abs(dense - masked).max() > 1e-3
+    with masked(entry.module, {}, head_dim=32):
+        (unchanged,) = run_module(entry.module, entry.inputs)
+    with masked(entry.module, {"heads": {"2": [3]}}, head_dim=32):
+        (without_head,) = run_module(entry.module, entry.inputs)
+    (again,) = run_module(entry.module, entry.inputs)
+    np.testing.assert_array_equal(dense, unchanged)
+    np.testing.assert_array_equal(dense, again)
+    assert np.abs(dense - without_head).max() > 1e-3
 
 
 def test_mnist_cnn_classifies_the_packaged_mnist_digits():

@@ -1,6 +1,7 @@
 """Side-by-side latency of minilm-l6 in one process: PyTorch eager, ONNX Runtime on a plain export,
 ONNX Runtime after its transformer optimizer, and redux-edge bundles for this machine: ONNX Runtime (the
-``host`` default), OpenVINO, and TVM untuned and tuned with a small MetaSchedule budget.
+``host`` default) dense and after the ``edge`` structural recipe (models/minilm-l6/edge.toml), OpenVINO,
+and TVM untuned and tuned with a small MetaSchedule budget.
 
 Every row gets the same inputs (real sentences, tokenised to the benchmarked length) and the same thread
 count. Rows are measured in blocks (warm-up, then consecutive calls), in forward and then reverse order,
@@ -8,7 +9,7 @@ so that drift in machine load hits all rows alike; calls are not interleaved one
 ONNX Runtime session keeps its own spinning thread pool, and the previous row's spinning threads would
 steal the two cores from the next row. Ratios are to the plain export: latency ratio < 1 and throughput
 ratio > 1 are better. The redux-edge row must not be slower than the transformer-optimizer row
-(ratio <= 1.05).
+(ratio <= 1.05); the edge recipe's throughput goal is 2.5x the dense bundle's.
 
     python tools/bench.py [--threads 2] [--rounds 60] [--tvm-trials 8] [--json]
 """
@@ -40,6 +41,9 @@ ALLOWED_RATIO_TO_OPTIMIZER = 1.05
 PLAIN = "ONNX Runtime, plain export"
 OPTIMIZER = "ONNX Runtime, transformer optimizer (bert)"
 REDUX = "redux-edge host bundle (ONNX Runtime)"
+EDGE = "redux-edge host bundle, edge recipe (ONNX Runtime)"
+EDGE_RECIPE = Path(__file__).resolve().parent.parent / "models" / "minilm-l6" / "edge.toml"
+EDGE_GOAL = 2.5
 
 
 @dataclass
@@ -93,6 +97,7 @@ def _rows(workdir: Path, threads: int) -> dict[str, Row]:
         PLAIN: Row(lambda feeds: sessions["plain"].run(None, feeds)),
         OPTIMIZER: Row(lambda feeds: sessions["optimizer"].run(None, feeds)),
         REDUX: Row(_bundle(workdir / "ort", threads).run),
+        EDGE: Row(_bundle(workdir / "edge", threads, recipe=EDGE_RECIPE).run),
         "redux-edge OpenVINO bundle (fp32)": Row(_bundle(workdir / "ov", threads, backend="openvino").run),
     }
 
@@ -118,12 +123,17 @@ def _tvm_rows(workdir: Path, threads: int, shapes: dict[str, list[int]], trials:
 
 
 def _bundle(
-    out: Path, threads: int, backend: str | None = None, shapes: dict | None = None, **options
+    out: Path,
+    threads: int,
+    backend: str | None = None,
+    shapes: dict | None = None,
+    recipe: Path | None = None,
+    **options,
 ) -> BundleSession:
     api.compile_model(
         "minilm-l6",
         "host",
-        load_recipe(None),
+        load_recipe(recipe),
         out,
         backend_name=backend,
         shapes=shapes,
@@ -183,6 +193,8 @@ def main() -> int:
                     "rounds": rounds,
                     "rows": stats,
                     "redux_vs_optimizer": ours / theirs,
+                    "edge_vs_dense_throughput": stats[EDGE]["throughput_per_s"]
+                    / stats[REDUX]["throughput_per_s"],
                 }
             )
     passed = all(case["redux_vs_optimizer"] <= ALLOWED_RATIO_TO_OPTIMIZER for case in report["cases"])
@@ -217,6 +229,11 @@ def _print(report: dict) -> None:
         print(
             f"  redux-edge / transformer optimizer p50: {case['redux_vs_optimizer']:.3f} "
             f"(must be <= {ALLOWED_RATIO_TO_OPTIMIZER}: {verdict})"
+        )
+        edge = case["edge_vs_dense_throughput"]
+        print(
+            f"  edge recipe / dense, same backend, throughput: {edge:.2f}x "
+            f"(goal >= {EDGE_GOAL}: {'met' if edge >= EDGE_GOAL else 'NOT MET'})"
         )
 
 

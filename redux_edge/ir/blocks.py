@@ -9,9 +9,10 @@ follows dataflow, not node names, so it finds the blocks of torch dynamo exports
 Face BertModel, DistilBert and Roberta alike. An attention-like Softmax that cannot be followed is reported
 with its node and the reason; the structural passes then change nothing.
 
-Layers are numbered once, in graph order, and the number is written into node metadata
-(``redux_edge.layer``), so that a plan's layer indices keep meaning the original layers after others were
-dropped.
+Without attention, the removable blocks are CNN residual blocks (an Add of a value and a branch computed
+from it alone, equal shapes). Layers are numbered once, in graph order, and the number is written into
+node metadata (``redux_edge.layer``), so that a plan's layer indices keep meaning the original layers
+after others were dropped.
 """
 
 from __future__ import annotations
@@ -217,9 +218,12 @@ class FeedForwardBlock:
 
 @dataclass
 class Layer:
+    """A removable block: a transformer layer (attention + feed-forward), or a CNN residual block
+    ``exit = act(entry + f(entry))`` whose blocks are then None."""
+
     index: int
-    attention: AttentionBlock
-    feed_forward: FeedForwardBlock
+    attention: AttentionBlock | None
+    feed_forward: FeedForwardBlock | None
     entry: ir.Value
     exit: ir.Value
 
@@ -418,7 +422,10 @@ def find_structure(model: ir.Model) -> Structure:
         block.layer = _layer_index(block, position)
     for position, block in enumerate(structure.feed_forward):
         block.layer = _layer_index(block, position)
-    structure.layers = _pair_layers(structure, order)
+    # A transformer's feed-forward sub-block is also "x + f(x)": residual blocks only count without attention.
+    structure.layers = (
+        _pair_layers(structure, order) if structure.attention else _residual_blocks(model.graph)
+    )
     return structure
 
 
@@ -438,6 +445,50 @@ def _pair_layers(structure: Structure, order: dict[ir.Node, int]) -> list[Layer]
     return layers
 
 
+def _residual_blocks(graph: ir.Graph) -> list[Layer]:
+    """Residual blocks of a CNN: an Add of a value and a branch computed from that value alone, with
+    equal static shapes, optionally followed by the block's activation (ResNet's ReLU after the sum)."""
+    blocks = []
+    for node in graph:
+        if node.op_type != "Add" or any(const_array(v) is not None for v in node.inputs):
+            continue
+        for entry, branch in (node.inputs, node.inputs[::-1]):
+            if _same_static_shape(entry, branch) and _computed_only_from(branch, entry):
+                exit_value = node.outputs[0]
+                users = exit_value.consumers()
+                if len(users) == 1 and users[0].op_type == "Relu":
+                    exit_value = users[0].outputs[0]
+                index = int(node.metadata_props.get(LAYER_KEY, len(blocks)))
+                blocks.append(Layer(index, None, None, entry, exit_value))
+                break
+    return blocks
+
+
+def _same_static_shape(a: ir.Value, b: ir.Value) -> bool:
+    return (
+        a.shape is not None
+        and b.shape is not None
+        and len(a.shape) == len(b.shape)
+        and all(x == y for x, y in zip(a.shape, b.shape, strict=True))
+    )
+
+
+def _computed_only_from(value: ir.Value, source: ir.Value, limit: int = 64) -> bool:
+    """Whether every non-constant path into ``value`` starts at ``source`` (and there is at least one op)."""
+    stack, seen = [value], set()
+    while stack:
+        current = stack.pop()
+        if current is source or const_array(current) is not None:
+            continue
+        producer = current.producer()
+        if producer is None or len(seen) > limit:
+            return False
+        if producer not in seen:
+            seen.add(producer)
+            stack.extend(v for v in producer.inputs if v is not None)
+    return value is not source
+
+
 def number_layers(model: ir.Model) -> Structure:
     """Find the structure and, on first sight, write each block's layer number into its node metadata."""
     structure = find_structure(model)
@@ -445,4 +496,10 @@ def number_layers(model: ir.Model) -> Structure:
         for block in blocks:
             anchor = block.output.matmul if isinstance(block, AttentionBlock) else block.down.matmul
             anchor.metadata_props.setdefault(LAYER_KEY, str(block.layer))
+    if not structure.attention:
+        for layer in structure.layers:
+            residual_add = layer.exit.producer()
+            if residual_add.op_type != "Add":
+                residual_add = residual_add.inputs[0].producer()
+            residual_add.metadata_props.setdefault(LAYER_KEY, str(layer.index))
     return structure

@@ -44,6 +44,10 @@ class StructuralPass(RecipePass):
                 f"{self.name}: unknown importance '{self.importance}'",
                 f"choose one of: {', '.join(IMPORTANCE)}",
             )
+        if getattr(self, "scope", "layer") not in ("layer", "global"):
+            raise UserError(
+                f"{self.name}: scope must be 'layer' or 'global'", "layer: the same share per layer"
+            )
         fraction = getattr(self, "fraction", 0.0)
         if not 0.0 <= fraction < 1.0:
             raise UserError(f"{self.name}: fraction {fraction} is not in [0, 1)", "give the share to remove")

@@ -36,6 +36,7 @@ class PruneHeadsPass(StructuralPass):
     importance: str = "magnitude"
     plan: str = ""
     seed: int = 0
+    scope: str = "layer"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         structure = number_layers(model)
@@ -44,7 +45,7 @@ class PruneHeadsPass(StructuralPass):
             removed = self.planned({b.layer: b.heads for b in blocks})
         else:
             scores = importance.head_scores(model, blocks, self.importance, self.calibration, self.seed)
-            removed = importance.select_lowest(scores, self.fraction, self.per_layer, across_layers=True)
+            removed = importance.select_lowest(scores, self.fraction, self.per_layer, self.scope == "global")
         for block in blocks:
             if removed.get(block.layer):
                 _remove_heads(model.graph, block, removed[block.layer])

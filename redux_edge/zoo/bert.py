@@ -2,10 +2,10 @@
 
 Follows the BERT architecture (Devlin et al., 2019) as Hugging Face's ``BertModel`` lays out its
 weights, followed by the mean pooling and L2 normalisation of Sentence-BERT (Reimers & Gurevych, 2019).
-Written out instead of imported so that later passes can address each layer's heads: every
-``SelfAttention`` keeps its own head count (pruning may leave layers with different counts) and an
-optional ``head_mask`` that zeroes chosen heads' outputs, which is the torch reference a head-pruned
-graph is checked against.
+Written out instead of imported so that every module is plain torch the exporter traces without surprises,
+under Hugging Face's module names, so that the structural passes' exact reference
+(``redux_edge.analysis.reference.masked``) addresses its heads, neurons and layers the same way as in
+``transformers``' BERT models.
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(hidden_size, width)
         self.key = nn.Linear(hidden_size, width)
         self.value = nn.Linear(hidden_size, width)
-        self.head_mask: torch.Tensor | None = None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -85,8 +84,6 @@ class SelfAttention(nn.Module):
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         probs = torch.softmax(scores + additive_mask, dim=-1)
         context = torch.matmul(probs, v)
-        if self.head_mask is not None:
-            context = context * self.head_mask.view(1, -1, 1, 1)
         batch, _, seq, _ = context.shape
         return context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
 
