@@ -374,7 +374,10 @@ def passes(as_json: bool) -> None:
         {
             "pass": name,
             "summary": cls.summary,
-            "parameters": {f.name: f.default for f in dataclasses.fields(cls)},
+            "parameters": {
+                f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls)
+            },
         }
         for name, cls in PASSES.items()
     ]

@@ -9,6 +9,7 @@ import pytest
 from redux_edge.errors import UserError
 from redux_edge.passes.cleanup import CleanupPass
 from redux_edge.recipe import load_recipe, parse_pass_flag
+from redux_edge.zoo import MODELS_DIR
 
 
 def test_default_recipe_is_cleanup():
@@ -42,6 +43,11 @@ def test_manifest_recipe_round_trips(tmp_path):
         ("[[passes]]\niterations = 2\n", "names no pass"),
         ("passes = 3\n", "must be a list"),
         ("[[passes]\n", "cannot read recipe"),
+        (
+            '[[passes]]\npass = "prune-heads"\n[[passes]]\npass = "prune-heads"\n',
+            "prune-heads more than once",
+        ),
+        ('[[passes]]\npass = "prune-ffn"\nper_layer = 3\n', "must be list"),
     ],
 )
 def test_bad_recipes_say_what_is_wrong(tmp_path, text, message):
@@ -58,6 +64,30 @@ def test_pass_flags():
         parse_pass_flag("cleanup:iterations")
     with pytest.raises(UserError, match="unknown pass"):
         parse_pass_flag("shrink")
+
+
+def test_list_parameters_in_pass_flags():
+    assert parse_pass_flag("prune-heads:per_layer=[2,0,1],importance=random").parameters() == {
+        "fraction": 0.0,
+        "per_layer": [2, 0, 1],
+        "importance": "random",
+        "plan": "",
+        "seed": 0,
+        "scope": "layer",
+    }
+
+
+def test_the_edge_recipe_and_the_passes_listing(cli):
+    recipe = load_recipe(MODELS_DIR / "minilm-l6" / "edge.toml")
+    assert [p.name for p in recipe.passes] == [
+        "cleanup",
+        "drop-layers",
+        "prune-heads",
+        "prune-ffn",
+        "cleanup",
+    ]
+    listing = {row["pass"]: row["parameters"] for row in json.loads(cli("passes", "--json").stdout)}
+    assert listing["drop-layers"] == {"count": 0, "layers": [], "importance": "calibration", "plan": ""}
 
 
 def test_missing_recipe_file(tmp_path):

@@ -193,10 +193,19 @@ def _intermediates(model: ir.Model, values: list[ir.Value], feeds: Feeds) -> lis
 
 
 def _head_ablation(model: ir.Model, feeds: Feeds) -> dict[int, np.ndarray]:
-    """Output change (1 - cosine to the unablated output, mean over samples) when each head alone is off.
-    Every head gets a gate input multiplying its context, so one ONNX Runtime session serves all runs."""
+    """Output change when each head alone is switched off."""
+    change, heads = _gated(model, feeds)
+    return {
+        layer: np.array([change({layer: [head]}) for head in range(count)]) for layer, count in heads.items()
+    }
+
+
+def _gated(model: ir.Model, feeds: Feeds) -> tuple[Callable[[dict[int, list[int]]], float], dict[int, int]]:
+    """``change(closed)``: 1 - cosine between the model's output with the ``closed`` heads switched off and
+    its intact output, mean over samples; and the head count per layer. Every head gets a gate input
+    multiplying its context, so one ONNX Runtime session serves every run."""
     copy = _copy(model)
-    gates = {}
+    heads = {}
     for block in find_structure(copy).attention:
         gate = ir.Value(
             name=f"redux_edge_head_gate_{block.layer}",
@@ -210,23 +219,27 @@ def _head_ablation(model: ir.Model, feeds: Feeds) -> dict[int, np.ndarray]:
         copy.graph.insert_after(block.context, gated)
         for use in uses:
             use.node.replace_input_with(use.idx, gated.outputs[0])
-        gates[block.layer] = np.ones((1, block.heads, 1, 1), np.float32)
+        heads[block.layer] = block.heads
     run = _session(copy)
-    gate_name = "redux_edge_head_gate_{}".format
-    open_gates = {gate_name(layer): gate for layer, gate in gates.items()}
-    baseline = _flat(run({**feeds, **open_gates})[0])
-    scores = {}
-    for layer, gate in gates.items():
-        scores[layer] = np.zeros(gate.shape[1])
-        for head in range(gate.shape[1]):
-            closed = gate.copy()
-            closed[0, head] = 0.0
-            ablated = _flat(run({**feeds, **open_gates, gate_name(layer): closed})[0])
-            cosine = (baseline * ablated).sum(1) / (
-                np.linalg.norm(baseline, axis=1) * np.linalg.norm(ablated, axis=1) + 1e-12
-            )
-            scores[layer][head] = float(1.0 - cosine.mean())
-    return scores
+
+    def outputs(closed: dict[int, list[int]]) -> np.ndarray:
+        gates = {}
+        for layer, count in heads.items():
+            gate = np.ones((1, count, 1, 1), np.float32)
+            gate[0, closed.get(layer, [])] = 0.0
+            gates[f"redux_edge_head_gate_{layer}"] = gate
+        return _flat(run({**feeds, **gates})[0])
+
+    baseline = outputs({})
+
+    def change(closed: dict[int, list[int]]) -> float:
+        ablated = outputs(closed)
+        cosine = (baseline * ablated).sum(1) / (
+            np.linalg.norm(baseline, axis=1) * np.linalg.norm(ablated, axis=1) + 1e-12
+        )
+        return float(1.0 - cosine.mean())
+
+    return change, heads
 
 
 def _flat(output: np.ndarray) -> np.ndarray:
