@@ -339,3 +339,19 @@ def test_dropping_a_cnn_residual_block_equals_skipping_it_in_torch(tmp_path):
     net.blocks[1] = torch.nn.Identity()
     assert np.abs(_run(model, inputs, tmp_path) - run_module(net, inputs)[0]).max() <= 1e-5
     assert [layer.index for layer in find_structure(model).layers] == [0, 2]
+
+
+@pytest.mark.parametrize(
+    ("backend", "extra"),
+    [("openvino", []), ("tvm", ["--shapes", "input_ids:8x18,attention_mask:8x18"])],
+)
+def test_pruned_model_lowers_exactly_through_other_backends(cli, bert_onnx, tmp_path, backend, extra):
+    result = cli(
+        "compile", "--model", bert_onnx, "--inputs", bert_onnx.with_suffix(".npz"),
+        "--target", "x86-64-avx2", "--backend", backend, *extra,
+        "--prune-heads", "0.5", "--prune-ffn", "0.5", "-o", tmp_path / "b", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    verify = json.loads(result.stdout)["verify"]
+    assert verify["artifact_run"].startswith("ran here")
+    assert verify["artifact"]["last_hidden_state"]["max_abs"] <= 1e-3

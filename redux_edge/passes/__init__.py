@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from redux_edge.errors import UserError
 
-__all__ = ["PASSES", "RecipePass", "StructuralPass", "build_pass"]
+__all__ = ["PASSES", "RecipePass", "StructuralPass", "UnitPruningPass", "build_pass"]
 
 
 class RecipePass(ir.passes.InPlacePass):
@@ -85,6 +85,29 @@ class StructuralPass(RecipePass):
                     "keep at least one per layer, or drop the layer with drop-layers",
                 )
         return plan
+
+
+@dataclasses.dataclass
+class UnitPruningPass(StructuralPass):
+    """A structural pass that removes units (heads, neurons) inside layers, with the shared budget knobs:
+    ``fraction`` removed per layer (``scope = "global"``: ranked across layers), or ``per_layer`` counts,
+    chosen by ``importance``, or named by a ``plan`` file."""
+
+    fraction: float = 0.0
+    per_layer: list = dataclasses.field(default_factory=list)
+    importance: str = "magnitude"
+    plan: str = ""
+    seed: int = 0
+    scope: str = "layer"
+
+    def choose(self, model: ir.Model, blocks: list, sizes: dict[int, int], scores) -> dict[int, list[int]]:
+        """Units to remove per layer; ``scores(model, blocks, importance, calibration, seed)`` rates them."""
+        from redux_edge.analysis.importance import select_lowest
+
+        if self.importance == "plan":
+            return self.planned(sizes)
+        rated = scores(model, blocks, self.importance, self.calibration, self.seed)
+        return select_lowest(rated, self.fraction, self.per_layer, self.scope == "global")
 
 
 def _registry() -> dict[str, type[RecipePass]]:

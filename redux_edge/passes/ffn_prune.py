@@ -15,10 +15,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from redux_edge.analysis import importance
+from redux_edge.analysis.importance import neuron_scores
 from redux_edge.ir.blocks import number_layers
 from redux_edge.ir.surgery import finish, replace_linear
-from redux_edge.passes import StructuralPass
+from redux_edge.passes import UnitPruningPass
 
 __all__ = ["PruneFfnPass"]
 
@@ -26,26 +26,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class PruneFfnPass(StructuralPass):
+class PruneFfnPass(UnitPruningPass):
     name = "prune-ffn"
     summary = "remove feed-forward neurons: first-projection columns, second-projection rows"
     unit = "ffn"
 
-    fraction: float = 0.0
-    per_layer: list = dataclasses.field(default_factory=list)
-    importance: str = "magnitude"
-    plan: str = ""
-    seed: int = 0
-    scope: str = "layer"
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         structure = number_layers(model)
         blocks = self.require_blocks(structure.feed_forward, structure.problems, "feed-forward")
-        if self.importance == "plan":
-            removed = self.planned({b.layer: b.width for b in blocks})
-        else:
-            scores = importance.neuron_scores(model, blocks, self.importance, self.calibration, self.seed)
-            removed = importance.select_lowest(scores, self.fraction, self.per_layer, self.scope == "global")
+        removed = self.choose(model, blocks, {b.layer: b.width for b in blocks}, neuron_scores)
         for block in blocks:
             if removed.get(block.layer):
                 kept = np.setdiff1d(np.arange(block.width), removed[block.layer])

@@ -15,10 +15,10 @@ import logging
 
 import onnx_ir as ir
 
-from redux_edge.analysis import importance
+from redux_edge.analysis.importance import head_scores
 from redux_edge.ir.blocks import AttentionBlock, number_layers
 from redux_edge.ir.surgery import finish, head_columns, replace_linear, replace_shape_slot
-from redux_edge.passes import StructuralPass
+from redux_edge.passes import UnitPruningPass
 
 __all__ = ["PruneHeadsPass"]
 
@@ -26,26 +26,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class PruneHeadsPass(StructuralPass):
+class PruneHeadsPass(UnitPruningPass):
     name = "prune-heads"
     summary = "remove attention heads: Q/K/V columns, output-projection rows and head counts (SHRP)"
     unit = "heads"
 
-    fraction: float = 0.0
-    per_layer: list = dataclasses.field(default_factory=list)
-    importance: str = "magnitude"
-    plan: str = ""
-    seed: int = 0
-    scope: str = "layer"
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         structure = number_layers(model)
         blocks = self.require_blocks(structure.attention, structure.problems, "attention")
-        if self.importance == "plan":
-            removed = self.planned({b.layer: b.heads for b in blocks})
-        else:
-            scores = importance.head_scores(model, blocks, self.importance, self.calibration, self.seed)
-            removed = importance.select_lowest(scores, self.fraction, self.per_layer, self.scope == "global")
+        removed = self.choose(model, blocks, {b.layer: b.heads for b in blocks}, head_scores)
         for block in blocks:
             if removed.get(block.layer):
                 _remove_heads(model.graph, block, removed[block.layer])
