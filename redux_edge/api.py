@@ -459,7 +459,7 @@ def _compression_report(
     return report
 
 
-_SPEED_ROUNDS = 30
+_SPEED_BLOCKS, _SPEED_CALLS = 4, 10
 
 
 def _speed_vs_dense(
@@ -471,8 +471,8 @@ def _speed_vs_dense(
     manifest: dict,
     options: dict,
 ) -> dict:
-    """p50 latency of the dense and the compressed artifact, interleaved in one process, same inputs and
-    threads; text models at batch 1, sequence 128."""
+    """p50 latency of the dense and the compressed artifact in one process, same inputs and threads;
+    text models at batch 1, sequence 128."""
     runs, why = backend.can_run_here(target)
     if not runs or backend.static_shapes:
         why = why if not runs else "static-shape artifact: compare with tools/bench.py"
@@ -491,19 +491,21 @@ def _speed_vs_dense(
             "compressed": runner.open_artifact(stage, entry, threads, source.output_names),
         }
         seconds = {name: [] for name in sessions}
-        for run_once in sessions.values():
-            for _ in range(3):
+        # Blocks of consecutive calls in alternating order, as tools/bench.py measures: one by one
+        # interleaving would let each ONNX Runtime session's spinning threads slow the other's calls.
+        for block in range(_SPEED_BLOCKS):
+            for name in list(sessions)[:: 1 if block % 2 == 0 else -1]:
+                run_once = sessions[name]
                 run_once(feeds)
-        for _ in range(_SPEED_ROUNDS):
-            for name, run_once in sessions.items():
-                started = time.perf_counter()
-                run_once(feeds)
-                seconds[name].append(time.perf_counter() - started)
+                for _ in range(_SPEED_CALLS):
+                    started = time.perf_counter()
+                    run_once(feeds)
+                    seconds[name].append(time.perf_counter() - started)
     p50 = {name: float(np.median(values) * 1000.0) for name, values in seconds.items()}
     return {
         "shapes": {name: list(array.shape) for name, array in feeds.items()},
         "threads": threads or "all cores",
-        "rounds": _SPEED_ROUNDS,
+        "calls": _SPEED_BLOCKS * _SPEED_CALLS,
         "dense_p50_ms": p50["dense"],
         "compressed_p50_ms": p50["compressed"],
         "speedup": p50["dense"] / p50["compressed"],

@@ -450,7 +450,7 @@ def _print_compression(report: dict, backend: str) -> None:
     if speed.get("measured", True):
         shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in speed["shapes"].items())
         out.print(
-            f"  speed    {backend}, {shapes}, p50 of {speed['rounds']} interleaved runs: dense "
+            f"  speed    {backend}, {shapes}, p50 of {speed['calls']} calls each, alternating blocks: dense "
             f"{speed['dense_p50_ms']:.1f} ms -> {speed['compressed_p50_ms']:.1f} ms ({speed['speedup']:.2f}x)"
         )
     else:

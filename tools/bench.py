@@ -184,6 +184,8 @@ def main() -> int:
             for numbers in stats.values():
                 numbers["latency_ratio"] = numbers["p50_ms"] / base["p50_ms"]
                 numbers["throughput_ratio"] = numbers["throughput_per_s"] / base["throughput_per_s"]
+            # The goal's pair again on its own, so that no other row's threads sit between them.
+            pair = measure({name: case_rows[name] for name in (REDUX, EDGE)}, feeds, rounds, warmup=5)
             ours = stats[REDUX]["p50_ms"]
             theirs = stats[OPTIMIZER]["p50_ms"]
             report["cases"].append(
@@ -195,6 +197,8 @@ def main() -> int:
                     "redux_vs_optimizer": ours / theirs,
                     "edge_vs_dense_throughput": stats[EDGE]["throughput_per_s"]
                     / stats[REDUX]["throughput_per_s"],
+                    "edge_vs_dense_throughput_pair": pair[EDGE]["throughput_per_s"]
+                    / pair[REDUX]["throughput_per_s"],
                 }
             )
     passed = all(case["redux_vs_optimizer"] <= ALLOWED_RATIO_TO_OPTIMIZER for case in report["cases"])
@@ -230,11 +234,14 @@ def _print(report: dict) -> None:
             f"  redux-edge / transformer optimizer p50: {case['redux_vs_optimizer']:.3f} "
             f"(must be <= {ALLOWED_RATIO_TO_OPTIMIZER}: {verdict})"
         )
-        edge = case["edge_vs_dense_throughput"]
-        print(
-            f"  edge recipe / dense, same backend, throughput: {edge:.2f}x "
-            f"(goal >= {EDGE_GOAL}: {'met' if edge >= EDGE_GOAL else 'NOT MET'})"
-        )
+        for label, edge in (
+            ("among all rows", case["edge_vs_dense_throughput"]),
+            ("measured as a pair", case["edge_vs_dense_throughput_pair"]),
+        ):
+            print(
+                f"  edge recipe / dense, same backend, throughput, {label}: {edge:.2f}x "
+                f"(goal >= {EDGE_GOAL}: {'met' if edge >= EDGE_GOAL else 'NOT MET'})"
+            )
 
 
 if __name__ == "__main__":
