@@ -442,7 +442,8 @@ def _print_compression(report: dict, backend: str) -> None:
             f"  quality  {quality['task']}, {quality['train_sentences']} train / {quality['test_sentences']} "
             f"test: embedding cosine to dense {cosine['mean']:.3f} (min {cosine['min']:.3f}); linear-probe "
             f"accuracy {probe['dense']:.3f} dense -> {probe['compressed']:.3f} "
-            f"({probe['retention']:.1%} kept, before fine-tuning)"
+            f"({probe['retention']:.1%} kept, before fine-tuning; the dense probe unchanged: "
+            f"{probe['dense_probe_on_compressed']:.3f})"
         )
     else:
         out.print(f"  quality  not measured: {quality['why']}")
