@@ -29,6 +29,7 @@ from redux_edge import bundle as bundles
 from redux_edge.backends import Backend, select_backend
 from redux_edge.errors import UserError
 from redux_edge.ir.cost import model_cost
+from redux_edge.ir.surgery import copy_model
 from redux_edge.ir.verify import Tolerance, compare, require_match
 from redux_edge.passes import StructuralPass
 from redux_edge.preprocess import Preprocessor, from_manifest, read_inputs
@@ -165,10 +166,6 @@ def _onnx_source(path: Path, shapes: dict[str, list[int]], inputs_file: Path | N
         reference_kind="onnxruntime on the original file"
         + (" (synthetic inputs)" if inputs_file is None else ""),
     )
-
-
-def copy_model(model: ir.Model) -> ir.Model:
-    return ir.from_proto(ir.to_proto(model))
 
 
 def _fit_inputs(inputs: dict[str, np.ndarray], shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from redux_edge.errors import UserError
 from redux_edge.ir.blocks import AttentionBlock, FeedForwardBlock, Layer, find_structure
+from redux_edge.ir.surgery import copy_model
 
 __all__ = ["IMPORTANCE", "head_scores", "layer_scores", "load_plan", "neuron_scores", "select_lowest"]
 
@@ -179,14 +180,10 @@ def _session(model: ir.Model) -> Callable[[Feeds], list[np.ndarray]]:
     return lambda feeds: session.run(None, feeds)
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.from_proto(ir.to_proto(model))
-
-
 def _intermediates(model: ir.Model, values: list[ir.Value], feeds: Feeds) -> list[np.ndarray]:
     """The given intermediate values of ``model`` on ``feeds``."""
     names = [value.name for value in values]
-    copy = _copy(model)
+    copy = copy_model(model)
     by_name = {output.name: output for node in copy.graph for output in node.outputs}
     copy.graph.outputs[:] = [by_name[name] for name in names]
     return _session(copy)(feeds)
@@ -204,7 +201,7 @@ def _gated(model: ir.Model, feeds: Feeds) -> tuple[Callable[[dict[int, list[int]
     """``change(closed)``: 1 - cosine between the model's output with the ``closed`` heads switched off and
     its intact output, mean over samples; and the head count per layer. Every head gets a gate input
     multiplying its context, so one ONNX Runtime session serves every run."""
-    copy = _copy(model)
+    copy = copy_model(model)
     heads = {}
     for block in find_structure(copy).attention:
         gate = ir.Value(

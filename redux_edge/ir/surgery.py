@@ -13,7 +13,12 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from redux_edge.ir.blocks import Linear, ShapeSlot, const_array
 
-__all__ = ["bypass", "finish", "head_columns", "replace_linear", "replace_shape_slot"]
+__all__ = ["bypass", "copy_model", "finish", "head_columns", "replace_linear", "replace_shape_slot"]
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """An independent deep copy, through the protobuf form."""
+    return ir.from_proto(ir.to_proto(model))
 
 
 def _constant(graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:
