@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from redux_edge.analysis import in_memory_runner
 from redux_edge.errors import UserError
 from redux_edge.ir.blocks import AttentionBlock, FeedForwardBlock, Layer, find_structure
 from redux_edge.ir.surgery import copy_model
@@ -169,24 +170,13 @@ def _require(calibration: Feeds | None, pass_name: str) -> Feeds:
     return calibration
 
 
-def _session(model: ir.Model) -> Callable[[Feeds], list[np.ndarray]]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return lambda feeds: session.run(None, feeds)
-
-
 def _intermediates(model: ir.Model, values: list[ir.Value], feeds: Feeds) -> list[np.ndarray]:
     """The given intermediate values of ``model`` on ``feeds``."""
     names = [value.name for value in values]
     copy = copy_model(model)
     by_name = {output.name: output for node in copy.graph for output in node.outputs}
     copy.graph.outputs[:] = [by_name[name] for name in names]
-    return _session(copy)(feeds)
+    return in_memory_runner(copy)(feeds)
 
 
 def _head_ablation(model: ir.Model, feeds: Feeds) -> dict[int, np.ndarray]:
@@ -217,7 +207,7 @@ def _gated(model: ir.Model, feeds: Feeds) -> tuple[Callable[[dict[int, list[int]
         for use in uses:
             use.node.replace_input_with(use.idx, gated.outputs[0])
         heads[block.layer] = block.heads
-    run = _session(copy)
+    run = in_memory_runner(copy)
 
     def outputs(closed: dict[int, list[int]]) -> np.ndarray:
         gates = {}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
+from redux_edge.analysis import in_memory_runner
 from redux_edge.datasets.rotten_tomatoes import Sentiment
 from redux_edge.preprocess import TextPreprocessor
 
@@ -22,17 +22,13 @@ __all__ = ["embed", "make_probe", "probe_accuracy", "text_quality"]
 
 def embed(model: ir.Model, preprocessor: TextPreprocessor, texts: list[str], batch: int = 64) -> np.ndarray:
     """Sentence embeddings (the first output; token states are mean-pooled over the attention mask)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    run = in_memory_runner(model)
     # Sorting by length keeps padding, and so time, small; the result is put back in the caller's order.
     order = np.argsort([len(text) for text in texts], kind="stable")
     parts = []
     for start in range(0, len(texts), batch):
         feeds = preprocessor([texts[i] for i in order[start : start + batch]])
-        output = session.run(None, feeds)[0]
+        output = run(feeds)[0]
         if output.ndim == 3:
             mask = feeds["attention_mask"][..., None].astype(output.dtype)
             output = (output * mask).sum(1) / mask.sum(1).clip(min=1.0)

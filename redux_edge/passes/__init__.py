@@ -8,13 +8,21 @@ compile can rebuild it. ``PASSES`` maps recipe names to pass classes.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import logging
+from typing import TYPE_CHECKING, ClassVar
 
 import onnx_ir as ir
 
 from redux_edge.errors import UserError
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from redux_edge.ir.blocks import Structure
+
 __all__ = ["PASSES", "RecipePass", "StructuralPass", "UnitPruningPass", "build_pass"]
+
+logger = logging.getLogger(__name__)
 
 
 class RecipePass(ir.passes.InPlacePass):
@@ -100,14 +108,43 @@ class UnitPruningPass(StructuralPass):
     seed: int = 0
     scope: str = "layer"
 
-    def choose(self, model: ir.Model, blocks: list, sizes: dict[int, int], scores) -> dict[int, list[int]]:
-        """Units to remove per layer; ``scores(model, blocks, importance, calibration, seed)`` rates them."""
-        from redux_edge.analysis.importance import select_lowest
+    kind: ClassVar[str]
 
+    def blocks_of(self, structure: Structure) -> list:
+        """The blocks whose units this pass removes."""
+        raise NotImplementedError
+
+    def size(self, block: object) -> int:
+        """How many units ``block`` has."""
+        raise NotImplementedError
+
+    def scores(self, model: ir.Model, blocks: list) -> dict[int, np.ndarray]:
+        """Importance of every unit per layer, lower = removed first."""
+        raise NotImplementedError
+
+    def remove(self, graph: ir.Graph, block: object, units: list[int]) -> None:
+        """Slice ``units`` out of ``block``."""
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from redux_edge.analysis.importance import select_lowest
+        from redux_edge.ir.blocks import number_layers
+        from redux_edge.ir.surgery import finish
+
+        structure = number_layers(model)
+        blocks = self.require_blocks(self.blocks_of(structure), structure.problems, self.kind)
         if self.importance == "plan":
-            return self.planned(sizes)
-        rated = scores(model, blocks, self.importance, self.calibration, self.seed)
-        return select_lowest(rated, self.fraction, self.per_layer, self.scope == "global")
+            removed = self.planned({block.layer: self.size(block) for block in blocks})
+        else:
+            rated = self.scores(model, blocks)
+            removed = select_lowest(rated, self.fraction, self.per_layer, self.scope == "global")
+        for block in blocks:
+            if removed.get(block.layer):
+                self.remove(model.graph, block, removed[block.layer])
+        finish(model)
+        self.removed = {self.unit: {str(k): v for k, v in removed.items() if v}}
+        logger.info("%s removed %s", self.name, {k: len(v) for k, v in self.removed[self.unit].items()})
+        return ir.passes.PassResult(model, modified=bool(self.removed[self.unit]))
 
 
 def _registry() -> dict[str, type[RecipePass]]:

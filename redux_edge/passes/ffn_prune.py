@@ -10,19 +10,16 @@ activations zeroed, which the compile verifies.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 import onnx_ir as ir
 
 from redux_edge.analysis.importance import neuron_scores
-from redux_edge.ir.blocks import number_layers
-from redux_edge.ir.surgery import finish, replace_linear
+from redux_edge.ir.blocks import FeedForwardBlock, Structure
+from redux_edge.ir.surgery import replace_linear
 from redux_edge.passes import UnitPruningPass
 
 __all__ = ["PruneFfnPass"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -30,18 +27,19 @@ class PruneFfnPass(UnitPruningPass):
     name = "prune-ffn"
     summary = "remove feed-forward neurons: first-projection columns, second-projection rows"
     unit = "ffn"
+    kind = "feed-forward"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        structure = number_layers(model)
-        blocks = self.require_blocks(structure.feed_forward, structure.problems, "feed-forward")
-        removed = self.choose(model, blocks, {b.layer: b.width for b in blocks}, neuron_scores)
-        for block in blocks:
-            if removed.get(block.layer):
-                kept = np.setdiff1d(np.arange(block.width), removed[block.layer])
-                bias = None if block.up.bias is None else block.up.bias[kept]
-                replace_linear(model.graph, block.up, block.up.weight[:, kept], bias)
-                replace_linear(model.graph, block.down, block.down.weight[kept], block.down.bias)
-        finish(model)
-        self.removed = {"ffn": {str(k): v for k, v in removed.items() if v}}
-        logger.info("prune-ffn removed %s neurons", {k: len(v) for k, v in self.removed["ffn"].items()})
-        return ir.passes.PassResult(model, modified=bool(self.removed["ffn"]))
+    def blocks_of(self, structure: Structure) -> list[FeedForwardBlock]:
+        return structure.feed_forward
+
+    def size(self, block: FeedForwardBlock) -> int:
+        return block.width
+
+    def scores(self, model: ir.Model, blocks: list[FeedForwardBlock]) -> dict[int, np.ndarray]:
+        return neuron_scores(model, blocks, self.importance, self.calibration, self.seed)
+
+    def remove(self, graph: ir.Graph, block: FeedForwardBlock, neurons: list[int]) -> None:
+        kept = np.setdiff1d(np.arange(block.width), neurons)
+        bias = None if block.up.bias is None else block.up.bias[kept]
+        replace_linear(graph, block.up, block.up.weight[:, kept], bias)
+        replace_linear(graph, block.down, block.down.weight[kept], block.down.bias)

@@ -11,18 +11,16 @@ what the compile verifies against.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
+import numpy as np
 import onnx_ir as ir
 
 from redux_edge.analysis.importance import head_scores
-from redux_edge.ir.blocks import AttentionBlock, number_layers
-from redux_edge.ir.surgery import finish, head_columns, replace_linear, replace_shape_slot
+from redux_edge.ir.blocks import AttentionBlock, Structure
+from redux_edge.ir.surgery import head_columns, replace_linear, replace_shape_slot
 from redux_edge.passes import UnitPruningPass
 
 __all__ = ["PruneHeadsPass"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -30,28 +28,25 @@ class PruneHeadsPass(UnitPruningPass):
     name = "prune-heads"
     summary = "remove attention heads: Q/K/V columns, output-projection rows and head counts (SHRP)"
     unit = "heads"
+    kind = "attention"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        structure = number_layers(model)
-        blocks = self.require_blocks(structure.attention, structure.problems, "attention")
-        removed = self.choose(model, blocks, {b.layer: b.heads for b in blocks}, head_scores)
-        for block in blocks:
-            if removed.get(block.layer):
-                _remove_heads(model.graph, block, removed[block.layer])
-        finish(model)
-        self.removed = {"heads": {str(k): v for k, v in removed.items() if v}}
-        logger.info("prune-heads removed %s", self.removed["heads"])
-        return ir.passes.PassResult(model, modified=bool(self.removed["heads"]))
+    def blocks_of(self, structure: Structure) -> list[AttentionBlock]:
+        return structure.attention
 
+    def size(self, block: AttentionBlock) -> int:
+        return block.heads
 
-def _remove_heads(graph: ir.Graph, block: AttentionBlock, heads: list[int]) -> None:
-    kept = [h for h in range(block.heads) if h not in heads]
-    columns = head_columns(kept, block.head_dim)
-    for projection in (block.query, block.key, block.value):
-        bias = None if projection.bias is None else projection.bias[columns]
-        replace_linear(graph, projection, projection.weight[:, columns], bias)
-    replace_linear(graph, block.output, block.output.weight[columns], block.output.bias)
-    for slot in block.head_slots:
-        replace_shape_slot(graph, slot, len(kept))
-    for slot in block.width_slots:
-        replace_shape_slot(graph, slot, len(kept) * block.head_dim)
+    def scores(self, model: ir.Model, blocks: list[AttentionBlock]) -> dict[int, np.ndarray]:
+        return head_scores(model, blocks, self.importance, self.calibration, self.seed)
+
+    def remove(self, graph: ir.Graph, block: AttentionBlock, heads: list[int]) -> None:
+        kept = [h for h in range(block.heads) if h not in heads]
+        columns = head_columns(kept, block.head_dim)
+        for projection in (block.query, block.key, block.value):
+            bias = None if projection.bias is None else projection.bias[columns]
+            replace_linear(graph, projection, projection.weight[:, columns], bias)
+        replace_linear(graph, block.output, block.output.weight[columns], block.output.bias)
+        for slot in block.head_slots:
+            replace_shape_slot(graph, slot, len(kept))
+        for slot in block.width_slots:
+            replace_shape_slot(graph, slot, len(kept) * block.head_dim)
