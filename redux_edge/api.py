@@ -31,7 +31,7 @@ from redux_edge.errors import UserError
 from redux_edge.ir.cost import model_cost
 from redux_edge.ir.surgery import copy_model
 from redux_edge.ir.verify import Tolerance, compare, require_match
-from redux_edge.passes import StructuralPass
+from redux_edge.passes import StructuralPass, WeightMaskPass
 from redux_edge.preprocess import Preprocessor, from_manifest, read_inputs
 from redux_edge.recipe import Recipe
 from redux_edge.runtime import runner
@@ -84,9 +84,12 @@ class Source:
     reference_kind: str
     preprocessor: Preprocessor | None = None
     architecture: dict = field(default_factory=dict)
-    # The PyTorch reference with a structural plan applied by masking (nothing removed).
-    masked_reference: Callable[[dict], list[np.ndarray]] | None = None
+    # The PyTorch reference with a structural plan applied by masking (nothing removed) and weight masks
+    # multiplied in; None where the model's modules cannot express the plan.
+    masked_reference: Callable[[dict, dict], list[np.ndarray] | None] | None = None
     task_data: str | None = None
+    # The PyTorch module of a zoo model (what learned masks are trained on); None for ONNX files.
+    module: object | None = None
 
     @property
     def output_names(self) -> list[str]:
@@ -118,11 +121,13 @@ def load_source(
         exported = export_module(entry.module, entry.inputs, entry.dynamic_axes, entry.output_names)
     _check_feeds(exported, inputs)
 
-    def masked_reference(plan: dict) -> list[np.ndarray]:
+    def masked_reference(plan: dict, masks: dict) -> list[np.ndarray] | None:
         from redux_edge.analysis.reference import masked
 
-        head_dim = entry.architecture["hidden_size"] // entry.architecture["num_heads"]
-        with masked(entry.module, plan, head_dim) as module:
+        if plan and entry.architecture.get("family") != "bert":
+            return None  # the hooks address BERT-family modules
+        head_dim = entry.architecture.get("hidden_size", 1) // entry.architecture.get("num_heads", 1)
+        with masked(entry.module, plan, head_dim, masks) as module:
             return run_module(module, inputs)
 
     return Source(
@@ -134,8 +139,9 @@ def load_source(
         reference_kind="pytorch",
         preprocessor=entry.preprocessor,
         architecture=entry.architecture,
-        masked_reference=masked_reference if entry.architecture.get("family") == "bert" else None,
+        masked_reference=masked_reference,
         task_data=card.get("task_data"),
+        module=entry.module,
     )
 
 
@@ -288,14 +294,22 @@ def compile_model(
     options["shapes"] = {name: list(array.shape) for name, array in source.inputs.items()} | (shapes or {})
     original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
     structural = [p for p in recipe.passes if isinstance(p, StructuralPass)]
+    masking = [p for p in recipe.passes if isinstance(p, WeightMaskPass)]
     calibration = _calibration(source, structural)
     pass_log, dense = _run_passes(source.model, recipe, step)
     plan = {key: units for p in structural for key, units in p.removed.items() if units}
+    masks = {name: keep for p in masking for name, keep in p.masks.items()}
+    if masks:
+        # TensorRT builds sparse tactics only when asked (trtexec --sparsity=enable).
+        options.setdefault("sparsity", masking[-1].pattern)
     reference, reference_kind = source.reference, source.reference_kind
-    if plan:
-        with step("running the reference with the plan's units masked"):
-            reference = _masked_reference(source, dense, plan)
-        reference_kind += ", with the removed heads/neurons zeroed and dropped layers skipped"
+    if plan or masks:
+        with step("running the reference with the plan's units and the weight masks applied"):
+            reference = _masked_reference(source, dense, plan, masks)
+        reference_kind += ", with " + " and ".join(
+            ["the removed heads/neurons zeroed and dropped layers skipped"] * bool(plan)
+            + ["the sparsity masks multiplied into the weights"] * bool(masks)
+        )
     with bundles.staging(out, force) as stage:
         ir.save(source.model, str(stage / "model.onnx"))
         with step("verifying the transformed IR"):
@@ -304,6 +318,7 @@ def compile_model(
             require_match(ir_report, tolerance, "the transformed IR (model.onnx)")
         with step(f"lowering with {backend.name} for {target.name}"):
             backend_entry = backend.lower(stage / "model.onnx", target, stage / "artifact", options)
+        storage = _pack_sparse_weights(stage, masking)
         # The health-check sample is one batch the artifact takes: all samples, or one static batch.
         sample_count = next(iter(options["shapes"].values()))[0] if backend.static_shapes else None
         _write_runner(stage, source, sample_count)
@@ -311,6 +326,8 @@ def compile_model(
             source, target, backend_entry, recipe, pass_log, original_cost, tolerance, ir_report
         )
         manifest["verify"]["reference"] = reference_kind
+        if storage:
+            manifest["storage"] = storage
         bundles.write_manifest(stage, manifest)
         with step("verifying the artifact"):
             outputs, how = _run_artifact(backend, target, stage, source.inputs, options["shapes"])
@@ -327,12 +344,90 @@ def compile_model(
             stage / "sample" / "outputs.npz",
             **{name: value[:sample_count] for name, value in zip(source.output_names, expected, strict=True)},
         )
-        if plan:
+        if plan or masks:
             manifest["compression"] = _compression_report(
                 source, dense, plan, calibration, backend, target, stage, manifest, options, step
             )
+            if masking:
+                manifest["compression"]["sparsity"] = _sparsity_report(masking, storage)
         bundles.write_manifest(stage, manifest)
     return bundles.load_bundle(out)
+
+
+def learn_mask_plan(
+    model: str,
+    out: Path,
+    pattern: str = "2:4",
+    steps: int = 300,
+    sentences: int = 1024,
+    batch: int = 32,
+    seed: int = 0,
+    step: Step = _no_progress,
+) -> dict:
+    """Learn N:M masks (MaskLLM) for the weights the ``sparsity`` pass would sparsify in a zoo model,
+    on the card's task data (training split; else its samples), and write them to ``out`` (.npz)."""
+    import torch
+
+    from redux_edge.ir.nm import groups, parse_pattern
+    from redux_edge.passes import build_pass
+    from redux_edge.train.maskllm import MaskTraining, learn_masks
+
+    source = load_source(model, step=step)
+    if source.module is None:
+        raise UserError("learn-masks trains a PyTorch model", "give a zoo model (redux-edge models)")
+    build_pass("cleanup", {})(source.model)
+    magnitude = build_pass("sparsity", {"pattern": pattern})
+    magnitude(source.model)
+    if source.task_data == "rotten-tomatoes" and source.preprocessor is not None:
+        from redux_edge.datasets import rotten_tomatoes
+
+        texts = rotten_tomatoes.calibration_texts(sentences)
+        feeds = [source.preprocessor(texts[i : i + batch]) for i in range(0, len(texts), batch)]
+        data = f"{len(texts)} Rotten Tomatoes training sentences"
+    else:
+        feeds, data = [source.inputs], f"the card's {next(iter(source.inputs.values())).shape[0]} samples"
+    batches = [tuple(torch.from_numpy(array) for array in f.values()) for f in feeds]
+    losses: list[float] = []
+    with step(f"learning {pattern} masks for {len(magnitude.masks)} weights on {data} ({steps} steps)"):
+        learned = learn_masks(
+            source.module,
+            magnitude.masks,
+            batches,
+            pattern,
+            MaskTraining(steps=steps, seed=seed),
+            progress=lambda _, loss: losses.append(loss),
+        )
+    _write_atomically(out, lambda handle: np.savez_compressed(handle, **learned))
+    m = parse_pattern(pattern)[1]
+    changed = sum(
+        int((groups(learned[n], m) != groups(magnitude.masks[n], m)).any(axis=1).sum()) for n in learned
+    )
+    total = sum(keep.size // m for keep in learned.values())
+    return {
+        "plan": str(out),
+        "pattern": pattern,
+        "weights": len(learned),
+        "data": data,
+        "steps": steps,
+        "groups_changed_from_magnitude": changed / total,
+        "distillation_loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None},
+    }
+
+
+def _write_atomically(out: Path, write: Callable) -> None:
+    """``write(handle)`` into a temporary sibling of ``out``, renamed to ``out`` once complete."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False) as handle:
+            try:
+                write(handle)
+            except BaseException:
+                Path(handle.name).unlink(missing_ok=True)
+                raise
+        os.replace(handle.name, out)
+    except OSError as exc:
+        why = exc.strerror or exc
+        raise UserError(f"cannot write {out}: {why}", "free disk space or choose another path") from exc
 
 
 def _run_artifact(
@@ -358,24 +453,26 @@ def _run_artifact(
     return [np.concatenate(parts) for parts in zip(*chunks, strict=True)], how
 
 
-def _masked_reference(source: Source, dense: ir.Model, plan: dict) -> list[np.ndarray]:
-    """The original computation with the plan masked in: PyTorch for zoo models; for ONNX files, ONNX
-    Runtime on the graph the structural passes started from, with weights zeroed instead of sliced."""
+def _masked_reference(source: Source, dense: ir.Model, plan: dict, masks: dict) -> list[np.ndarray]:
+    """The original computation with the plan and the weight masks applied: PyTorch for zoo models; for
+    ONNX files, ONNX Runtime on the graph the passes started from, with weights zeroed instead of sliced."""
     if source.masked_reference is not None:
-        return source.masked_reference(plan)
+        outputs = source.masked_reference(plan, masks)
+        if outputs is not None:
+            return outputs
     from redux_edge.analysis.reference import masked_graph
 
     with tempfile.TemporaryDirectory() as scratch:
-        ir.save(masked_graph(copy_model(dense), plan), str(Path(scratch) / "masked.onnx"))
+        ir.save(masked_graph(copy_model(dense), plan, masks), str(Path(scratch) / "masked.onnx"))
         return _run_ir_file(Path(scratch) / "masked.onnx", source.inputs)
 
 
 def _run_passes(model: ir.Model, recipe: Recipe, step: Step) -> tuple[list[dict], ir.Model | None]:
-    """Run the recipe; also return the model as the first structural pass found it (the dense model
-    that quality, speed and the exact reference compare against), None when there is none."""
+    """Run the recipe; also return the model as the first structural or weight-masking pass found it (the
+    dense model that quality, speed and the exact reference compare against), None when there is none."""
     log, dense = [], None
     for configured in recipe.passes:
-        if dense is None and isinstance(configured, StructuralPass):
+        if dense is None and isinstance(configured, (StructuralPass, WeightMaskPass)):
             dense = copy_model(model)
         with step(f"pass {configured.name}"):
             started = time.perf_counter()
@@ -451,9 +548,38 @@ def _compression_report(
             report["quality"] = text_quality(dense, source.model, source.preprocessor, rotten_tomatoes.load())
     else:
         report["quality"] = {"measured": False, "why": "the model card names no task data"}
+    if not plan:
+        report["speed"] = {
+            "measured": False,
+            "why": "weight sparsity keeps every shape: it runs faster only on sparse tensor cores "
+            "(TensorRT on Ampere/Orin), not on CPUs",
+        }
+        return report
     with step("timing dense vs compressed through the same backend"):
         report["speed"] = _speed_vs_dense(source, dense, backend, target, stage, manifest, options)
     return report
+
+
+def _pack_sparse_weights(stage: Path, masking: list[WeightMaskPass]) -> dict | None:
+    """Store the bundle's N:M weights packed (kept values and positions); the manifest's index."""
+    from redux_edge.ir.nm import parse_pattern
+    from redux_edge.packing import pack_bundle_models
+
+    patterns = {p.pattern for p in masking if p.masks}
+    if len(patterns) != 1:
+        return None
+    return pack_bundle_models(stage, *parse_pattern(patterns.pop()))
+
+
+def _sparsity_report(masking: list[WeightMaskPass], storage: dict | None) -> dict:
+    report = [entry for p in masking for entry in p.report]
+    return {
+        "pattern": masking[-1].pattern,
+        "sparsified": sum(entry["sparsified"] for entry in report),
+        "weights": len(report),
+        "layers": report,
+        "storage": {k: v for k, v in (storage or {}).items() if k != "packed_files"},
+    }
 
 
 _SPEED_BLOCKS, _SPEED_CALLS = 4, 10
@@ -485,7 +611,9 @@ def _speed_vs_dense(
         dense_entry = backend.lower(Path(scratch) / "model.onnx", target, Path(scratch) / "artifact", options)
         sessions = {
             "dense": runner.open_artifact(Path(scratch), dense_entry, threads, source.output_names),
-            "compressed": runner.open_artifact(stage, entry, threads, source.output_names),
+            "compressed": runner.open_artifact(
+                stage, entry, threads, source.output_names, manifest.get("storage")
+            ),
         }
         seconds = {name: [] for name in sessions}
         # Blocks of consecutive calls in alternating order, as tools/bench.py measures: one by one

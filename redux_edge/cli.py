@@ -113,6 +113,12 @@ def cli(debug: bool) -> None:
     help="How the structural flags choose units [magnitude; --drop-layers N: calibration].",
 )
 @click.option("--plan", type=click.Path(path_type=Path), help="Plan JSON naming heads/neurons/layers.")
+@click.option("--sparsity", metavar="N:M", help="Semi-structured weight sparsity, e.g. 2:4 (sparsity pass).")
+@click.option(
+    "--sparsity-masks",
+    type=click.Path(path_type=Path),
+    help="Learned N:M masks from `redux-edge learn-masks` (.npz) [default: magnitude].",
+)
 @click.option("--backend", help="Override the target's preferred backend.")
 @click.option(
     "--shapes",
@@ -155,6 +161,8 @@ def compile_command(
     drop_layers: str | None,
     importance: str | None,
     plan: Path | None,
+    sparsity: str | None,
+    sparsity_masks: Path | None,
     backend: str | None,
     shapes: str | None,
     inputs_file: Path | None,
@@ -182,6 +190,7 @@ def compile_command(
       redux-edge compile --model my.onnx --shapes x:1x3x224x224 -o build/my
       redux-edge compile --model minilm-l6 --recipe models/minilm-l6/edge.toml -o build/edge
       redux-edge compile --model minilm-l6 --prune-heads 0.5 --importance calibration -o build/half
+      redux-edge compile --model minilm-l6 --target jetson-orin-nano --sparsity 2:4 -o build/sparse
       redux-edge compile --model minilm-l6 --recipe build/minilm/manifest.json -o build/again
     """
     from redux_edge import api
@@ -204,7 +213,9 @@ def compile_command(
         default = Tolerance.for_precision(precision or "fp32")
         tolerance = Tolerance(tolerance_cosine or default.min_cosine, tolerance_atol or default.atol)
     structural = _structural_flags(prune_heads, prune_ffn, drop_layers, importance, plan)
-    chosen = load_recipe(recipe).extended([*(parse_pass_flag(flag) for flag in extra_passes), *structural])
+    masking = _sparsity_flags(sparsity, sparsity_masks)
+    flags = [*(parse_pass_flag(flag) for flag in extra_passes), *structural, *masking]
+    chosen = load_recipe(recipe).extended(flags)
     with api.native_output_to_stderr():
         bundle = api.compile_model(
             model,
@@ -223,6 +234,44 @@ def compile_command(
         _emit_json(bundle.manifest)
     else:
         _print_report(bundle.path, bundle.manifest, [])
+
+
+@cli.command("learn-masks")
+@click.option("-m", "--model", required=True, help="Zoo name (the masks are trained in PyTorch).")
+@click.option(
+    "-o", "--output", "plan_file", required=True, type=click.Path(path_type=Path), help="Mask plan (.npz)."
+)
+@click.option("--pattern", default="2:4", show_default=True, help="N:M: at most N non-zeros in every M.")
+@click.option("--steps", default=300, show_default=True, help="Optimiser steps.")
+@click.option("--sentences", default=1024, show_default=True, help="Calibration sentences (task data).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def learn_masks_command(
+    model: str, plan_file: Path, pattern: str, steps: int, sentences: int, seed: int, as_json: bool
+) -> None:
+    """Learn N:M sparsity masks for MODEL (MaskLLM: Gumbel-softmax over the candidate masks of every
+    group, weights frozen, distilling the dense model on real data); compile with --sparsity-masks.
+
+    \b
+    Example:
+      redux-edge learn-masks --model minilm-l6 -o build/minilm-2to4.npz
+      redux-edge compile --model minilm-l6 --sparsity-masks build/minilm-2to4.npz -o build/sparse
+    """
+    from redux_edge import api
+
+    if steps < 1 or sentences < 1:
+        raise UserError("--steps and --sentences must be positive", "e.g. --steps 300 --sentences 1024")
+    report = api.learn_mask_plan(model, plan_file, pattern, steps, sentences, seed=seed, step=_progress)
+    if as_json:
+        _emit_json(report)
+        return
+    loss = report["distillation_loss"]
+    out.print(
+        f"wrote {report['plan']}: {report['pattern']} masks for {report['weights']} weights, learned on "
+        f"{report['data']} in {report['steps']} steps; distillation loss (1 - cosine to dense) "
+        f"{loss['first']:.4f} -> {loss['last']:.4f}; {report['groups_changed_from_magnitude']:.1%} of the "
+        "groups differ from the magnitude mask"
+    )
 
 
 @cli.command()
@@ -424,17 +473,42 @@ def _structural_flags(
     return [*passes, build_pass("cleanup", {})] if passes else []
 
 
+def _sparsity_flags(pattern: str | None, masks: Path | None) -> list:
+    from redux_edge.passes import build_pass
+
+    if pattern is None and masks is None:
+        return []
+    parameters = {"pattern": pattern or "2:4"}
+    if masks is not None:
+        parameters |= {"mask": "learned", "plan": str(masks)}
+    return [build_pass("sparsity", parameters)]
+
+
 def _per_layer(counts: dict) -> str:
     return " ".join(f"{layer}:{count}" for layer, count in counts.items()) or "-"
 
 
 def _print_compression(report: dict, backend: str) -> None:
     before = report["architecture"]["original"]
-    out.print(
-        f"  removed  from {before['layers']} layers with heads {_per_layer(before['heads_per_layer'])}: "
-        + ", ".join(f"{key} {_count_units(units)}" for key, units in report["plan"].items())
-        + (f"  (calibrated on {report['calibration']})" if report["calibration"] else "")
-    )
+    if report["plan"]:
+        out.print(
+            f"  removed  from {before['layers']} layers with heads {_per_layer(before['heads_per_layer'])}: "
+            + ", ".join(f"{key} {_count_units(units)}" for key, units in report["plan"].items())
+            + (f"  (calibrated on {report['calibration']})" if report["calibration"] else "")
+        )
+    if sparsity := report.get("sparsity"):
+        storage = sparsity["storage"]
+        packed = (
+            f"; stored packed: {_human_bytes(storage['sparse_weights_dense_bytes'])} -> "
+            f"{_human_bytes(storage['sparse_weights_packed_bytes'])} ({storage['packed_to_dense']:.2f}x)"
+            if storage.get("packed_to_dense")
+            else ""
+        )
+        masks = sorted({entry["mask"] for entry in sparsity["layers"] if entry["sparsified"]})
+        out.print(
+            f"  sparsity {sparsity['pattern']} in {sparsity['sparsified']} of {sparsity['weights']} weights "
+            f"({', '.join(masks) or 'none'} masks){packed}"
+        )
     quality = report["quality"]
     if quality.get("measured", True):
         cosine, probe = quality["embedding_cosine"], quality["probe_accuracy"]

@@ -10,6 +10,9 @@ projection's input (that is the heads' outputs), zero the chosen neurons at the 
 feed-forward projection, and return a skipped layer's input as its output. The hooks address modules by the
 Hugging Face BERT-family layout (``encoder.layer[i].attention.output.dense``, ``output.dense``; DistilBert's
 ``transformer.layer[i].attention.out_lin``, ``ffn.lin2``), which our zoo's BERT also follows.
+
+Weight masks (``{weight name: keep mask}``, names and layout as in ``redux_edge.ir.weights``) are
+multiplied into the PyTorch parameters of those names, or into the graph's weights, for the duration.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from redux_edge.errors import UserError
 from redux_edge.ir.blocks import find_structure
-from redux_edge.ir.surgery import bypass, head_columns, replace_linear
+from redux_edge.ir.surgery import bypass, head_columns, new_initializer, replace_linear
+from redux_edge.ir.weights import find_weights
 
 __all__ = ["masked", "masked_graph"]
 
@@ -56,11 +61,13 @@ def _skip(_: nn.Module, args: tuple, kwargs: dict, output):
 
 
 @contextlib.contextmanager
-def masked(module: nn.Module, plan: dict, head_dim: int) -> Iterator[nn.Module]:
-    """``module`` computing as if ``plan`` were applied, for the duration of the block."""
-    layers = _find(module, _LAYER_LISTS, nested=True)
+def masked(module: nn.Module, plan: dict, head_dim: int, weights: dict | None = None) -> Iterator[nn.Module]:
+    """``module`` computing as if ``plan`` were applied and ``weights`` masks multiplied in, for the
+    duration of the block."""
     handles = []
+    originals = _mask_parameters(module, weights or {})
     try:
+        layers = _find(module, _LAYER_LISTS, nested=True) if plan else []
         for layer, heads in plan.get("heads", {}).items():
             columns = torch.from_numpy(head_columns(heads, head_dim))
             target = _find(layers[int(layer)], _OUTPUT_PROJECTIONS)
@@ -74,10 +81,43 @@ def masked(module: nn.Module, plan: dict, head_dim: int) -> Iterator[nn.Module]:
     finally:
         for handle in handles:
             handle.remove()
+        with torch.no_grad():
+            for parameter, original in originals:
+                parameter.copy_(original)
 
 
-def masked_graph(model: ir.Model, plan: dict) -> ir.Model:
-    """``model`` (changed in place and returned) computing as if ``plan`` were applied."""
+def _unfit(name: str) -> None:
+    raise UserError(
+        f"the sparsity mask of {name} does not fit the original model: was it pruned before?",
+        "sparsify a pruned model in a second compile: --model <pruned bundle>/model.onnx --sparsity 2:4",
+    )
+
+
+def _mask_parameters(module: nn.Module, weights: dict) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Multiply the named parameters by their keep masks; the originals, to put back."""
+    parameters = dict(module.named_parameters())
+    originals = []
+    with torch.no_grad():
+        for name, keep in weights.items():
+            parameter = parameters.get(name)
+            if parameter is None or tuple(parameter.shape) != keep.shape:
+                for restored, original in originals:
+                    restored.copy_(original)
+                _unfit(name)
+            originals.append((parameter, parameter.detach().clone()))
+            parameter.mul_(torch.from_numpy(keep).to(parameter.dtype))
+    return originals
+
+
+def masked_graph(model: ir.Model, plan: dict, weights: dict | None = None) -> ir.Model:
+    """``model`` (changed in place and returned) computing as if ``plan`` were applied and ``weights``
+    masks multiplied in."""
+    for weight in find_weights(model):
+        if weight.name in (weights or {}):
+            if weight.torch_layout.shape != weights[weight.name].shape:
+                _unfit(weight.name)
+            masked_weight = weight.stored(weight.torch_layout * weights[weight.name])
+            weight.node.replace_input_with(1, new_initializer(model.graph, masked_weight, weight.value.name))
     structure = find_structure(model)
     attention = {block.layer: block for block in structure.attention}
     feed_forward = {block.layer: block for block in structure.feed_forward}

@@ -13,7 +13,15 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from redux_edge.ir.blocks import Linear, ShapeSlot, const_array
 
-__all__ = ["bypass", "copy_model", "finish", "head_columns", "replace_linear", "replace_shape_slot"]
+__all__ = [
+    "bypass",
+    "copy_model",
+    "finish",
+    "head_columns",
+    "new_initializer",
+    "replace_linear",
+    "replace_shape_slot",
+]
 
 
 def copy_model(model: ir.Model) -> ir.Model:
@@ -21,7 +29,7 @@ def copy_model(model: ir.Model) -> ir.Model:
     return ir.from_proto(ir.to_proto(model))
 
 
-def _constant(graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:
+def new_initializer(graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:
     names = set(graph.initializers)
     name, suffix = hint, 0
     while name in names:
@@ -38,11 +46,11 @@ def replace_linear(graph: ir.Graph, linear: Linear, weight: np.ndarray, bias: np
     """Point the projection at new weight [in, out] and bias initializers."""
     base = linear.matmul.name or "linear"
     linear.matmul.replace_input_with(
-        1, _constant(graph, weight.astype(linear.weight.dtype), f"{base}.weight")
+        1, new_initializer(graph, weight.astype(linear.weight.dtype), f"{base}.weight")
     )
     if linear.bias_add is not None and bias is not None:
         index = 0 if const_array(linear.bias_add.inputs[0]) is not None else 1
-        linear.bias_add.replace_input_with(index, _constant(graph, bias, f"{base}.bias"))
+        linear.bias_add.replace_input_with(index, new_initializer(graph, bias, f"{base}.bias"))
     linear.weight, linear.bias = weight, bias
 
 
@@ -52,12 +60,12 @@ def replace_shape_slot(graph: ir.Graph, slot: ShapeSlot, value: int) -> None:
     if slot.concat is None:
         array = const_array(slot.reshape.inputs[1]).copy()
         array[slot.position] = value
-        slot.reshape.replace_input_with(1, _constant(graph, array, hint))
+        slot.reshape.replace_input_with(1, new_initializer(graph, array, hint))
         return
     pieces = list(slot.concat.inputs)
     piece = const_array(pieces[slot.piece]).copy()
     piece.reshape(-1)[slot.position - slot.offset] = value
-    pieces[slot.piece] = _constant(graph, piece, hint)
+    pieces[slot.piece] = new_initializer(graph, piece, hint)
     concat = ir.node("Concat", pieces, {"axis": 0}, name=f"{slot.reshape.name}_shape")
     graph.insert_before(slot.reshape, concat)
     slot.reshape.replace_input_with(1, concat.outputs[0])

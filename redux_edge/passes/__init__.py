@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from redux_edge.ir.blocks import Structure
 
-__all__ = ["PASSES", "RecipePass", "StructuralPass", "UnitPruningPass", "build_pass"]
+__all__ = ["PASSES", "RecipePass", "StructuralPass", "UnitPruningPass", "WeightMaskPass", "build_pass"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,15 @@ class RecipePass(ir.passes.InPlacePass):
 
     def parameters(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class WeightMaskPass(RecipePass):
+    """A pass that zeroes weights on purpose without changing shapes. Afterwards ``masks`` maps each
+    changed weight's name (``redux_edge.ir.weights``) to its keep mask in PyTorch layout, from which the
+    exact reference is built, and ``report`` says per weight what was done and why."""
+
+    masks: ClassVar[dict] = {}
+    report: ClassVar[list] = []
 
 
 class StructuralPass(RecipePass):
@@ -152,8 +161,11 @@ def _registry() -> dict[str, type[RecipePass]]:
     from redux_edge.passes.ffn_prune import PruneFfnPass
     from redux_edge.passes.head_prune import PruneHeadsPass
     from redux_edge.passes.layer_drop import DropLayersPass
+    from redux_edge.passes.sparsity import SparsityPass
 
-    return {cls.name: cls for cls in (CleanupPass, PruneHeadsPass, PruneFfnPass, DropLayersPass)}
+    return {
+        cls.name: cls for cls in (CleanupPass, PruneHeadsPass, PruneFfnPass, DropLayersPass, SparsityPass)
+    }
 
 
 PASSES = _registry()

@@ -32,8 +32,10 @@ __all__ = [
     "build_engine",
     "check_inputs",
     "check_sparse_tactics",
+    "expand_packed",
     "latency_stats",
     "parse_trtexec_log",
+    "unpacked_weights",
 ]
 
 _DTYPES = {
@@ -62,7 +64,9 @@ class BundleSession:
         self.inputs = self.manifest["inputs"]
         self.output_names = [output["name"] for output in self.manifest["outputs"]]
         threads = backend["session"]["threads"] if threads is None else threads
-        self._execute = _EXECUTORS[backend["name"]](self.bundle_dir, backend, threads, self.output_names)
+        self._execute = open_artifact(
+            self.bundle_dir, backend, threads, self.output_names, self.manifest.get("storage")
+        )
 
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return check_inputs(self.inputs, feeds)
@@ -90,7 +94,7 @@ class BundleSession:
         return latency_stats(seconds, batch)
 
 
-def _onnxruntime(bundle_dir: Path, backend: dict, threads: int, output_names: list[str]):
+def _onnxruntime(bundle_dir: Path, backend: dict, threads: int, output_names: list[str], storage: dict):
     import onnxruntime as ort
 
     settings = backend["session"]
@@ -102,11 +106,17 @@ def _onnxruntime(bundle_dir: Path, backend: dict, threads: int, output_names: li
     options.inter_op_num_threads = settings["inter_op_num_threads"]
     # The recorded order of preference, less the providers this ONNX Runtime build lacks.
     providers = [name for name in settings["providers"] if name in ort.get_available_providers()]
+    packed = storage.get("packed_files", {}).get(backend["artifact"])
+    if packed:
+        weights = unpacked_weights(bundle_dir / Path(backend["artifact"]).parent, packed)
+        options.add_external_initializers(
+            list(weights), [ort.OrtValue.ortvalue_from_numpy(array) for array in weights.values()]
+        )
     session = ort.InferenceSession(str(bundle_dir / backend["artifact"]), options, providers=providers)
     return lambda feeds: session.run(output_names, feeds)
 
 
-def _openvino(bundle_dir: Path, backend: dict, threads: int, output_names: list[str]):
+def _openvino(bundle_dir: Path, backend: dict, threads: int, output_names: list[str], storage: dict):
     import openvino as ov
 
     settings = backend["session"]
@@ -123,7 +133,7 @@ def _openvino(bundle_dir: Path, backend: dict, threads: int, output_names: list[
     return execute
 
 
-def _tvm(bundle_dir: Path, backend: dict, threads: int, output_names: list[str]):
+def _tvm(bundle_dir: Path, backend: dict, threads: int, output_names: list[str], storage: dict):
     import tvm
     from tvm import relax
 
@@ -144,9 +154,55 @@ def _tvm(bundle_dir: Path, backend: dict, threads: int, output_names: list[str])
 _EXECUTORS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tvm": _tvm}
 
 
-def open_artifact(bundle_dir: Path, backend: dict, threads: int, output_names: list[str]):
-    """``run(feeds) -> outputs`` for an artifact described by a manifest's backend entry."""
-    return _EXECUTORS[backend["name"]](Path(bundle_dir), backend, threads, output_names)
+def open_artifact(
+    bundle_dir: Path, backend: dict, threads: int, output_names: list[str], storage: dict | None = None
+):
+    """``run(feeds) -> outputs`` for an artifact described by a manifest's backend entry; ``storage``
+    is the manifest's index of packed weights."""
+    return _EXECUTORS[backend["name"]](Path(bundle_dir), backend, threads, output_names, storage or {})
+
+
+def unpacked_weights(folder: Path, index: dict) -> dict[str, np.ndarray]:
+    """The dense weights of one packed ONNX file in ``folder`` (see redux_edge/packing.py): per group of
+    M along the reduction axis, N kept float32 values and their positions in ceil(log2 M) bits each."""
+    n, m = (int(part) for part in index["pattern"].split(":"))
+    bits = (m - 1).bit_length()
+    blob = (folder / _file_name(index["packed"])).read_bytes()
+    weights = {}
+    for name, entry in index["tensors"].items():
+        values = np.frombuffer(blob, np.float32, entry["values"], entry["values_offset"]).reshape(-1, n)
+        raw = np.frombuffer(blob, np.uint8, entry["positions_bytes"], entry["positions_offset"])
+        position_bits = np.unpackbits(raw)[: values.size * bits].reshape(-1, bits).astype(np.int64)
+        positions = (position_bits @ (1 << np.arange(bits - 1, -1, -1))).reshape(-1, n)
+        grouped = np.zeros((values.shape[0], m), np.float32)
+        np.put_along_axis(grouped, positions, values, axis=1)
+        shape, axis = entry["shape"], entry["axis"]
+        moved = [size for i, size in enumerate(shape) if i != axis] + [shape[axis]]
+        weights[name] = np.ascontiguousarray(np.moveaxis(grouped.reshape(moved), -1, axis))
+    return weights
+
+
+def expand_packed(bundle_dir: Path, storage: dict) -> list[Path]:
+    """Write the dense external-data files of every packed ONNX file, for tools that read ONNX files
+    (trtexec, onnx, OpenVINO's reader); returns the files written."""
+    written = []
+    for relative, index in storage.get("packed_files", {}).items():
+        folder = (bundle_dir / relative).parent
+        dense = bytearray(sum(entry["dense_bytes"] for entry in index["tensors"].values()))
+        for name, array in unpacked_weights(folder, index).items():
+            entry = index["tensors"][name]
+            dense[entry["dense_offset"] : entry["dense_offset"] + entry["dense_bytes"]] = array.tobytes()
+        target = folder / _file_name(index["dense"])
+        target.write_bytes(bytes(dense))
+        written.append(target)
+    return written
+
+
+def _file_name(name: str) -> str:
+    """A file name from the manifest, which must not lead out of the bundle's folder."""
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"the manifest names a packed-weights file outside its folder: {name!r}")
+    return name
 
 
 class EngineBuildError(RuntimeError):
@@ -181,10 +237,12 @@ def check_sparse_tactics(report: dict, sparsity_requested: bool) -> None:
 
 def build_engine(bundle_dir: Path, trtexec: str = "trtexec") -> dict:
     """Build the bundle's TensorRT engine with trtexec, keep the log, and check the sparse tactics."""
-    backend = json.loads((bundle_dir / "manifest.json").read_text())["backend"]
-    plan = backend["engine_build"]
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    plan = manifest["backend"]["engine_build"]
     engines = bundle_dir / plan["engine_dir"]
     engines.mkdir(exist_ok=True)
+    # trtexec reads the ONNX file itself, so packed 2:4 weights go back into their dense file first.
+    expand_packed(bundle_dir, manifest.get("storage", {}))
     engine = engines / f"{plan['engine_name']}-trt{_tensorrt_version(trtexec)}.plan"
     argv = [trtexec if arg == "trtexec" else arg.replace("{engine}", str(engine)) for arg in plan["argv"]]
     completed = subprocess.run(argv, cwd=bundle_dir, capture_output=True, text=True, check=False)
@@ -260,7 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--build-engine", action="store_true", help="TensorRT: build this device's engine")
+    parser.add_argument(
+        "--expand", action="store_true", help="write the dense weights of packed 2:4 models for other tools"
+    )
     args = parser.parse_args(argv)
+    if args.expand:
+        manifest = json.loads((args.bundle / "manifest.json").read_text())
+        for path in expand_packed(args.bundle, manifest.get("storage", {})):
+            print(path)
+        return 0
     if args.build_engine:
         try:
             print(json.dumps(build_engine(args.bundle)))

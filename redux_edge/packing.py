@@ -1,0 +1,124 @@
+"""Bundle storage of N:M-sparse weights: kept values plus their positions, expanded when loaded.
+
+Every ONNX file of a sparse bundle keeps its N:M weights as standard ONNX external data that points at a
+dense file (``model.onnx.data``) which the bundle does not ship; it ships ``model.onnx.packed`` instead:
+per group of M weights along the reduction axis, the N kept values (float32) and their positions
+(ceil(log2 M) bits each, so 2:4 takes 8.5 of 16 bytes). The runner expands them into ONNX Runtime's session
+(``add_external_initializers``) without writing anything, or writes the dense file for tools that read
+ONNX files (``runner/run.py --expand``; TensorRT's engine build does it first). The index lives in the
+manifest, under ``storage``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["pack_bundle_models"]
+
+_PACKED_SUFFIX, _DENSE_SUFFIX = ".packed", ".data"
+
+
+def _reduction_axis(node: onnx.NodeProto, rank: int) -> int | None:
+    """The reduction axis of the weight input (index 1) of ``node`` as stored, None for other ops."""
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type in ("MatMul", "FusedMatMul") and rank == 2:
+        return 1 if attributes.get("transB", 0) else 0
+    if node.op_type == "Gemm" and rank == 2:
+        return 1 if attributes.get("transB", 0) else 0
+    if node.op_type == "Conv" and rank >= 3 and attributes.get("group", 1) == 1:
+        return 1
+    return None
+
+
+def _weight_axes(graph: onnx.GraphProto) -> dict[str, int]:
+    axes: dict[str, int | None] = {}
+    ranks = {init.name: len(init.dims) for init in graph.initializer}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name not in ranks:
+                continue
+            axis = _reduction_axis(node, ranks[name]) if index == 1 else None
+            # A tensor used anywhere but as such a weight, or with two different axes, stays dense.
+            axes[name] = axis if axes.get(name, axis) == axis else None
+    return {name: axis for name, axis in axes.items() if axis is not None}
+
+
+def _pack(array: np.ndarray, axis: int, n: int, m: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(kept values [groups, n], position bits as bytes), or None when ``array`` is not N:M along ``axis``."""
+    if array.shape[axis] % m:
+        return None
+    grouped = np.moveaxis(array, axis, -1).reshape(-1, m)
+    if ((grouped != 0).sum(axis=1) > n).any():
+        return None
+    # Non-zeros first (a group with fewer than n non-zeros keeps some zeros), then in position order.
+    positions = np.sort(np.argsort(grouped == 0, axis=1, kind="stable")[:, :n], axis=1).astype(np.uint8)
+    values = np.take_along_axis(grouped, positions.astype(np.int64), axis=1)
+    bits = math.ceil(math.log2(m))
+    position_bits = np.unpackbits(positions.reshape(-1, 1), axis=1)[:, 8 - bits :]
+    return values.astype(np.float32), np.packbits(position_bits.reshape(-1))
+
+
+def pack_model_file(path: Path, n: int, m: int, min_bytes: int = 4096) -> dict | None:
+    """Rewrite the ONNX file ``path`` with its N:M float32 weights packed; the index, None if none."""
+    model = onnx.load(str(path))
+    dense_name, packed_name = path.name + _DENSE_SUFFIX, path.name + _PACKED_SUFFIX
+    tensors, dense_offset, chunks, packed_offset = {}, 0, [], 0
+    axes = _weight_axes(model.graph)
+    for initializer in model.graph.initializer:
+        axis = axes.get(initializer.name)
+        if axis is None or initializer.data_type != onnx.TensorProto.FLOAT:
+            continue
+        array = numpy_helper.to_array(initializer)
+        packed = _pack(array, axis, n, m) if array.nbytes >= min_bytes else None
+        if packed is None:
+            continue
+        values, positions = packed
+        tensors[initializer.name] = {
+            "shape": list(array.shape),
+            "axis": axis,
+            "dense_offset": dense_offset,
+            "dense_bytes": array.nbytes,
+            "values_offset": packed_offset,
+            "values": int(values.size),
+            "positions_offset": packed_offset + values.nbytes,
+            "positions_bytes": int(positions.size),
+        }
+        chunks += [values.tobytes(), positions.tobytes()]
+        packed_offset += values.nbytes + positions.size
+        initializer.ClearField("raw_data")
+        initializer.ClearField("float_data")
+        initializer.data_location = onnx.TensorProto.EXTERNAL
+        del initializer.external_data[:]
+        for key, value in (("location", dense_name), ("offset", dense_offset), ("length", array.nbytes)):
+            entry = initializer.external_data.add()
+            entry.key, entry.value = key, str(value)
+        dense_offset += array.nbytes
+    if not tensors:
+        return None
+    (path.parent / packed_name).write_bytes(b"".join(chunks))
+    onnx.save(model, str(path))
+    return {"pattern": f"{n}:{m}", "packed": packed_name, "dense": dense_name, "tensors": tensors}
+
+
+def pack_bundle_models(stage: Path, n: int, m: int) -> dict:
+    """Pack every ONNX file of the bundle being built in ``stage``; the manifest's ``storage`` entry."""
+    files = {}
+    for path in sorted(stage.rglob("*.onnx")):
+        index = pack_model_file(path, n, m)
+        if index is not None:
+            files[path.relative_to(stage).as_posix()] = index
+    dense = sum(t["dense_bytes"] for index in files.values() for t in index["tensors"].values())
+    packed = sum(
+        t["values"] * 4 + t["positions_bytes"] for index in files.values() for t in index["tensors"].values()
+    )
+    return {
+        "packed_files": files,
+        "sparse_weights_dense_bytes": dense,
+        "sparse_weights_packed_bytes": packed,
+        "packed_to_dense": packed / dense if dense else None,
+    }
