@@ -349,7 +349,7 @@ def compile_model(
                 source, dense, plan, calibration, backend, target, stage, manifest, options, step
             )
             if masking:
-                manifest["compression"]["sparsity"] = _sparsity_report(masking, storage)
+                manifest["compression"]["sparsity"] = _sparsity_report(masking, storage, target)
         bundles.write_manifest(stage, manifest)
     return bundles.load_bundle(out)
 
@@ -571,10 +571,12 @@ def _pack_sparse_weights(stage: Path, masking: list[WeightMaskPass]) -> dict | N
     return pack_bundle_models(stage, *parse_pattern(patterns.pop()))
 
 
-def _sparsity_report(masking: list[WeightMaskPass], storage: dict | None) -> dict:
+def _sparsity_report(masking: list[WeightMaskPass], storage: dict | None, target: Target) -> dict:
     report = [entry for p in masking for entry in p.report]
     return {
         "pattern": masking[-1].pattern,
+        # Without sparse tensor cores the weights run dense: the gain is the bundle's size only.
+        "target_has_sparse_tensor_cores": bool(target.sparse_tensor_cores),
         "sparsified": sum(entry["sparsified"] for entry in report),
         "weights": len(report),
         "layers": report,

@@ -505,9 +505,14 @@ def _print_compression(report: dict, backend: str) -> None:
             else ""
         )
         masks = sorted({entry["mask"] for entry in sparsity["layers"] if entry["sparsified"]})
+        runs = (
+            "sparse tensor cores on this target"
+            if sparsity["target_has_sparse_tensor_cores"]
+            else "this target has no sparse tensor cores: it runs dense"
+        )
         out.print(
             f"  sparsity {sparsity['pattern']} in {sparsity['sparsified']} of {sparsity['weights']} weights "
-            f"({', '.join(masks) or 'none'} masks){packed}"
+            f"({', '.join(masks) or 'none'} masks){packed}; {runs}"
         )
     quality = report["quality"]
     if quality.get("measured", True):

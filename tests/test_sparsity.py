@@ -239,8 +239,42 @@ def test_bad_sparsity_flags_are_user_errors(cli, tmp_path, flags, message):
     assert_clean_user_error(result, tmp_path, message=message)
 
 
+def test_sparsity_after_pruning_in_one_compile_is_refused_with_the_two_step_way(cli, tmp_path):
+    flags = ["--prune-heads", "0.5", "--sparsity", "2:4"]
+    result = cli("compile", "--model", "minilm-l6", "-o", tmp_path / "out", *flags)
+    assert_clean_user_error(result, tmp_path, message="does not fit the original model")
+    assert "--model <pruned bundle>/model.onnx --sparsity 2:4" in result.stderr
+
+
 def test_learn_masks_needs_a_pytorch_model(cli, tmp_path):
     model = make_mlp_onnx(tmp_path / "mlp.onnx")
     result = cli("learn-masks", "--model", model, "-o", tmp_path / "masks.npz")
     assert result.exit_code == 2 and "learn-masks trains a PyTorch model" in result.stderr
     assert not (tmp_path / "masks.npz").exists()
+
+
+def test_a_jetson_bundle_asks_tensorrt_for_sparse_tactics_and_ships_packed_weights(cli, tmp_path):
+    model = make_mlp_onnx(tmp_path / "mlp.onnx", hidden=256)
+    relaxed = "sparsity:min_weights=0,tensor_core_shapes=false"
+    out = tmp_path / "orin"
+    result = cli(
+        "compile",
+        "-m",
+        model,
+        "-t",
+        "jetson-orin-nano",
+        "--shapes",
+        "x:4x8",
+        "--pass",
+        relaxed,
+        "-o",
+        out,
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert "--sparsity=enable" in manifest["backend"]["engine_build"]["argv"]
+    assert "artifact/model.trt.onnx" in manifest["storage"]["packed_files"]
+    assert manifest["compression"]["sparsity"]["target_has_sparse_tensor_cores"] is True
+    # The TensorRT-ready ONNX was checked here, through ONNX Runtime, from its packed weights.
+    assert manifest["verify"]["artifact"]["y"]["max_abs"] <= 1e-4

@@ -25,7 +25,7 @@ import onnxscript.version_converter
 
 from redux_edge.bundle import file_digest
 from redux_edge.errors import UserError
-from redux_edge.runtime.runner import BundleSession, build_engine
+from redux_edge.runtime.runner import BundleSession, add_packed_weights, build_engine
 from redux_edge.targets import Target
 
 __all__ = ["TensorRtBackend", "support_report"]
@@ -177,8 +177,10 @@ class TensorRtBackend:
         manifest = json.loads((stage / "manifest.json").read_text())
         if _local_engine_build():
             build_engine(stage)
+        options = ort.SessionOptions()
+        add_packed_weights(options, stage, manifest["backend"]["artifact"], manifest.get("storage", {}))
         session = ort.InferenceSession(
-            str(stage / manifest["backend"]["artifact"]), providers=["CPUExecutionProvider"]
+            str(stage / manifest["backend"]["artifact"]), options, providers=["CPUExecutionProvider"]
         )
         names = [output["name"] for output in manifest["outputs"]]
         return (

@@ -29,6 +29,7 @@ __all__ = [
     "BundleSession",
     "EngineBuildError",
     "InputError",
+    "add_packed_weights",
     "build_engine",
     "check_inputs",
     "check_sparse_tactics",
@@ -106,12 +107,7 @@ def _onnxruntime(bundle_dir: Path, backend: dict, threads: int, output_names: li
     options.inter_op_num_threads = settings["inter_op_num_threads"]
     # The recorded order of preference, less the providers this ONNX Runtime build lacks.
     providers = [name for name in settings["providers"] if name in ort.get_available_providers()]
-    packed = storage.get("packed_files", {}).get(backend["artifact"])
-    if packed:
-        weights = unpacked_weights(bundle_dir / Path(backend["artifact"]).parent, packed)
-        options.add_external_initializers(
-            list(weights), [ort.OrtValue.ortvalue_from_numpy(array) for array in weights.values()]
-        )
+    add_packed_weights(options, bundle_dir, backend["artifact"], storage)
     session = ort.InferenceSession(str(bundle_dir / backend["artifact"]), options, providers=providers)
     return lambda feeds: session.run(output_names, feeds)
 
@@ -180,6 +176,18 @@ def unpacked_weights(folder: Path, index: dict) -> dict[str, np.ndarray]:
         moved = [size for i, size in enumerate(shape) if i != axis] + [shape[axis]]
         weights[name] = np.ascontiguousarray(np.moveaxis(grouped.reshape(moved), -1, axis))
     return weights
+
+
+def add_packed_weights(options, bundle_dir: Path, relative: str, storage: dict) -> None:
+    """Give an ONNX Runtime session the expanded packed weights of the bundle file ``relative``."""
+    import onnxruntime as ort
+
+    packed = storage.get("packed_files", {}).get(relative)
+    if packed:
+        weights = unpacked_weights((bundle_dir / relative).parent, packed)
+        options.add_external_initializers(
+            list(weights), [ort.OrtValue.ortvalue_from_numpy(array) for array in weights.values()]
+        )
 
 
 def expand_packed(bundle_dir: Path, storage: dict) -> list[Path]:
