@@ -31,7 +31,7 @@ from redux_edge.errors import UserError
 from redux_edge.ir.cost import model_cost
 from redux_edge.ir.surgery import copy_model
 from redux_edge.ir.verify import Tolerance, compare, require_match
-from redux_edge.passes import StructuralPass, WeightMaskPass
+from redux_edge.passes import RecipePass, StructuralPass, WeightMaskPass
 from redux_edge.preprocess import Preprocessor, from_manifest, read_inputs
 from redux_edge.recipe import Recipe
 from redux_edge.runtime import runner
@@ -299,6 +299,7 @@ def compile_model(
     pass_log, dense = _run_passes(source.model, recipe, step)
     plan = {key: units for p in structural for key, units in p.removed.items() if units}
     masks = {name: keep for p in masking for name, keep in p.masks.items()}
+    adapting = next((p for p in recipe.passes if p.name == "adapters"), None)
     if masks:
         # TensorRT builds sparse tactics only when asked (trtexec --sparsity=enable).
         options.setdefault("sparsity", masking[-1].pattern)
@@ -310,6 +311,12 @@ def compile_model(
             ["the removed heads/neurons zeroed and dropped layers skipped"] * bool(plan)
             + ["the sparsity masks multiplied into the weights"] * bool(masks)
         )
+    if adapting is not None:
+        _check_adapters(source, adapting, backend, bool(plan or masks))
+        task, pack = next(iter(adapting.read.items()))
+        with step(f"running the reference with the adapter pack '{task}'"):
+            reference = _run_adapted(source, pack)
+        reference_kind += f", with the adapter pack '{task}' (dequantized from its file)"
     with bundles.staging(out, force) as stage:
         ir.save(source.model, str(stage / "model.onnx"))
         with step("verifying the transformed IR"):
@@ -328,6 +335,8 @@ def compile_model(
         manifest["verify"]["reference"] = reference_kind
         if storage:
             manifest["storage"] = storage
+        if adapting is not None:
+            manifest["adapters"] = _bundle_adapters(adapting, stage)
         bundles.write_manifest(stage, manifest)
         with step("verifying the artifact"):
             outputs, how = _run_artifact(backend, target, stage, source.inputs, options["shapes"])
@@ -339,6 +348,9 @@ def compile_model(
                     manifest["verify"][name] = compare(expected_outputs, outputs, source.output_names)
                     require_match(manifest["verify"][name], tolerance, f"the {backend.name} artifact")
             manifest["verify"]["artifact_run"] = how
+        if adapting is not None and not adapting.merge:
+            with step(f"verifying every adapter pack swapped into the artifact ({', '.join(adapting.read)})"):
+                _verify_adapter_swaps(source, adapting, stage, manifest, tolerance)
         expected = outputs if outputs is not None else ir_outputs
         np.savez(
             stage / "sample" / "outputs.npz",
@@ -412,6 +424,68 @@ def learn_mask_plan(
         "groups_changed_from_magnitude": changed / total,
         "distillation_loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None},
     }
+
+
+def train_adapter_pack(
+    model: str,
+    task: str,
+    out: Path,
+    bits: int = 1,
+    rank: int = 4,
+    sentences: int = 2000,
+    epochs: int = 2,
+    seed: int = 0,
+    step: Step = _no_progress,
+) -> dict:
+    """Train a low-bit adapter pack for a Rotten Tomatoes ``task`` on a zoo text model, measure its test
+    accuracy through the pack as a device reads it, and write it to ``out``."""
+    import torch
+
+    from redux_edge import zoo
+    from redux_edge.datasets import rotten_tomatoes
+    from redux_edge.train.adapters import AdapterTraining, PackedAdapters, train_adapters
+
+    card = zoo.load_card(model)
+    if card.get("task_data") != "rotten-tomatoes":
+        raise UserError(f"{model} has no task data to train adapters on", "use minilm-l6")
+    if task not in rotten_tomatoes.TASKS:
+        raise UserError(f"unknown task '{task}'", f"choose one of: {', '.join(rotten_tomatoes.TASKS)}")
+    entry = zoo.load_model(model)
+    data = rotten_tomatoes.load(train=sentences, test=1000, seed=seed, task=task)
+
+    def batches(texts: list[str], labels: np.ndarray, size: int = 32) -> list:
+        return [
+            (
+                tuple(torch.from_numpy(a) for a in entry.preprocessor(texts[i : i + size]).values()),
+                torch.from_numpy(labels[i : i + size]).long(),
+            )
+            for i in range(0, len(texts), size)
+        ]
+
+    config = AdapterTraining(bits=bits, rank=rank, epochs=epochs, seed=seed)
+    with step(f"training {bits}-bit rank-{rank} adapters for '{task}' on {len(data.train_texts)} sentences"):
+        pack = train_adapters(
+            entry.module,
+            batches(data.train_texts, data.train_labels),
+            task,
+            list(rotten_tomatoes.TASKS[task]),
+            config,
+        )
+    with step(f"measuring accuracy on {len(data.test_texts)} test sentences"):
+        adapted = PackedAdapters(entry.module, runner.parse_adapter_pack(pack.to_bytes()))
+        with torch.inference_mode():
+            correct = sum(
+                int((adapted(*inputs)[1].argmax(1) == labels).sum())
+                for inputs, labels in batches(data.test_texts, data.test_labels, 64)
+            )
+    pack.metrics = {
+        "accuracy": correct / len(data.test_texts),
+        "train_sentences": len(data.train_texts),
+        "test_sentences": len(data.test_texts),
+    }
+    blob = pack.to_bytes()
+    _write_atomically(out, lambda handle: handle.write(blob))
+    return {"pack": str(out), "task": task, "bits": bits, "rank": rank, "bytes": len(blob), **pack.metrics}
 
 
 def _write_atomically(out: Path, write: Callable) -> None:
@@ -558,6 +632,70 @@ def _compression_report(
     with step("timing dense vs compressed through the same backend"):
         report["speed"] = _speed_vs_dense(source, dense, backend, target, stage, manifest, options)
     return report
+
+
+def _check_adapters(source: Source, adapting: RecipePass, backend: Backend, other_changes: bool) -> None:
+    if source.module is None:
+        raise UserError(
+            "adapter packs are verified against the PyTorch model they were trained on",
+            "compile the zoo model the packs were trained for",
+        )
+    if other_changes:
+        raise UserError(
+            "adapters with structural or sparsity passes in one compile are not supported",
+            "adapters are trained on the dense model: compile them without pruning or sparsity",
+        )
+    if not adapting.merge and backend.name != "onnxruntime":
+        raise UserError(
+            f"swappable adapter packs need the onnxruntime backend, not {backend.name}",
+            "merge one pack (merge = true, --merge-adapters) for this backend",
+        )
+
+
+def _run_adapted(source: Source, pack: dict) -> list[np.ndarray]:
+    from redux_edge.frontend.torch import run_module
+    from redux_edge.train.adapters import PackedAdapters
+
+    return run_module(PackedAdapters(source.module, pack), source.inputs)
+
+
+def _bundle_adapters(adapting: RecipePass, stage: Path) -> dict:
+    """Copy the packs to ``adapters/<task>.bin``; the manifest entry listing them."""
+    (stage / "adapters").mkdir()
+    packs = []
+    for (task, pack), path in zip(adapting.read.items(), adapting.packs, strict=True):
+        copy = stage / "adapters" / f"{task}.bin"
+        shutil.copyfile(path, copy)
+        header = pack["header"]
+        packs.append(
+            {
+                "task": task,
+                "file": f"adapters/{task}.bin",
+                "labels": header["labels"],
+                "bits": header["bits"],
+                "rank": header["rank"],
+                "bytes": copy.stat().st_size,
+                **header["metrics"],
+            }
+        )
+    return {
+        "merged": adapting.merge,
+        "default": packs[0]["task"],
+        "initializers": adapting.names,
+        "packs": packs,
+    }
+
+
+def _verify_adapter_swaps(
+    source: Source, adapting: RecipePass, stage: Path, manifest: dict, tolerance: Tolerance
+) -> None:
+    """Open the artifact with each pack swapped in, as a device does, and compare with PyTorch."""
+    for entry in manifest["adapters"]["packs"]:
+        outputs = runner.BundleSession(stage, adapter=entry["task"]).run(source.inputs)
+        entry["verify"] = compare(
+            _run_adapted(source, adapting.read[entry["task"]]), outputs, source.output_names
+        )
+        require_match(entry["verify"], tolerance, f"the artifact with the adapter pack '{entry['task']}'")
 
 
 def _pack_sparse_weights(stage: Path, masking: list[WeightMaskPass]) -> dict | None:
@@ -745,12 +883,27 @@ def _input_errors():
         ) from exc
 
 
-def run(bundle_path: Path, inputs_file: Path | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Outputs of a bundle for an input file (text, image, .npy, .npz) or its sample inputs."""
+def run(
+    bundle_path: Path, inputs_file: Path | None = None, adapter: str | None = None
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Outputs of a bundle for an input file (text, image, .npy, .npz) or its sample inputs; ``adapter``
+    names the task whose adapter pack to swap in."""
     bundle, backend = _open(bundle_path)
+    adapters = bundle.manifest.get("adapters") or {}
+    swappable = [] if adapters.get("merged") else [pack["task"] for pack in adapters.get("packs", [])]
+    if adapter is not None and adapter not in swappable:
+        raise UserError(
+            f"bundle {bundle_path} has no swappable adapter '{adapter}'",
+            f"choose one of: {', '.join(swappable)}" if swappable else "compile with --adapters PACK",
+        )
     feeds = _feeds(bundle, inputs_file)
     with _input_errors():
-        outputs = backend.load(bundle.path).run(feeds)
+        session = (
+            backend.load(bundle.path)
+            if adapter is None
+            else runner.BundleSession(bundle.path, adapter=adapter)
+        )
+        outputs = session.run(feeds)
     names = [spec["name"] for spec in bundle.manifest["outputs"]]
     return dict(zip(names, outputs, strict=True)), bundle.manifest
 

@@ -115,6 +115,14 @@ def cli(debug: bool) -> None:
 @click.option("--plan", type=click.Path(path_type=Path), help="Plan JSON naming heads/neurons/layers.")
 @click.option("--sparsity", metavar="N:M", help="Semi-structured weight sparsity, e.g. 2:4 (sparsity pass).")
 @click.option(
+    "--adapters",
+    "adapter_packs",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Adapter pack from train-adapter (repeatable; the first is the default task).",
+)
+@click.option("--merge-adapters", is_flag=True, help="Merge the (one) adapter pack into the weights.")
+@click.option(
     "--sparsity-masks",
     type=click.Path(path_type=Path),
     help="Learned N:M masks from `redux-edge learn-masks` (.npz) [default: magnitude].",
@@ -163,6 +171,8 @@ def compile_command(
     plan: Path | None,
     sparsity: str | None,
     sparsity_masks: Path | None,
+    adapter_packs: tuple[Path, ...],
+    merge_adapters: bool,
     backend: str | None,
     shapes: str | None,
     inputs_file: Path | None,
@@ -195,6 +205,7 @@ def compile_command(
     """
     from redux_edge import api
     from redux_edge.ir.verify import Tolerance
+    from redux_edge.passes import build_pass
     from redux_edge.recipe import load_recipe, parse_pass_flag
 
     if (rpc_tracker is None) != (rpc_key is None):
@@ -215,6 +226,12 @@ def compile_command(
     structural = _structural_flags(prune_heads, prune_ffn, drop_layers, importance, plan)
     masking = _sparsity_flags(sparsity, sparsity_masks)
     flags = [*(parse_pass_flag(flag) for flag in extra_passes), *structural, *masking]
+    if merge_adapters and not adapter_packs:
+        raise UserError("--merge-adapters needs --adapters PACK", "give the pack to merge")
+    if adapter_packs:
+        flags.append(
+            build_pass("adapters", {"packs": [str(p) for p in adapter_packs], "merge": merge_adapters})
+        )
     chosen = load_recipe(recipe).extended(flags)
     with api.native_output_to_stderr():
         bundle = api.compile_model(
@@ -234,6 +251,55 @@ def compile_command(
         _emit_json(bundle.manifest)
     else:
         _print_report(bundle.path, bundle.manifest, [])
+
+
+@cli.command("train-adapter")
+@click.option("-m", "--model", default="minilm-l6", show_default=True, help="Zoo text model.")
+@click.option("--task", type=click.Choice(["sentiment", "plot"]), required=True, help="Rotten Tomatoes task.")
+@click.option(
+    "-o", "--output", "pack_file", required=True, type=click.Path(path_type=Path), help="Pack file."
+)
+@click.option("--bits", type=click.Choice(["1", "2", "4", "8", "32"]), default="1", show_default=True)
+@click.option("--rank", default=4, show_default=True)
+@click.option("--sentences", default=2000, show_default=True, help="Training sentences.")
+@click.option("--epochs", default=2, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def train_adapter_command(
+    model: str,
+    task: str,
+    pack_file: Path,
+    bits: str,
+    rank: int,
+    sentences: int,
+    epochs: int,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Train a low-bit LoRA adapter pack and task head for TASK on a frozen zoo model (quantization-aware,
+    straight-through estimator); compile it with --adapters, swap it at run time with --adapter.
+
+    \b
+    Example:
+      redux-edge train-adapter --task sentiment --bits 1 -o build/sentiment.bin
+      redux-edge compile -m minilm-l6 --adapters build/sentiment.bin --adapters build/plot.bin -o build/tasks
+      redux-edge run build/tasks sentences.txt --adapter plot
+    """
+    from redux_edge import api
+
+    if rank < 1 or sentences < 1 or epochs < 1:
+        raise UserError("--rank, --sentences and --epochs must be positive", "e.g. --rank 4 --epochs 2")
+    report = api.train_adapter_pack(
+        model, task, pack_file, int(bits), rank, sentences, epochs, seed=seed, step=_progress
+    )
+    if as_json:
+        _emit_json(report)
+        return
+    out.print(
+        f"wrote {report['pack']}: {report['bits']}-bit rank-{report['rank']} adapters for {report['task']}, "
+        f"{report['bytes']:,} bytes; test accuracy {report['accuracy']:.3f} on {report['test_sentences']} "
+        f"sentences (trained on {report['train_sentences']})"
+    )
 
 
 @cli.command("learn-masks")
@@ -278,8 +344,11 @@ def learn_masks_command(
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("inputs_file", required=False, type=click.Path(path_type=Path))
 @click.option("--output", "output_file", type=click.Path(path_type=Path), help="Save outputs as .npz.")
+@click.option("--adapter", help="Task whose adapter pack to load (bundles compiled with --adapters).")
 @click.option("--json", "as_json", is_flag=True, help="Print outputs as JSON.")
-def run(bundle: Path, inputs_file: Path | None, output_file: Path | None, as_json: bool) -> None:
+def run(
+    bundle: Path, inputs_file: Path | None, output_file: Path | None, adapter: str | None, as_json: bool
+) -> None:
     """Run BUNDLE on INPUTS_FILE (text lines, an image, .npy or .npz); without it, on the bundle's sample.
 
     \b
@@ -289,7 +358,7 @@ def run(bundle: Path, inputs_file: Path | None, output_file: Path | None, as_jso
     """
     from redux_edge import api
 
-    outputs, manifest = api.run(bundle, inputs_file)
+    outputs, manifest = api.run(bundle, inputs_file, adapter)
     if output_file is not None:
         np.savez(output_file, **outputs)
     if as_json:
@@ -298,12 +367,23 @@ def run(bundle: Path, inputs_file: Path | None, output_file: Path | None, as_jso
     for name, value in outputs.items():
         out.print(f"[bold]{name}[/] shape={list(value.shape)} dtype={value.dtype}")
         if manifest["outputs"] and name == "logits":
+            labels = _task_labels(manifest, adapter)
             for index, row in enumerate(value):
-                out.print(f"  sample {index}: class {int(row.argmax())} (logit {float(row.max()):.3f})")
+                label = f" {labels[int(row.argmax())]}" if labels else ""
+                out.print(
+                    f"  sample {index}: class {int(row.argmax())}{label} (logit {float(row.max()):.3f})"
+                )
         else:
             for index, row in enumerate(value.reshape(value.shape[0], -1)):
                 shown = ", ".join(f"{x:+.4f}" for x in row[:6])
                 out.print(f"  sample {index}: [{shown}, ...] norm={float(np.linalg.norm(row)):.4f}")
+
+
+def _task_labels(manifest: dict, adapter: str | None) -> list[str]:
+    """The class names of the adapter pack in use, if the bundle has adapters."""
+    adapters = manifest.get("adapters") or {}
+    task = adapter or adapters.get("default")
+    return next((pack["labels"] for pack in adapters.get("packs", []) if pack["task"] == task), [])
 
 
 @cli.command()
@@ -537,6 +617,19 @@ def _print_compression(report: dict, backend: str) -> None:
         out.print(f"  speed    not measured: {speed['why']}")
 
 
+def _print_adapters(adapters: dict) -> None:
+    how = "merged into the weights" if adapters["merged"] else "swap with run --adapter TASK"
+    for pack in adapters["packs"]:
+        checked = pack.get("verify", {}).get("logits", {}).get("max_abs")
+        verified = f", verified swapped in (logits max abs {checked:.1e})" if checked is not None else ""
+        default = " (default)" if pack["task"] == adapters["default"] and not adapters["merged"] else ""
+        out.print(
+            f"  adapter  {pack['task']}{default}: {pack['bits']}-bit rank {pack['rank']}, "
+            f"{pack['bytes']:,} bytes, test accuracy {pack['accuracy']:.3f} ({pack['test_sentences']} "
+            f"sentences){verified}; {how}"
+        )
+
+
 def _count_units(units: dict | list) -> str:
     if isinstance(units, list):
         return str(units)
@@ -581,6 +674,8 @@ def _print_report(path: Path, manifest: dict, problems: list[str]) -> None:
         out.print(f"  feed-forward width per layer {_per_layer(structure['ffn_width_per_layer'])}")
     if "compression" in manifest:
         _print_compression(manifest["compression"], backend["name"])
+    if manifest.get("adapters"):
+        _print_adapters(manifest["adapters"])
     verify = manifest["verify"]
     checks = Table(
         "checked",

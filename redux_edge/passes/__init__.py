@@ -157,15 +157,15 @@ class UnitPruningPass(StructuralPass):
 
 
 def _registry() -> dict[str, type[RecipePass]]:
+    from redux_edge.passes.adapters import AdaptersPass
     from redux_edge.passes.cleanup import CleanupPass
     from redux_edge.passes.ffn_prune import PruneFfnPass
     from redux_edge.passes.head_prune import PruneHeadsPass
     from redux_edge.passes.layer_drop import DropLayersPass
     from redux_edge.passes.sparsity import SparsityPass
 
-    return {
-        cls.name: cls for cls in (CleanupPass, PruneHeadsPass, PruneFfnPass, DropLayersPass, SparsityPass)
-    }
+    passes = (CleanupPass, PruneHeadsPass, PruneFfnPass, DropLayersPass, SparsityPass, AdaptersPass)
+    return {cls.name: cls for cls in passes}
 
 
 PASSES = _registry()

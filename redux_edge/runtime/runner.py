@@ -29,13 +29,16 @@ __all__ = [
     "BundleSession",
     "EngineBuildError",
     "InputError",
+    "adapter_initializers",
     "add_packed_weights",
     "build_engine",
     "check_inputs",
     "check_sparse_tactics",
     "expand_packed",
     "latency_stats",
+    "parse_adapter_pack",
     "parse_trtexec_log",
+    "read_adapter_pack",
     "unpacked_weights",
 ]
 
@@ -56,7 +59,9 @@ class InputError(ValueError):
 
 
 class BundleSession:
-    def __init__(self, bundle_dir: Path, threads: int | None = None) -> None:
+    """An opened bundle; ``adapter`` names the task whose adapter pack to load (swappable bundles)."""
+
+    def __init__(self, bundle_dir: Path, threads: int | None = None, adapter: str | None = None) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
         backend = self.manifest["backend"]
@@ -65,9 +70,19 @@ class BundleSession:
         self.inputs = self.manifest["inputs"]
         self.output_names = [output["name"] for output in self.manifest["outputs"]]
         threads = backend["session"]["threads"] if threads is None else threads
+        overrides = self._adapter_values(adapter) if adapter is not None else None
         self._execute = open_artifact(
-            self.bundle_dir, backend, threads, self.output_names, self.manifest.get("storage")
+            self.bundle_dir, backend, threads, self.output_names, self.manifest.get("storage"), overrides
         )
+
+    def _adapter_values(self, task: str) -> dict[str, np.ndarray]:
+        adapters = self.manifest.get("adapters") or {}
+        packs = {pack["task"]: pack for pack in adapters.get("packs", [])}
+        if adapters.get("merged") or task not in packs:
+            have = "merged into the weights" if adapters.get("merged") else ", ".join(packs) or "none"
+            raise InputError(f"this bundle has no swappable adapter '{task}' (its adapters: {have})")
+        path = self.bundle_dir / "adapters" / _file_name(Path(packs[task]["file"]).name)
+        return adapter_initializers(read_adapter_pack(path), adapters["initializers"])
 
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return check_inputs(self.inputs, feeds)
@@ -95,7 +110,14 @@ class BundleSession:
         return latency_stats(seconds, batch)
 
 
-def _onnxruntime(bundle_dir: Path, backend: dict, threads: int, output_names: list[str], storage: dict):
+def _onnxruntime(
+    bundle_dir: Path,
+    backend: dict,
+    threads: int,
+    output_names: list[str],
+    storage: dict,
+    overrides: dict | None,
+):
     import onnxruntime as ort
 
     settings = backend["session"]
@@ -108,11 +130,22 @@ def _onnxruntime(bundle_dir: Path, backend: dict, threads: int, output_names: li
     # The recorded order of preference, less the providers this ONNX Runtime build lacks.
     providers = [name for name in settings["providers"] if name in ort.get_available_providers()]
     add_packed_weights(options, bundle_dir, backend["artifact"], storage)
+    # An adapter pack replaces the adapter initializers when the session is made (ONNX Runtime copies them).
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in (overrides or {}).items()}
+    for name, value in values.items():
+        options.add_initializer(name, value)
     session = ort.InferenceSession(str(bundle_dir / backend["artifact"]), options, providers=providers)
     return lambda feeds: session.run(output_names, feeds)
 
 
-def _openvino(bundle_dir: Path, backend: dict, threads: int, output_names: list[str], storage: dict):
+def _openvino(
+    bundle_dir: Path,
+    backend: dict,
+    threads: int,
+    output_names: list[str],
+    storage: dict,
+    overrides: dict | None,
+):
     import openvino as ov
 
     settings = backend["session"]
@@ -129,7 +162,14 @@ def _openvino(bundle_dir: Path, backend: dict, threads: int, output_names: list[
     return execute
 
 
-def _tvm(bundle_dir: Path, backend: dict, threads: int, output_names: list[str], storage: dict):
+def _tvm(
+    bundle_dir: Path,
+    backend: dict,
+    threads: int,
+    output_names: list[str],
+    storage: dict,
+    overrides: dict | None,
+):
     import tvm
     from tvm import relax
 
@@ -151,11 +191,20 @@ _EXECUTORS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tvm": _tvm}
 
 
 def open_artifact(
-    bundle_dir: Path, backend: dict, threads: int, output_names: list[str], storage: dict | None = None
+    bundle_dir: Path,
+    backend: dict,
+    threads: int,
+    output_names: list[str],
+    storage: dict | None = None,
+    overrides: dict | None = None,
 ):
     """``run(feeds) -> outputs`` for an artifact described by a manifest's backend entry; ``storage``
-    is the manifest's index of packed weights."""
-    return _EXECUTORS[backend["name"]](Path(bundle_dir), backend, threads, output_names, storage or {})
+    is the manifest's index of packed weights, ``overrides`` initializer values (an adapter pack)."""
+    if overrides and backend["name"] != "onnxruntime":
+        raise InputError(f"adapter packs swap on ONNX Runtime bundles; this one is {backend['name']}")
+    return _EXECUTORS[backend["name"]](
+        Path(bundle_dir), backend, threads, output_names, storage or {}, overrides
+    )
 
 
 def unpacked_weights(folder: Path, index: dict) -> dict[str, np.ndarray]:
@@ -204,6 +253,69 @@ def expand_packed(bundle_dir: Path, storage: dict) -> list[Path]:
         target.write_bytes(bytes(dense))
         written.append(target)
     return written
+
+
+_ADAPTER_MAGIC = b"RXADPT1\n"
+
+
+def read_adapter_pack(path: Path) -> dict:
+    return parse_adapter_pack(Path(path).read_bytes(), str(path))
+
+
+def parse_adapter_pack(blob: bytes, origin: str = "the pack") -> dict:
+    """An adapter pack (written by redux_edge/train/adapters.py): its header, and per target weight the
+    dequantized LoRA factors ``down`` [rank, in] and ``up`` [out, rank] (scaling included), and the head."""
+    import zlib
+
+    if not blob.startswith(_ADAPTER_MAGIC):
+        raise ValueError(f"{origin} is not a redux-edge adapter pack")
+    length = int.from_bytes(blob[8:12], "little")
+    header = json.loads(zlib.decompress(blob[12 : 12 + length]))
+    offset, bits = 12 + length, header["bits"]
+
+    def take(count: int, dtype: type) -> np.ndarray:
+        nonlocal offset
+        size = count * np.dtype(dtype).itemsize
+        array = np.frombuffer(blob, dtype, count, offset)
+        offset += size
+        return array
+
+    def factor(shape: list[int]) -> np.ndarray:
+        nonlocal offset
+        count = shape[0] * shape[1]
+        if bits == 32:
+            codes = take(count, np.float32)
+        else:
+            raw = np.frombuffer(blob, np.uint8, (count * bits + 7) // 8, offset)
+            offset += raw.size
+            planes = np.unpackbits(raw)[: count * bits].reshape(count, bits).astype(np.int64)
+            unsigned = planes @ (1 << np.arange(bits - 1, -1, -1))
+            codes = unsigned * 2 - 1 if bits == 1 else unsigned - 2 ** (bits - 1)
+        scales = take(shape[0], np.float16).astype(np.float32)
+        return (codes.reshape(shape) * scales[:, None]).astype(np.float32)
+
+    factors = {
+        name: {part: factor(shapes[part]) for part in ("down", "up")}
+        for name, shapes in header["factors"].items()
+    }
+    classes, hidden = header["head"]
+    head = take(classes * hidden, np.float16).reshape(classes, hidden).astype(np.float32)
+    bias = take(classes, np.float16).astype(np.float32)
+    if offset != len(blob):
+        raise ValueError(f"{origin} is {len(blob)} bytes, its header describes {offset}")
+    return {"header": header, "factors": factors, "head_weight": head, "head_bias": bias}
+
+
+def adapter_initializers(pack: dict, names: dict) -> dict[str, np.ndarray]:
+    """The graph initializers (``names`` from the manifest's adapters entry) holding ``pack``: factors
+    transposed to the graph's [in, rank] and [rank, out], the head as [hidden, classes]."""
+    values = {}
+    for weight, parts in names["factors"].items():
+        values[parts["down"]] = np.ascontiguousarray(pack["factors"][weight]["down"].T)
+        values[parts["up"]] = np.ascontiguousarray(pack["factors"][weight]["up"].T)
+    values[names["head_weight"]] = np.ascontiguousarray(pack["head_weight"].T)
+    values[names["head_bias"]] = pack["head_bias"]
+    return values
 
 
 def _file_name(name: str) -> str:
@@ -324,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--adapter", help="load this task's adapter pack (bundles with swappable adapters)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--build-engine", action="store_true", help="TensorRT: build this device's engine")
     parser.add_argument(
@@ -342,7 +455,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
-    session = BundleSession(args.bundle, args.threads)
+    try:
+        session = BundleSession(args.bundle, args.threads, args.adapter)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     feeds, expected = session.sample()
     if args.inputs:
         with np.load(args.inputs, allow_pickle=False) as archive:
