@@ -435,6 +435,7 @@ def train_adapter_pack(
     sentences: int = 2000,
     epochs: int = 2,
     seed: int = 0,
+    test_sentences: int = 1000,
     step: Step = _no_progress,
 ) -> dict:
     """Train a low-bit adapter pack for a Rotten Tomatoes ``task`` on a zoo text model, measure its test
@@ -451,7 +452,7 @@ def train_adapter_pack(
     if task not in rotten_tomatoes.TASKS:
         raise UserError(f"unknown task '{task}'", f"choose one of: {', '.join(rotten_tomatoes.TASKS)}")
     entry = zoo.load_model(model)
-    data = rotten_tomatoes.load(train=sentences, test=1000, seed=seed, task=task)
+    data = rotten_tomatoes.load(train=sentences, test=test_sentences, seed=seed, task=task)
 
     def batches(texts: list[str], labels: np.ndarray, size: int = 32) -> list:
         return [

@@ -61,6 +61,12 @@ class AdaptersPass(RecipePass):
         names = {"factors": {}}
         for weight_name, parts in first["factors"].items():
             weight = weights[weight_name]
+            out_features, in_features = weight.torch_layout.shape[:2]
+            if parts["down"].shape[1] != in_features or parts["up"].shape[0] != out_features:
+                raise UserError(
+                    f"the adapters for {weight_name} do not fit its {out_features}x{in_features} weight",
+                    "adapters are trained on the dense model: compile them without pruning",
+                )
             if self.merge:
                 delta = parts["up"] @ parts["down"]  # [out, in], PyTorch layout
                 merged = weight.torch_layout + delta
