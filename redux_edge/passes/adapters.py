@@ -39,18 +39,19 @@ class AdaptersPass(RecipePass):
     packs: list = dataclasses.field(default_factory=list)
     merge: bool = False
 
-    # After the pass: the packs as read by task, and the initializer names the runner overrides.
+    # The packs as read by task; after the pass, the initializer names the runner overrides.
     read: ClassVar[dict] = {}
     names: ClassVar[dict] = {}
 
-    def requires(self, model: ir.Model) -> None:
+    def __post_init__(self) -> None:
+        """Check the parameters and read the packs when the recipe is built, before any model work."""
         if not self.packs:
             raise UserError("adapters: no packs given", "train one with redux-edge train-adapter")
         if self.merge and len(self.packs) != 1:
             raise UserError("adapters: merge takes exactly one pack", "drop --merge to keep several packs")
+        self.read = _read_packs(self.packs)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.read = _read_packs(self.packs)
         first = next(iter(self.read.values()))
         weights = {w.name: w for w in find_weights(model)}
         if missing := set(first["factors"]) - set(weights):

@@ -46,7 +46,8 @@ class SparsityPass(WeightMaskPass):
     min_weights: int = 16384
     tensor_core_shapes: bool = True
 
-    def requires(self, model: ir.Model) -> None:
+    def __post_init__(self) -> None:
+        """Check the parameters and read the plan when the recipe is built, before any model work."""
         nm.parse_pattern(self.pattern)
         if self.mask not in MASKS:
             raise UserError(f"sparsity: unknown mask '{self.mask}'", f"choose one of: {', '.join(MASKS)}")
@@ -57,10 +58,11 @@ class SparsityPass(WeightMaskPass):
                 re.compile(pattern)
             except re.error as exc:
                 raise UserError(f"sparsity: bad pattern {pattern!r}: {exc}", "give a regex") from exc
+        self.planned = load_mask_plan(self.plan) if self.mask == "learned" else {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         n, m = nm.parse_pattern(self.pattern)
-        planned = load_mask_plan(self.plan) if self.mask == "learned" else {}
+        planned = self.planned
         weights = find_weights(model)
         if unknown := set(planned) - {w.name for w in weights}:
             raise UserError(
