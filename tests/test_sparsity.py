@@ -24,6 +24,7 @@ from redux_edge.ir import nm
 from redux_edge.ir.weights import find_weights
 from redux_edge.passes import build_pass
 from redux_edge.passes.cleanup import CleanupPass
+from redux_edge.passes.sparsity import load_mask_plan
 from redux_edge.recipe import load_recipe
 from redux_edge.runtime.runner import unpacked_weights
 from redux_edge.train.maskllm import MaskTraining, learn_masks
@@ -278,3 +279,14 @@ def test_a_jetson_bundle_asks_tensorrt_for_sparse_tactics_and_ships_packed_weigh
     assert manifest["compression"]["sparsity"]["target_has_sparse_tensor_cores"] is True
     # The TensorRT-ready ONNX was checked here, through ONNX Runtime, from its packed weights.
     assert manifest["verify"]["artifact"]["y"]["max_abs"] <= 1e-4
+
+
+def test_learn_masks_writes_a_plan_of_valid_masks(cli, tmp_path):
+    plan = tmp_path / "plans" / "masks.npz"
+    result = cli("learn-masks", "-m", "minilm-l6", "-o", plan, "--steps", "2", "--sentences", "32", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["weights"] == 36 and report["data"] == "32 Rotten Tomatoes training sentences"
+    masks = load_mask_plan(str(plan))
+    assert len(masks) == 36 and all(nm.violations(keep, 2, 4) == 0 for keep in masks.values())
+    assert [p.name for p in plan.parent.iterdir()] == ["masks.npz"]  # no temporary file left
