@@ -24,7 +24,7 @@ from redux_edge.errors import UserError
 from redux_edge.ir.surgery import finish, new_initializer
 from redux_edge.ir.weights import Weight, find_weights
 from redux_edge.passes import RecipePass
-from redux_edge.runtime.runner import adapter_initializers, read_adapter_pack
+from redux_edge.runtime.runner import read_adapter_pack
 
 __all__ = ["AdaptersPass"]
 
@@ -81,10 +81,6 @@ class AdaptersPass(RecipePass):
         self.names = {} if self.merge else names
         logger.info("adapters: %s %s", "merged" if self.merge else "swappable", list(self.read))
         return ir.passes.PassResult(model, modified=True)
-
-    def initializers(self, task: str) -> dict[str, np.ndarray]:
-        """The values of the adapter initializers for ``task``'s pack."""
-        return adapter_initializers(self.read[task], self.names)
 
 
 def _read_packs(paths: list[str]) -> dict[str, dict]:
