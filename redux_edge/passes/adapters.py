@@ -140,6 +140,8 @@ def _add_branch(graph: ir.Graph, weight: Weight, parts: dict) -> dict:
 
 def _add_head(model: ir.Model, pack: dict) -> dict:
     """A ``logits`` output: the task head on the model's first output."""
+    if any(output.name == "logits" for output in model.graph.outputs):
+        raise UserError("the model already has a 'logits' output", "adapter heads are for encoder models")
     features = model.graph.outputs[0]
     weight = new_initializer(model.graph, np.ascontiguousarray(pack["head_weight"].T), "adapter.head.weight")
     bias = new_initializer(model.graph, pack["head_bias"], "adapter.head.bias")
