@@ -19,6 +19,7 @@ import shutil
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
 import onnxscript.version_converter
@@ -178,13 +179,20 @@ class TensorRtBackend:
         if _local_engine_build():
             build_engine(stage)
         options = ort.SessionOptions()
-        add_packed_weights(options, stage, manifest["backend"]["artifact"], manifest.get("storage", {}))
+        buffers = add_packed_weights(
+            options, stage, manifest["backend"]["artifact"], manifest.get("storage", {})
+        )
         session = ort.InferenceSession(
             str(stage / manifest["backend"]["artifact"]), options, providers=["CPUExecutionProvider"]
         )
         names = [output["name"] for output in manifest["outputs"]]
+
+        def execute(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return session.run(names, feeds)
+
+        execute.buffers = buffers  # the packed weights' memory, read by ONNX Runtime
         return (
-            lambda feeds: session.run(names, feeds),
+            execute,
             "TensorRT-ready ONNX run by ONNX Runtime here; the engine is built and checked on the device",
         )
 

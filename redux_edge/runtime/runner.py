@@ -129,13 +129,20 @@ def _onnxruntime(
     options.inter_op_num_threads = settings["inter_op_num_threads"]
     # The recorded order of preference, less the providers this ONNX Runtime build lacks.
     providers = [name for name in settings["providers"] if name in ort.get_available_providers()]
-    add_packed_weights(options, bundle_dir, backend["artifact"], storage)
-    # An adapter pack replaces the adapter initializers when the session is made (ONNX Runtime copies them).
-    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in (overrides or {}).items()}
+    buffers = add_packed_weights(options, bundle_dir, backend["artifact"], storage)
+    # An adapter pack replaces the adapter initializers; ONNX Runtime uses their memory for the session's
+    # life, so the arrays and OrtValues stay referenced by the returned function.
+    arrays = overrides or {}
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
     for name, value in values.items():
         options.add_initializer(name, value)
     session = ort.InferenceSession(str(bundle_dir / backend["artifact"]), options, providers=providers)
-    return lambda feeds: session.run(output_names, feeds)
+
+    def execute(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return session.run(output_names, feeds)
+
+    execute.buffers = (buffers, arrays, values)
+    return execute
 
 
 def _openvino(
@@ -227,16 +234,19 @@ def unpacked_weights(folder: Path, index: dict) -> dict[str, np.ndarray]:
     return weights
 
 
-def add_packed_weights(options, bundle_dir: Path, relative: str, storage: dict) -> None:
-    """Give an ONNX Runtime session the expanded packed weights of the bundle file ``relative``."""
+def add_packed_weights(options, bundle_dir: Path, relative: str, storage: dict) -> list:
+    """Give an ONNX Runtime session the expanded packed weights of the bundle file ``relative``. Returns
+    the arrays and OrtValues, which the caller keeps as long as the session: an OrtValue made from numpy
+    shares the array's memory and does not keep the array alive."""
     import onnxruntime as ort
 
     packed = storage.get("packed_files", {}).get(relative)
-    if packed:
-        weights = unpacked_weights((bundle_dir / relative).parent, packed)
-        options.add_external_initializers(
-            list(weights), [ort.OrtValue.ortvalue_from_numpy(array) for array in weights.values()]
-        )
+    if not packed:
+        return []
+    weights = unpacked_weights((bundle_dir / relative).parent, packed)
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in weights.values()]
+    options.add_external_initializers(list(weights), values)
+    return [weights, values]
 
 
 def expand_packed(bundle_dir: Path, storage: dict) -> list[Path]:
