@@ -303,6 +303,8 @@ def compile_model(
     if masks:
         # TensorRT builds sparse tactics only when asked (trtexec --sparsity=enable).
         options.setdefault("sparsity", masking[-1].pattern)
+    if adapting is not None:
+        _check_adapters(source, adapting, backend, bool(plan or masks))
     reference, reference_kind = source.reference, source.reference_kind
     if plan or masks:
         with step("running the reference with the plan's units and the weight masks applied"):
@@ -312,7 +314,6 @@ def compile_model(
             + ["the sparsity masks multiplied into the weights"] * bool(masks)
         )
     if adapting is not None:
-        _check_adapters(source, adapting, backend, bool(plan or masks))
         task, pack = next(iter(adapting.read.items()))
         with step(f"running the reference with the adapter pack '{task}'"):
             reference = _run_adapted(source, pack)

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from redux_edge.ir import nm
+
 __all__ = ["pack_bundle_models"]
 
 _PACKED_SUFFIX, _DENSE_SUFFIX = ".packed", ".data"
@@ -50,11 +52,10 @@ def _weight_axes(graph: onnx.GraphProto) -> dict[str, int]:
 
 def _pack(array: np.ndarray, axis: int, n: int, m: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(kept values [groups, n], position bits as bytes), or None when ``array`` is not N:M along ``axis``."""
-    if array.shape[axis] % m:
+    reduction_second = np.moveaxis(array, axis, 1)  # the layout redux_edge.ir.nm groups along
+    if array.shape[axis] % m or nm.violations(reduction_second, n, m):
         return None
-    grouped = np.moveaxis(array, axis, -1).reshape(-1, m)
-    if ((grouped != 0).sum(axis=1) > n).any():
-        return None
+    grouped = nm.groups(reduction_second, m)
     # Non-zeros first (a group with fewer than n non-zeros keeps some zeros), then in position order.
     positions = np.sort(np.argsort(grouped == 0, axis=1, kind="stable")[:, :n], axis=1).astype(np.uint8)
     values = np.take_along_axis(grouped, positions.astype(np.int64), axis=1)

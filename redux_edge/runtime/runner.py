@@ -65,7 +65,7 @@ class BundleSession:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
         backend = self.manifest["backend"]
-        if backend["name"] not in _EXECUTORS:
+        if backend["name"] not in ("onnxruntime", *_EXECUTORS):
             raise NotImplementedError(f"this runner cannot run {backend['name']} artifacts")
         self.inputs = self.manifest["inputs"]
         self.output_names = [output["name"] for output in self.manifest["outputs"]]
@@ -145,14 +145,7 @@ def _onnxruntime(
     return execute
 
 
-def _openvino(
-    bundle_dir: Path,
-    backend: dict,
-    threads: int,
-    output_names: list[str],
-    storage: dict,
-    overrides: dict | None,
-):
+def _openvino(bundle_dir: Path, backend: dict, threads: int, output_names: list[str]):
     import openvino as ov
 
     settings = backend["session"]
@@ -169,14 +162,7 @@ def _openvino(
     return execute
 
 
-def _tvm(
-    bundle_dir: Path,
-    backend: dict,
-    threads: int,
-    output_names: list[str],
-    storage: dict,
-    overrides: dict | None,
-):
+def _tvm(bundle_dir: Path, backend: dict, threads: int, output_names: list[str]):
     import tvm
     from tvm import relax
 
@@ -194,7 +180,8 @@ def _tvm(
     return execute
 
 
-_EXECUTORS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tvm": _tvm}
+# Compiled artifacts; ONNX Runtime's executor also takes packed weights and initializer overrides.
+_EXECUTORS = {"openvino": _openvino, "tvm": _tvm}
 
 
 def open_artifact(
@@ -207,11 +194,12 @@ def open_artifact(
 ):
     """``run(feeds) -> outputs`` for an artifact described by a manifest's backend entry; ``storage``
     is the manifest's index of packed weights, ``overrides`` initializer values (an adapter pack)."""
-    if overrides and backend["name"] != "onnxruntime":
+    # Packed weights and swapped initializers exist only in ONNX files run by ONNX Runtime.
+    if backend["name"] == "onnxruntime":
+        return _onnxruntime(Path(bundle_dir), backend, threads, output_names, storage or {}, overrides)
+    if overrides:
         raise InputError(f"adapter packs swap on ONNX Runtime bundles; this one is {backend['name']}")
-    return _EXECUTORS[backend["name"]](
-        Path(bundle_dir), backend, threads, output_names, storage or {}, overrides
-    )
+    return _EXECUTORS[backend["name"]](Path(bundle_dir), backend, threads, output_names)
 
 
 def unpacked_weights(folder: Path, index: dict) -> dict[str, np.ndarray]:
