@@ -4,8 +4,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages for the aarch64 path: a cross compiler for TVM artifacts, qemu to check them here.
-APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static
+# Debian packages: for the aarch64 path, a cross compiler for TVM artifacts and qemu to check them here;
+# gcc for the emitted MACPruning C kernel; Fashion-MNIST for the MACPruning evaluation.
+APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static gcc dataset-fashion-mnist
 
 .PHONY: demo test bench system-packages clean
 
@@ -22,10 +23,11 @@ $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt tools/fet
 
 # Installs the Debian packages when they are missing and we are root (as in CI); otherwise says what to do.
 system-packages:
-	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null; then :; \
+	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null \
+		&& command -v gcc >/dev/null && [ -d /usr/share/datasets/fashion-mnist ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
-	else echo "note: aarch64 checks need: sudo apt-get install $(APT_PACKAGES)"; fi
+	else echo "note: the aarch64 and MACPruning checks need: sudo apt-get install $(APT_PACKAGES)"; fi
 
 demo: $(STAMP)
 	$(BIN)/redux-edge compile --model minilm-l6 --target host -o build/demo/minilm --force

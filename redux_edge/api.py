@@ -32,6 +32,7 @@ from redux_edge.ir.cost import model_cost
 from redux_edge.ir.surgery import copy_model
 from redux_edge.ir.verify import Tolerance, compare, require_match
 from redux_edge.passes import RecipePass, StructuralPass, WeightMaskPass
+from redux_edge.passes.mac_prune import MacPrunePass
 from redux_edge.preprocess import Preprocessor, from_manifest, read_inputs
 from redux_edge.recipe import Recipe
 from redux_edge.runtime import runner
@@ -90,6 +91,7 @@ class Source:
     task_data: str | None = None
     # The PyTorch module of a zoo model (what learned masks are trained on); None for ONNX files.
     module: object | None = None
+    synthetic_inputs: bool = False
 
     @property
     def output_names(self) -> list[str]:
@@ -171,6 +173,7 @@ def _onnx_source(path: Path, shapes: dict[str, list[int]], inputs_file: Path | N
         reference=reference,
         reference_kind="onnxruntime on the original file"
         + (" (synthetic inputs)" if inputs_file is None else ""),
+        synthetic_inputs=inputs_file is None,
     )
 
 
@@ -272,9 +275,11 @@ def compile_model(
     shapes: dict[str, list[int]] | None = None,
     inputs_file: Path | None = None,
     backend_options: dict | None = None,
+    emit_c: bool = False,
     step: Step = _no_progress,
 ) -> bundles.Bundle:
-    """Compile ``model`` for ``target_name`` into the bundle ``out``.
+    """Compile ``model`` for ``target_name`` into the bundle ``out``; ``emit_c`` adds the C kernel of a
+    mac-prune-protected first layer (``c/``).
 
     ``backend_options``: ``threads``, ``precision`` (default fp32) and backend-specific keys (``tune``,
     ``tuning_db``, ``rpc``, ``sparsity``, ``dla_core``); see each backend's ``lower``.
@@ -296,6 +301,12 @@ def compile_model(
     structural = [p for p in recipe.passes if isinstance(p, StructuralPass)]
     masking = [p for p in recipe.passes if isinstance(p, WeightMaskPass)]
     calibration = _calibration(source, structural)
+    protecting = next((p for p in recipe.passes if isinstance(p, MacPrunePass)), None)
+    if emit_c and protecting is None:
+        raise UserError("--emit-c writes the kernel of a mac-prune-protected layer", "add --mac-prune P")
+    if protecting is not None:
+        _check_protection(recipe, backend)
+        calibration = _pixel_calibration(source, protecting)
     pass_log, dense = _run_passes(source.model, recipe, step)
     plan = {key: units for p in structural for key, units in p.removed.items() if units}
     masks = {name: keep for p in masking for name, keep in p.masks.items()}
@@ -318,11 +329,21 @@ def compile_model(
         with step(f"running the reference with the adapter pack '{task}'"):
             reference = _run_adapted(source, pack)
         reference_kind += f", with the adapter pack '{task}' (dequantized from its file)"
+
+    def expected(outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """What a run's outputs must equal: the reference, or for mac-prune the original fed the input
+        masked as that run drew it (its ``pixel_keep`` output), and that mask itself."""
+        if protecting is None:
+            return reference
+        return _pixel_masked_reference(source, dense, protecting, outputs[-1])
+
+    if protecting is not None:
+        reference_kind += ", fed each run's masked input (the run's pixel_keep output)"
     with bundles.staging(out, force) as stage:
         ir.save(source.model, str(stage / "model.onnx"))
         with step("verifying the transformed IR"):
             ir_outputs = _run_ir_file(stage / "model.onnx", source.inputs)
-            ir_report = compare(reference, ir_outputs, source.output_names)
+            ir_report = compare(expected(ir_outputs), ir_outputs, source.output_names)
             require_match(ir_report, tolerance, "the transformed IR (model.onnx)")
         with step(f"lowering with {backend.name} for {target.name}"):
             backend_entry = backend.lower(stage / "model.onnx", target, stage / "artifact", options)
@@ -342,20 +363,20 @@ def compile_model(
         with step("verifying the artifact"):
             outputs, how = _run_artifact(backend, target, stage, source.inputs, options["shapes"])
             if outputs is not None:
-                for expected_outputs, name in (
-                    (reference, "artifact"),
-                    (ir_outputs, "artifact_vs_onnxruntime"),
-                ):
+                checks = [(expected(outputs), "artifact"), (ir_outputs, "artifact_vs_onnxruntime")]
+                if protecting is not None and protecting.seed < 0:
+                    checks.pop()  # two sessions without a seed draw different masks
+                for expected_outputs, name in checks:
                     manifest["verify"][name] = compare(expected_outputs, outputs, source.output_names)
                     require_match(manifest["verify"][name], tolerance, f"the {backend.name} artifact")
             manifest["verify"]["artifact_run"] = how
         if adapting is not None and not adapting.merge:
             with step(f"verifying every adapter pack swapped into the artifact ({', '.join(adapting.read)})"):
                 _verify_adapter_swaps(source, adapting, stage, manifest, tolerance)
-        expected = outputs if outputs is not None else ir_outputs
+        verified = outputs if outputs is not None else ir_outputs
         np.savez(
             stage / "sample" / "outputs.npz",
-            **{name: value[:sample_count] for name, value in zip(source.output_names, expected, strict=True)},
+            **{name: value[:sample_count] for name, value in zip(source.output_names, verified, strict=True)},
         )
         if plan or masks:
             manifest["compression"] = _compression_report(
@@ -363,6 +384,11 @@ def compile_model(
             )
             if masking:
                 manifest["compression"]["sparsity"] = _sparsity_report(masking, storage, target)
+        if protecting is not None:
+            manifest["protection"] = _protection_report(source, dense, protecting, calibration, stage, step)
+            if emit_c:
+                with step("emitting the first layer's C kernel and checking it with gcc"):
+                    manifest["protection"]["kernel"] = _emit_kernel(source, protecting, stage, verified[-1])
         bundles.write_manifest(stage, manifest)
     return bundles.load_bundle(out)
 
@@ -372,7 +398,7 @@ def learn_mask_plan(
     out: Path,
     pattern: str = "2:4",
     steps: int = 300,
-    sentences: int = 1024,
+    sentences: int = 4096,
     batch: int = 32,
     seed: int = 0,
     step: Step = _no_progress,
@@ -384,6 +410,7 @@ def learn_mask_plan(
     from redux_edge.ir.nm import groups, parse_pattern
     from redux_edge.passes import build_pass
     from redux_edge.train.maskllm import MaskTraining, learn_masks
+    from redux_edge.zoo.bert import BertSentenceEncoder, TokenStates
 
     source = load_source(model, step=step)
     if source.module is None:
@@ -400,10 +427,11 @@ def learn_mask_plan(
     else:
         feeds, data = [source.inputs], f"the card's {next(iter(source.inputs.values())).shape[0]} samples"
     batches = [tuple(torch.from_numpy(array) for array in f.values()) for f in feeds]
+    module = TokenStates(source.module) if isinstance(source.module, BertSentenceEncoder) else source.module
     losses: list[float] = []
     with step(f"learning {pattern} masks for {len(magnitude.masks)} weights on {data} ({steps} steps)"):
         learned = learn_masks(
-            source.module,
+            module,
             magnitude.masks,
             batches,
             pattern,
@@ -548,7 +576,7 @@ def _run_passes(model: ir.Model, recipe: Recipe, step: Step) -> tuple[list[dict]
     dense model that quality, speed and the exact reference compare against), None when there is none."""
     log, dense = [], None
     for configured in recipe.passes:
-        if dense is None and isinstance(configured, (StructuralPass, WeightMaskPass)):
+        if dense is None and isinstance(configured, (StructuralPass, WeightMaskPass, MacPrunePass)):
             dense = copy_model(model)
         with step(f"pass {configured.name}"):
             started = time.perf_counter()
@@ -590,6 +618,134 @@ def _calibration(source: Source, structural: list[StructuralPass]) -> str | None
     for configured in structural:
         configured.calibration = feeds
     return described
+
+
+def _check_protection(recipe: Recipe, backend: Backend) -> None:
+    others = [p.name for p in recipe.passes if p.name not in ("cleanup", "mac-prune")]
+    if others:
+        raise UserError(
+            f"mac-prune runs in a compile of its own, not with {', '.join(others)}",
+            "compile the compressed model first, then protect its model.onnx in a second compile",
+        )
+    if backend.name != "onnxruntime":
+        raise UserError(
+            f"mac-prune bundles use the onnxruntime backend, not {backend.name}",
+            "the masks are drawn by ONNX RandomUniformLike; for microcontrollers use --emit-c",
+        )
+
+
+def _emit_kernel(source: Source, protecting: MacPrunePass, stage: Path, keep: np.ndarray) -> dict:
+    """Write c/ (the C kernel and its quantised layer) and check the C, built with the host's gcc, against
+    the integer reference on the verification samples with the masks the verified run drew."""
+    from redux_edge.leakage import kernel
+
+    images = (protecting.calibration or source.inputs)[protecting.protected_input]
+    layer = kernel.first_conv_after_mask(source.model, protecting.critical, protecting.drop, images)
+    folder = stage / "c"
+    paths = kernel.emit_c(layer, folder)
+    layer.save(folder / "layer.npz")
+    report = {
+        "files": [str(path.relative_to(stage)) for path in [*paths, folder / "layer.npz"]],
+        "weights": list(layer.weights.shape),
+        "input_scale": layer.input_scale,
+    }
+    if shutil.which("gcc") is None:
+        return report | {"checked": False, "why": "no gcc on this machine"}
+    quantized = layer.quantize_input(source.inputs[protecting.protected_input])
+    got = kernel.run_c_kernel(folder, layer, quantized, keep[:, 0])
+    want = kernel.accumulate(layer, quantized, keep[:, 0])
+    if not np.array_equal(got, want):
+        raise RuntimeError(
+            f"the emitted C kernel differs from the integer reference by {np.abs(got - want).max()}"
+        )
+    return report | {"checked": True, "samples": len(quantized), "integer_exact": True}
+
+
+def _pixel_calibration(source: Source, protecting: MacPrunePass) -> str | None:
+    """Real images for the pixel map: the card's task data (calibration split), else the user's inputs."""
+    if protecting.keep_top == 0:
+        return None
+    data = _image_task_data(source)
+    if data is not None:
+        protecting.calibration = source.preprocessor.pixels(data.train_images[:_PIXEL_CALIBRATION])
+        return f"{_PIXEL_CALIBRATION} {data.name} calibration images"
+    if source.synthetic_inputs:
+        raise UserError(
+            "mac-prune --mac-keep-top needs real images to choose the pixels always kept",
+            "give --inputs with calibration images (.npz), or --mac-keep-top 0 for random masking only",
+        )
+    protecting.calibration = source.inputs
+    return f"the {len(next(iter(source.inputs.values())))} input samples"
+
+
+_PIXEL_CALIBRATION = 64
+
+
+def _image_task_data(source: Source):
+    from redux_edge.datasets import images
+
+    loaders = {"mnist": images.mnist, "fashion-mnist": images.fashion_mnist}
+    if source.task_data not in loaders or source.preprocessor is None:
+        return None
+    return loaders[source.task_data]()
+
+
+def _pixel_masked_reference(
+    source: Source, dense: ir.Model, protecting: MacPrunePass, keep: np.ndarray
+) -> list[np.ndarray]:
+    feeds = dict(source.inputs)
+    name = protecting.protected_input
+    feeds[name] = (feeds[name] * keep).astype(feeds[name].dtype)
+    if source.module is not None:
+        from redux_edge.frontend.torch import run_module
+
+        outputs = run_module(source.module, feeds)
+    else:
+        from redux_edge.analysis import in_memory_runner
+
+        outputs = in_memory_runner(dense)(feeds)
+    return [*outputs, keep]
+
+
+def _protection_report(
+    source: Source,
+    dense: ir.Model,
+    protecting: MacPrunePass,
+    calibration: str | None,
+    stage: Path,
+    step: Step,
+) -> dict:
+    """The defence's parameters, its pixel map (saved in the bundle) and what it costs on the card's task."""
+    folder = stage / "mac_prune"
+    folder.mkdir()
+    np.save(folder / "critical.npy", protecting.critical)
+    np.save(folder / "importance.npy", protecting.importance)
+    report = {
+        "pass": "mac-prune",
+        "input": protecting.protected_input,
+        "drop": protecting.drop,
+        "keep_top": protecting.keep_top,
+        "seed": protecting.seed,
+        "critical_pixels": int(protecting.critical.sum()),
+        "pixels": int(protecting.critical.size),
+        "expected_keep_rate": float(
+            protecting.critical.mean() + (1 - protecting.critical.mean()) * (1 - protecting.drop)
+        ),
+        "importance": "occlusion" if calibration else "none (random masking only)",
+        "calibration": calibration,
+        "files": {"critical": "mac_prune/critical.npy", "importance": "mac_prune/importance.npy"},
+        # Without a seed every run draws anew, so a health check can compare only shapes.
+        "random_outputs": source.output_names if protecting.seed < 0 else [],
+    }
+    data = _image_task_data(source)
+    if data is None:
+        report["quality"] = {"measured": False, "why": "the model card names no image task data"}
+        return report
+    from redux_edge.analysis.quality import image_accuracy
+
+    with step(f"measuring accuracy on {data.name} with and without masking"):
+        report["quality"] = image_accuracy(dense, source.model, source.preprocessor, data)
+    return report
 
 
 def _compression_report(

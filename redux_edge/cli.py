@@ -127,6 +127,23 @@ def cli(debug: bool) -> None:
     type=click.Path(path_type=Path),
     help="Learned N:M masks from `redux-edge learn-masks` (.npz) [default: magnitude].",
 )
+@click.option(
+    "--mac-prune",
+    "mac_drop",
+    type=float,
+    metavar="P",
+    help="MACPruning: drop each non-critical input pixel with probability P on every inference.",
+)
+@click.option(
+    "--mac-keep-top",
+    type=float,
+    metavar="F",
+    help="MACPruning: always keep this fraction of pixels, the most important by occlusion [0.1].",
+)
+@click.option("--mac-seed", type=int, help="MACPruning: fix the draw sequence (tests, reproducible runs).")
+@click.option(
+    "--emit-c", is_flag=True, help="MACPruning: also write the protected first layer as C (bundle's c/)."
+)
 @click.option("--backend", help="Override the target's preferred backend.")
 @click.option(
     "--shapes",
@@ -173,6 +190,10 @@ def compile_command(
     sparsity_masks: Path | None,
     adapter_packs: tuple[Path, ...],
     merge_adapters: bool,
+    mac_drop: float | None,
+    mac_keep_top: float | None,
+    mac_seed: int | None,
+    emit_c: bool,
     backend: str | None,
     shapes: str | None,
     inputs_file: Path | None,
@@ -201,6 +222,7 @@ def compile_command(
       redux-edge compile --model minilm-l6 --recipe models/minilm-l6/edge.toml -o build/edge
       redux-edge compile --model minilm-l6 --prune-heads 0.5 --importance calibration -o build/half
       redux-edge compile --model minilm-l6 --target jetson-orin-nano --sparsity 2:4 -o build/sparse
+      redux-edge compile --model mnist-cnn --mac-prune 0.5 --mac-keep-top 0.1 --emit-c -o build/protected
       redux-edge compile --model minilm-l6 --recipe build/minilm/manifest.json -o build/again
     """
     from redux_edge import api
@@ -232,6 +254,7 @@ def compile_command(
         flags.append(
             build_pass("adapters", {"packs": [str(p) for p in adapter_packs], "merge": merge_adapters})
         )
+    flags += _protection_flags(mac_drop, mac_keep_top, mac_seed)
     chosen = load_recipe(recipe).extended(flags)
     with api.native_output_to_stderr():
         bundle = api.compile_model(
@@ -245,6 +268,7 @@ def compile_command(
             inputs_file=inputs_file,
             tolerance=tolerance,
             backend_options=options,
+            emit_c=emit_c,
             step=_progress,
         )
     if as_json:
@@ -309,7 +333,7 @@ def train_adapter_command(
 )
 @click.option("--pattern", default="2:4", show_default=True, help="N:M: at most N non-zeros in every M.")
 @click.option("--steps", default=300, show_default=True, help="Optimiser steps.")
-@click.option("--sentences", default=1024, show_default=True, help="Calibration sentences (task data).")
+@click.option("--sentences", default=4096, show_default=True, help="Calibration sentences (task data).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def learn_masks_command(
@@ -326,7 +350,7 @@ def learn_masks_command(
     from redux_edge import api
 
     if steps < 1 or sentences < 1:
-        raise UserError("--steps and --sentences must be positive", "e.g. --steps 300 --sentences 1024")
+        raise UserError("--steps and --sentences must be positive", "e.g. --steps 300 --sentences 4096")
     report = api.learn_mask_plan(model, plan_file, pattern, steps, sentences, seed=seed, step=_progress)
     if as_json:
         _emit_json(report)
@@ -564,6 +588,43 @@ def _sparsity_flags(pattern: str | None, masks: Path | None) -> list:
     return [build_pass("sparsity", parameters)]
 
 
+def _protection_flags(drop: float | None, keep_top: float | None, seed: int | None) -> list:
+    from redux_edge.passes import build_pass
+
+    if drop is None:
+        if keep_top is not None or seed is not None:
+            raise UserError("--mac-keep-top and --mac-seed go with --mac-prune P", "e.g. --mac-prune 0.5")
+        return []
+    parameters = {"drop": drop} | ({"keep_top": keep_top} if keep_top is not None else {})
+    return [build_pass("mac-prune", parameters | ({"seed": seed} if seed is not None else {}))]
+
+
+def _print_protection(report: dict) -> None:
+    out.print(
+        f"  protect  mac-prune on '{report['input']}': {report['critical_pixels']} of {report['pixels']} "
+        f"pixels always kept ({report['importance']}), the others dropped with p={report['drop']} per "
+        f"inference; expected keep rate {report['expected_keep_rate']:.2f}; seed "
+        + (str(report["seed"]) if report["seed"] >= 0 else "none (fresh draws every run)")
+    )
+    quality = report["quality"]
+    if quality.get("measured", True):
+        accuracy = quality["accuracy"]
+        out.print(
+            f"  quality  {quality['task']}, {quality['test_images']} images: accuracy "
+            f"{accuracy['original']:.4f} -> {accuracy['changed']:.4f} "
+            f"({quality['points_lost']:.2f} points lost)"
+        )
+    else:
+        out.print(f"  quality  not measured: {quality['why']}")
+    if kernel := report.get("kernel"):
+        checked = (
+            f"built with gcc and integer-exact on {kernel['samples']} samples"
+            if kernel["checked"]
+            else f"not checked: {kernel['why']}"
+        )
+        out.print(f"  kernel   {', '.join(kernel['files'])}: int8 weights {kernel['weights']}, {checked}")
+
+
 def _per_layer(counts: dict) -> str:
     return " ".join(f"{layer}:{count}" for layer, count in counts.items()) or "-"
 
@@ -676,6 +737,8 @@ def _print_report(path: Path, manifest: dict, problems: list[str]) -> None:
         _print_compression(manifest["compression"], backend["name"])
     if manifest.get("adapters"):
         _print_adapters(manifest["adapters"])
+    if "protection" in manifest:
+        _print_protection(manifest["protection"])
     verify = manifest["verify"]
     checks = Table(
         "checked",

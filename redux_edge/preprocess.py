@@ -70,8 +70,12 @@ class ImagePreprocessor:
                     grey = image.convert("L").resize((self.size, self.size), Image.Resampling.BILINEAR)
             except (UnidentifiedImageError, OSError) as exc:
                 raise UserError(f"cannot read image {path}: {exc}", "give a PNG or JPEG file") from exc
-            pixels.append(np.asarray(grey, dtype=np.float32) / 255.0)
-        batch = (np.stack(pixels)[:, None] - self.mean) / self.std
+            pixels.append(np.asarray(grey))
+        return self.pixels(np.stack(pixels))
+
+    def pixels(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Feeds for uint8 grey images [n, size, size]."""
+        batch = (images.astype(np.float32)[:, None] / 255.0 - self.mean) / self.std
         return {self.input_name: batch.astype(np.float32)}
 
     def read(self, path: Path) -> dict[str, np.ndarray]:

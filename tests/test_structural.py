@@ -279,7 +279,7 @@ def test_edge_recipe_reports_cost_speed_and_quality_against_dense(edge_compile, 
         "layers": 4,
         "heads_per_layer": {layer: 6 for layer in compression["architecture"]["compiled"]["heads_per_layer"]},
         "ffn_width_per_layer": {
-            layer: 768 for layer in compression["architecture"]["compiled"]["heads_per_layer"]
+            layer: 640 for layer in compression["architecture"]["compiled"]["heads_per_layer"]
         },
     }
     assert len(compression["plan"]["layers"]) == 2

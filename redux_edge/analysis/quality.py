@@ -1,10 +1,14 @@
-"""Task quality of a compressed text encoder against its dense original, on real labelled sentences.
+"""Task quality of a changed model against its original, on real labelled data.
 
-Two numbers per model, as the structural passes change numerics on purpose: the cosine between compressed
-and dense embeddings of held-out sentences (how much of the representation survives), and linear-probe
-accuracy: a logistic regression (scikit-learn, standardised features) refit on each model's own training
-embeddings and scored on the test split (how much of the task survives, before any fine-tuning recovers it),
-and the dense model's probe applied unchanged to the compressed embeddings (a downstream head kept as is).
+Image classifiers (``image_accuracy``): top-1 accuracy of both on the test split, each image run once, so
+a randomised model (mac-prune) is scored over as many independent draws as there are images.
+
+Text encoders (``text_quality``): two numbers per model, as the structural passes change numerics on
+purpose: the cosine between compressed and dense embeddings of held-out sentences (how much of the
+representation survives), and linear-probe accuracy: a logistic regression (scikit-learn, standardised
+features) refit on each model's own training embeddings and scored on the test split (how much of the task
+survives, before any fine-tuning recovers it), and the dense model's probe applied unchanged to the
+compressed embeddings (a downstream head kept as is).
 Both models run through ONNX Runtime; the artifact was verified against the same IR within tolerance.
 """
 
@@ -14,10 +18,33 @@ import numpy as np
 import onnx_ir as ir
 
 from redux_edge.analysis import in_memory_runner
+from redux_edge.datasets.images import Images
 from redux_edge.datasets.rotten_tomatoes import Sentiment
-from redux_edge.preprocess import TextPreprocessor
+from redux_edge.preprocess import ImagePreprocessor, TextPreprocessor
 
-__all__ = ["embed", "make_probe", "probe_accuracy", "text_quality"]
+__all__ = ["embed", "image_accuracy", "make_probe", "probe_accuracy", "text_quality"]
+
+
+def image_accuracy(
+    original: ir.Model, changed: ir.Model, preprocessor: ImagePreprocessor, data: Images, batch: int = 500
+) -> dict:
+    """Top-1 accuracy of both models (first output: logits) on ``data``'s test split."""
+    accuracy = {}
+    for label, model in (("original", original), ("changed", changed)):
+        run = in_memory_runner(model)
+        predicted = np.concatenate(
+            [
+                run(preprocessor.pixels(data.test_images[start : start + batch]))[0].argmax(axis=1)
+                for start in range(0, len(data.test_images), batch)
+            ]
+        )
+        accuracy[label] = float((predicted == data.test_labels).mean())
+    return {
+        "task": data.name,
+        "test_images": len(data.test_images),
+        "accuracy": accuracy,
+        "points_lost": 100.0 * (accuracy["original"] - accuracy["changed"]),
+    }
 
 
 def embed(model: ir.Model, preprocessor: TextPreprocessor, texts: list[str], batch: int = 64) -> np.ndarray:

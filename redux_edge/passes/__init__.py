@@ -162,9 +162,18 @@ def _registry() -> dict[str, type[RecipePass]]:
     from redux_edge.passes.ffn_prune import PruneFfnPass
     from redux_edge.passes.head_prune import PruneHeadsPass
     from redux_edge.passes.layer_drop import DropLayersPass
+    from redux_edge.passes.mac_prune import MacPrunePass
     from redux_edge.passes.sparsity import SparsityPass
 
-    passes = (CleanupPass, PruneHeadsPass, PruneFfnPass, DropLayersPass, SparsityPass, AdaptersPass)
+    passes = (
+        CleanupPass,
+        PruneHeadsPass,
+        PruneFfnPass,
+        DropLayersPass,
+        SparsityPass,
+        AdaptersPass,
+        MacPrunePass,
+    )
     return {cls.name: cls for cls in passes}
 
 

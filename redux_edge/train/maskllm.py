@@ -5,7 +5,8 @@ For every group of M weights along the reduction dimension, a learnable categori
 C(M, N) candidate masks (the six of 2:4). Each step samples a differentiable mask per group with
 Gumbel-softmax (temperature annealed from ``tau_start`` to ``tau_end``, logits scaled by ``kappa``), the
 weights stay frozen, and the loss distils the dense model: 1 - cosine between the masked and the dense
-model's outputs on real calibration inputs. The logits start with a prior on the magnitude mask (the
+model's output vectors on real calibration inputs (for a sentence encoder, every token's final state, as
+the paper distils every token's logits). The logits start with a prior on the magnitude mask (the
 paper's initialisation from a one-shot mask), so training begins where magnitude pruning ends. The result
 is the most likely candidate of each group, saved as the plan file the ``sparsity`` pass applies.
 """
@@ -91,7 +92,10 @@ class MaskLearner(nn.Module):
 
 
 def _distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return 1.0 - nn.functional.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1).mean()
+    """1 - cosine along the last axis, averaged over the vectors the teacher did not zero (padding)."""
+    cosine = nn.functional.cosine_similarity(student, teacher, dim=-1)
+    real = teacher.abs().amax(dim=-1) > 0
+    return 1.0 - cosine[real].mean()
 
 
 def learn_masks(

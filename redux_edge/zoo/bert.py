@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["BertConfig", "BertSentenceEncoder"]
+__all__ = ["BertConfig", "BertSentenceEncoder", "TokenStates"]
 
 
 @dataclass(frozen=True)
@@ -150,10 +150,31 @@ class BertSentenceEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = attention_mask.to(torch.float32)
-        additive_mask = ((1.0 - mask) * torch.finfo(torch.float32).min)[:, None, None, :]
-        hidden = self.embeddings(input_ids)
-        for layer in self.encoder.layer:
-            hidden = layer(hidden, additive_mask)
-        summed = (hidden * mask[:, :, None]).sum(dim=1)
+        summed = _token_states(self, input_ids, attention_mask).sum(dim=1)
         pooled = summed / mask.sum(dim=1, keepdim=True).clamp(min=1e-9)
         return nn.functional.normalize(pooled, p=2.0, dim=1)
+
+
+class TokenStates(nn.Module):
+    """A sentence encoder seen through its last layer's token states [batch, seq, hidden] (zero at padding),
+    under the same parameter names: what MaskLLM distils, since matching every token constrains a mask far
+    more than matching their mean."""
+
+    def __init__(self, sentence_encoder: BertSentenceEncoder) -> None:
+        super().__init__()
+        self.embeddings = sentence_encoder.embeddings
+        self.encoder = sentence_encoder.encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return _token_states(self, input_ids, attention_mask)
+
+
+def _token_states(
+    model: BertSentenceEncoder | TokenStates, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    mask = attention_mask.to(torch.float32)
+    additive_mask = ((1.0 - mask) * torch.finfo(torch.float32).min)[:, None, None, :]
+    hidden = model.embeddings(input_ids)
+    for layer in model.encoder.layer:
+        hidden = layer(hidden, additive_mask)
+    return hidden * mask[:, :, None]
