@@ -1,0 +1,160 @@
+"""Trace sets from simulation or from a probe: samples [n, length] and the known inputs [n, weights].
+
+Readers (each validated, never unpickling): plain ``.npy`` traces with their inputs in a second ``.npy``;
+ChipWhisperer projects (``<name>.cwp`` beside ``<name>_data/traces/<segment>_traces.npy`` and
+``<segment>_textin.npy``, segments in name order); estraces ETS files (HDF5: samples and a metadata array
+``operands``, or ``plaintext``); lascar-style ``.npz`` (``leakages`` and ``values``). Captured inputs are
+the int8 operands of the attacked MACs in the kernel's loop order; byte arrays (ChipWhisperer's textin)
+are read as int8. Samples are read lazily (memory-mapped .npy, HDF5 datasets) and handed out in chunks,
+so that a capture larger than memory can be attacked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from redux_edge.errors import UserError
+
+__all__ = ["TraceSet", "read_traces", "write_ets"]
+
+
+@dataclasses.dataclass
+class TraceSet:
+    source: str
+    samples: object  # an array-like [n, length]: ndarray, memmap or h5py dataset
+    operands: np.ndarray  # int8 [n, weights]
+
+    def __len__(self) -> int:
+        return self.samples.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.samples.shape[1]
+
+    def chunks(self, size: int = 2000, limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        end = len(self) if limit is None else min(limit, len(self))
+        for start in range(0, end, size):
+            stop = min(end, start + size)
+            samples = np.asarray(self.samples[start:stop], dtype=np.float32)
+            if not np.isfinite(samples).all():
+                row = start + int(np.argwhere(~np.isfinite(samples))[0][0])
+                raise UserError(
+                    f"{self.source}: trace {row} holds NaN or infinite samples", "drop or re-capture it"
+                )
+            yield samples, self.operands[start:stop]
+
+
+def read_traces(path: Path, inputs: Path | None = None, need_inputs: bool = True) -> TraceSet:
+    """The trace set at ``path``; a t-test (``need_inputs=False``) reads plain .npy samples alone."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist", "give a .npy, .npz, .ets/.h5 file or a ChipWhisperer .cwp")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".cwp":
+            samples, operands = _chipwhisperer(path)
+        elif suffix in (".ets", ".h5", ".hdf5"):
+            samples, operands = _ets(path)
+        elif suffix == ".npz":
+            samples, operands = _lascar(path)
+        elif suffix == ".npy":
+            samples = np.load(path, mmap_mode="r", allow_pickle=False)
+            if inputs is None and need_inputs:
+                raise UserError(f"{path}: plain .npy traces need their inputs", "add --inputs inputs.npy")
+            operands = _array(inputs) if inputs is not None else np.zeros((samples.shape[0], 1), np.int8)
+        else:
+            raise UserError(f"{path}: unknown trace format '{suffix}'", "use .npy, .npz, .ets/.h5 or .cwp")
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise UserError(f"cannot read traces from {path}: {exc}", "check the file and its format") from exc
+    return _checked(str(path), samples, operands)
+
+
+def _array(path: Path) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
+
+
+def _checked(source: str, samples, operands: np.ndarray) -> TraceSet:
+    if len(samples.shape) != 2 or samples.shape[0] == 0:
+        raise UserError(
+            f"{source}: samples must be [traces, samples], got {list(samples.shape)}", "one row a trace"
+        )
+    if not np.issubdtype(samples.dtype, np.number):
+        raise UserError(f"{source}: samples are {samples.dtype}, not numbers", "store float or int samples")
+    operands = np.asarray(operands)
+    if operands.ndim == 1:
+        operands = operands[:, None]
+    if operands.ndim != 2 or not np.issubdtype(operands.dtype, np.integer):
+        raise UserError(
+            f"{source}: inputs must be integers [traces, weights], got {operands.dtype} "
+            f"{list(operands.shape)}",
+            "store the int8 operands of the attacked MACs",
+        )
+    if operands.shape[0] != samples.shape[0]:
+        raise UserError(
+            f"{source}: {samples.shape[0]} traces but {operands.shape[0]} input rows",
+            "give one input row per trace",
+        )
+    if operands.dtype == np.uint8:
+        operands = operands.view(np.int8)
+    if operands.min() < -128 or operands.max() > 127:
+        raise UserError(f"{source}: inputs outside int8", "the operands are int8 values")
+    return TraceSet(source, samples, operands.astype(np.int8))
+
+
+def _chipwhisperer(project: Path) -> tuple[np.ndarray, np.ndarray]:
+    folder = project.parent / f"{project.stem}_data" / "traces"
+    segments = sorted(folder.glob("*_traces.npy"))
+    if not segments:
+        raise UserError(
+            f"{project}: no {folder}/*_traces.npy", "is this a ChipWhisperer project with traces?"
+        )
+    samples, textins = [], []
+    for segment in segments:
+        textin = segment.with_name(segment.name.removesuffix("_traces.npy") + "_textin.npy")
+        if not textin.is_file():
+            raise UserError(
+                f"{project}: segment {segment.name} has no {textin.name}", "copy the whole project"
+            )
+        samples.append(np.load(segment, allow_pickle=False))
+        textins.append(np.load(textin, allow_pickle=False))
+    return np.concatenate(samples), np.concatenate(textins)
+
+
+def _ets(path: Path) -> tuple[object, np.ndarray]:
+    import h5py
+
+    handle = h5py.File(path, "r")
+    for key in ("operands", "plaintext"):
+        if f"metadata/{key}" in handle:
+            return handle["traces"], np.asarray(handle[f"metadata/{key}"])
+    raise UserError(f"{path}: no metadata 'operands' or 'plaintext'", "write the inputs as ETS metadata")
+
+
+def _lascar(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        if not {"leakages", "values"} <= set(archive.files):
+            raise UserError(
+                f"{path}: a lascar .npz holds 'leakages' and 'values'", f"it holds {archive.files}"
+            )
+        values = archive["values"]
+        if values.dtype.names:
+            values = values[values.dtype.names[0]]
+        return archive["leakages"], values
+
+
+def write_ets(path: Path, samples: np.ndarray, operands: np.ndarray, **metadata: np.ndarray) -> None:
+    """An estraces ETS file (HDF5) with ``operands`` and any other per-trace metadata."""
+    from estraces import ETSWriter
+
+    writer = ETSWriter(str(path), overwrite=True)
+    try:
+        writer.write_samples(samples)
+        writer.write_metadata("operands", operands)
+        for key, value in metadata.items():
+            writer.write_metadata(key, value)
+    finally:
+        writer.close()
