@@ -5,8 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages: for the aarch64 path, a cross compiler for TVM artifacts and qemu to check them here;
-# gcc for the emitted MACPruning C kernel; Fashion-MNIST for the MACPruning evaluation.
-APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static gcc dataset-fashion-mnist
+# gcc and the Cortex-M cross compiler for the emitted MACPruning C kernel; Fashion-MNIST for its evaluation.
+APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static gcc gcc-arm-none-eabi dataset-fashion-mnist
 
 .PHONY: demo test bench system-packages clean
 
@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt tools/fet
 # Installs the Debian packages when they are missing and we are root (as in CI); otherwise says what to do.
 system-packages:
 	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null \
-		&& command -v gcc >/dev/null && [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+		&& command -v gcc >/dev/null && command -v arm-none-eabi-gcc >/dev/null \
+		&& [ -d /usr/share/datasets/fashion-mnist ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	else echo "note: the aarch64 and MACPruning checks need: sudo apt-get install $(APT_PACKAGES)"; fi

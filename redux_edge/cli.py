@@ -138,7 +138,7 @@ def cli(debug: bool) -> None:
     "--mac-keep-top",
     type=float,
     metavar="F",
-    help="MACPruning: always keep this fraction of pixels, the most important by occlusion [0.1].",
+    help="MACPruning: always keep this fraction of pixels, the most important by occlusion [0.4].",
 )
 @click.option("--mac-seed", type=int, help="MACPruning: fix the draw sequence (tests, reproducible runs).")
 @click.option(
@@ -222,7 +222,7 @@ def compile_command(
       redux-edge compile --model minilm-l6 --recipe models/minilm-l6/edge.toml -o build/edge
       redux-edge compile --model minilm-l6 --prune-heads 0.5 --importance calibration -o build/half
       redux-edge compile --model minilm-l6 --target jetson-orin-nano --sparsity 2:4 -o build/sparse
-      redux-edge compile --model mnist-cnn --mac-prune 0.5 --mac-keep-top 0.1 --emit-c -o build/protected
+      redux-edge compile --model mnist-cnn --mac-prune 0.5 --mac-keep-top 0.4 --emit-c -o build/protected
       redux-edge compile --model minilm-l6 --recipe build/minilm/manifest.json -o build/again
     """
     from redux_edge import api

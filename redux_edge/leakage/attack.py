@@ -68,47 +68,58 @@ def tie_groups(seen: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class Correlation:
-    """Streaming Pearson correlation of every class hypothesis with every sample, per attacked weight."""
+    """Streaming Pearson correlation of every hypothesis with every sample, per attacked weight.
+
+    A hypothesis depends on a trace only through the weight's input value, so the stream keeps, per weight
+    and input value, the count of traces and the sum of their samples (one sparse product per chunk); the
+    hypothesis sums follow from the table of Hamming weights when correlations are read. That is
+    O(traces x weights x samples) per chunk instead of O(... x 256 hypotheses)."""
 
     weights: int
     length: int
     count: int = 0
 
     def __post_init__(self) -> None:
-        guesses = len(GUESSES)
-        self.seen = np.zeros(256, dtype=bool)
         self.sum_s = np.zeros(self.length)
         self.sum_ss = np.zeros(self.length)
-        self.sum_h = np.zeros((self.weights, guesses))
-        self.sum_hh = np.zeros((self.weights, guesses))
-        self.sum_hs = np.zeros((self.weights, guesses, self.length))
+        self.counts = np.zeros((self.weights, 256))
+        self.sums = np.zeros((self.weights * 256, self.length))
+
+    @property
+    def seen(self) -> np.ndarray:
+        return self.counts.sum(axis=0) > 0
 
     def update(self, samples: np.ndarray, operands: np.ndarray) -> None:
+        from scipy.sparse import csr_matrix
+
         samples = samples.astype(np.float64)
-        self.count += len(samples)
-        self.seen[operands.astype(np.int32).reshape(-1) + 128] = True
+        count = len(samples)
+        self.count += count
         self.sum_s += samples.sum(axis=0)
         self.sum_ss += (samples * samples).sum(axis=0)
-        for weight in range(self.weights):
-            hypotheses = _TABLE[:, operands[:, weight].astype(np.int32) + 128]  # [guesses, n]
-            self.sum_h[weight] += hypotheses.sum(axis=1)
-            self.sum_hh[weight] += (hypotheses * hypotheses).sum(axis=1)
-            self.sum_hs[weight] += hypotheses @ samples
+        rows = (np.arange(self.weights)[None] * 256 + operands.astype(np.int64) + 128).reshape(-1)
+        columns = np.repeat(np.arange(count), self.weights)
+        selector = csr_matrix((np.ones(len(rows)), (rows, columns)), shape=(self.weights * 256, count))
+        self.sums += selector @ samples
+        np.add.at(self.counts, (np.tile(np.arange(self.weights), count), rows % 256), 1.0)
 
     def peaks(self, windows: np.ndarray | None = None) -> np.ndarray:
         """max |correlation| over the samples of each weight's window ([weights, 2]: first, last sample;
         default all): [weights, guesses]."""
         n = self.count
-        mean_s, mean_h = self.sum_s / n, self.sum_h / n
-        var_s = np.maximum(self.sum_ss / n - mean_s**2, 1e-12)
-        var_h = np.maximum(self.sum_hh / n - mean_h**2, 1e-12)
-        covariance = self.sum_hs / n - mean_h[..., None] * mean_s[None, None]
-        correlation = np.abs(covariance / np.sqrt(var_h[..., None] * var_s[None, None]))
-        if windows is not None:
-            sample = np.arange(self.length)[None]
-            outside = (sample < windows[:, :1]) | (sample > windows[:, 1:])
-            correlation[np.broadcast_to(outside[:, None], correlation.shape)] = 0.0
-        return correlation.max(axis=2)
+        mean_s = self.sum_s / n
+        std_s = np.sqrt(np.maximum(self.sum_ss / n - mean_s**2, 1e-12))
+        peaks = np.zeros((self.weights, len(GUESSES)))
+        sums = self.sums.reshape(self.weights, 256, self.length)
+        for weight in range(self.weights):
+            mean_h = _TABLE @ self.counts[weight] / n
+            std_h = np.sqrt(np.maximum((_TABLE**2) @ self.counts[weight] / n - mean_h**2, 1e-12))
+            first, last = (0, self.length - 1) if windows is None else windows[weight]
+            span = slice(first, last + 1)
+            covariance = _TABLE @ sums[weight][:, span] / n - mean_h[:, None] * mean_s[None, span]
+            correlation = np.abs(covariance) / (std_h[:, None] * std_s[None, span])
+            peaks[weight] = correlation.max(axis=1)
+        return peaks
 
 
 _CLASSES, _CLASS_INDEX = np.unique(shift_class(GUESSES), return_inverse=True)

@@ -70,11 +70,16 @@ def simulate(
     position: tuple[int, int] | None = None,
     seed: int = 0,
     fixed_input: np.ndarray | None = None,
+    channels: int | None = None,
 ) -> Simulated:
     """``count`` traces of the window at ``position`` (default: the centre) on random int8 inputs, or on
-    ``fixed_input`` [channels, h, w] every time (the fixed set of a TVLA)."""
+    ``fixed_input`` [channels, h, w] every time (the fixed set of a TVLA). ``channels`` keeps the first
+    output channels only: the loop runs channel by channel, so their samples are exactly those of the
+    whole window's start."""
     rng = np.random.default_rng(seed)
     out_c, in_c, k_h, k_w = layer.weights.shape
+    out_c = min(out_c, channels or out_c)
+    layer = dataclasses.replace(layer, weights=layer.weights[:out_c], bias=layer.bias[:out_c])
     position = position or (layer.height // 2, layer.width // 2)
     rows, columns = window_pixels(layer, position)
     channels = np.repeat(np.arange(in_c), k_h * k_w)

@@ -34,7 +34,7 @@ class MacPrunePass(RecipePass):
     summary = "randomly deactivate non-critical input pixels on every inference (MACPruning)"
 
     drop: float = 0.5
-    keep_top: float = 0.1
+    keep_top: float = 0.4
     seed: int = -1
     input: str = ""
     # Set by the pipeline: real images for the pixel map. After a run: the always-kept pixels
