@@ -354,3 +354,15 @@ def test_protection_misuse_is_a_user_error(tmp_path, cli, digits):
     with pytest.raises(UserError, match="calibration images"):
         protect = build_pass("mac-prune", {"drop": 0.5, "keep_top": 0.1})
         protect(api.load_source("mnist-cnn").model)
+
+
+def test_image_datasets_are_real_and_split(digits, tmp_path):
+    assert digits.train_images.shape == (1000, 28, 28) and digits.test_images.shape == (4000, 28, 28)
+    assert np.bincount(digits.train_labels).tolist() == [100] * 10
+    fashion = images.fashion_mnist()
+    assert fashion.train_images.shape == (60000, 28, 28) and fashion.test_images.shape == (10000, 28, 28)
+    assert np.bincount(fashion.test_labels).tolist() == [1000] * 10
+    for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(UserError, match="not an unsigned-byte IDX file"):
+        images.fashion_mnist(tmp_path)

@@ -74,9 +74,17 @@ def fashion_mnist(folder: Path = FASHION_DIR) -> Images:
 
 def _idx(path: Path) -> np.ndarray:
     """An unsigned-byte IDX file (LeCun's MNIST format): magic 0x0000 08 <ndim>, big-endian sizes, data."""
-    data = gzip.decompress(path.read_bytes())
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as exc:
+        raise UserError(
+            f"{path} is not an unsigned-byte IDX file ({exc})", "reinstall dataset-fashion-mnist"
+        ) from exc
     if data[:3] != b"\x00\x00\x08":
         raise UserError(f"{path} is not an unsigned-byte IDX file", "reinstall dataset-fashion-mnist")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    try:
+        return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except ValueError as exc:
+        raise UserError(f"{path} is truncated: {exc}", "reinstall dataset-fashion-mnist") from exc
