@@ -49,11 +49,8 @@ class MacPrunePass(RecipePass):
             raise UserError(f"mac-prune: drop {self.drop} is not in [0, 1)", "e.g. --mac-prune 0.5")
         if not 0.0 <= self.keep_top <= 1.0:
             raise UserError(
-                f"mac-prune: keep_top {self.keep_top} is not in [0, 1]", "e.g. --mac-keep-top 0.1"
+                f"mac-prune: keep_top {self.keep_top} is not in [0, 1]", "e.g. --mac-keep-top 0.4"
             )
-
-    def parameters(self) -> dict:
-        return {key: value for key, value in super().parameters().items() if key != "calibration"}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -61,7 +58,8 @@ class MacPrunePass(RecipePass):
         height, width = (int(d) for d in image.shape[2:])
         if any(output.name == KEEP_OUTPUT for output in graph.outputs):
             raise UserError(
-                "mac-prune: the model is already protected (it has a pixel_keep output)", "run once"
+                "mac-prune: the model is already protected (it has a pixel_keep output)",
+                "apply mac-prune once",
             )
         importance = np.zeros((height, width))
         if self.keep_top > 0:
