@@ -1,8 +1,10 @@
-"""Attack and t-test reports: JSON beside PNG plots (matplotlib, headless)."""
+"""Attack and t-test reports: JSON beside PNG plots (matplotlib, headless), each file written to a
+temporary name and renamed, so that an interrupted run never leaves a truncated report."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ def write_attack_report(report: dict, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "attack.json"]
-    paths[0].write_text(json.dumps(report, indent=1))
+    _write(paths[0], lambda path: path.write_text(json.dumps(report, indent=1)))
     checkpoints = report["checkpoints"]
     if checkpoints and "rank" in checkpoints[0]:
         traces = [entry["traces"] for entry in checkpoints]
@@ -44,7 +46,7 @@ def write_attack_report(report: dict, folder: Path) -> list[Path]:
         figure.suptitle(report.get("title", "CPA on first-layer weights"))
         figure.tight_layout()
         paths.append(folder / "rank_vs_traces.png")
-        figure.savefig(paths[-1], dpi=110)
+        _write(paths[-1], lambda path: figure.savefig(path, dpi=110, format="png"))
         pyplot.close(figure)
     return paths
 
@@ -57,13 +59,19 @@ def write_tvla_report(report: dict, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "tvla.json", folder / "t_vs_sample.png"]
-    paths[0].write_text(json.dumps(report, indent=1))
+    _write(paths[0], lambda path: path.write_text(json.dumps(report, indent=1)))
     figure, axes = pyplot.subplots(figsize=(10, 3.5))
     axes.plot(report["t"], linewidth=0.8)
     axes.axhline(report["threshold"], color="red", linestyle="--", label=f"|t| = {report['threshold']}")
     axes.set(xlabel="sample", ylabel="|t| (Welch, fixed vs random)")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(paths[1], dpi=110)
+    _write(paths[1], lambda path: figure.savefig(path, dpi=110, format="png"))
     pyplot.close(figure)
     return paths
+
+
+def _write(path: Path, write: Callable[[Path], object]) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    partial.replace(path)
