@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from redux_edge import bundle as bundles
 from redux_edge.backends import Backend, select_backend
+from redux_edge.datasets.images import Images
 from redux_edge.errors import UserError
 from redux_edge.ir.cost import model_cost
 from redux_edge.ir.surgery import copy_model
@@ -306,7 +307,8 @@ def compile_model(
         raise UserError("--emit-c writes the kernel of a mac-prune-protected layer", "add --mac-prune P")
     if protecting is not None:
         _check_protection(recipe, backend)
-        calibration = _pixel_calibration(source, protecting)
+        image_data = _image_task_data(source)
+        calibration = _pixel_calibration(source, protecting, image_data)
     pass_log, dense = _run_passes(source.model, recipe, step)
     plan = {key: units for p in structural for key, units in p.removed.items() if units}
     masks = {name: keep for p in masking for name, keep in p.masks.items()}
@@ -385,7 +387,9 @@ def compile_model(
             if masking:
                 manifest["compression"]["sparsity"] = _sparsity_report(masking, storage, target)
         if protecting is not None:
-            manifest["protection"] = _protection_report(source, dense, protecting, calibration, stage, step)
+            manifest["protection"] = _protection_report(
+                source, dense, protecting, calibration, image_data, stage, step
+            )
             if emit_c:
                 with step("emitting the first layer's C kernel and checking it with gcc"):
                     manifest["protection"]["kernel"] = _emit_kernel(source, protecting, stage, verified[-1])
@@ -661,11 +665,10 @@ def _emit_kernel(source: Source, protecting: MacPrunePass, stage: Path, keep: np
     return report | {"checked": True, "samples": len(quantized), "integer_exact": True}
 
 
-def _pixel_calibration(source: Source, protecting: MacPrunePass) -> str | None:
+def _pixel_calibration(source: Source, protecting: MacPrunePass, data: Images | None) -> str | None:
     """Real images for the pixel map: the card's task data (calibration split), else the user's inputs."""
     if protecting.keep_top == 0:
         return None
-    data = _image_task_data(source)
     if data is not None:
         protecting.calibration = source.preprocessor.pixels(data.train_images[:_PIXEL_CALIBRATION])
         return f"{_PIXEL_CALIBRATION} {data.name} calibration images"
@@ -681,7 +684,8 @@ def _pixel_calibration(source: Source, protecting: MacPrunePass) -> str | None:
 _PIXEL_CALIBRATION = 64
 
 
-def _image_task_data(source: Source):
+def _image_task_data(source: Source) -> Images | None:
+    """The card's labelled images (read once per compile: calibration and the accuracy report)."""
     from redux_edge.datasets import images
 
     loaders = {"mnist": images.mnist, "fashion-mnist": images.fashion_mnist}
@@ -712,6 +716,7 @@ def _protection_report(
     dense: ir.Model,
     protecting: MacPrunePass,
     calibration: str | None,
+    data: Images | None,
     stage: Path,
     step: Step,
 ) -> dict:
@@ -737,7 +742,6 @@ def _protection_report(
         # Without a seed every run draws anew, so a health check can compare only shapes.
         "random_outputs": source.output_names if protecting.seed < 0 else [],
     }
-    data = _image_task_data(source)
     if data is None:
         report["quality"] = {"measured": False, "why": "the model card names no image task data"}
         return report
