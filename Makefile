@@ -5,8 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages: for the aarch64 path, a cross compiler for TVM artifacts and qemu to check them here;
-# gcc and the Cortex-M cross compiler for the emitted MACPruning C kernel; Fashion-MNIST for its evaluation.
-APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static gcc gcc-arm-none-eabi dataset-fashion-mnist
+# gcc and the Cortex-M cross compiler for the emitted MACPruning C kernel; Fashion-MNIST for its evaluation;
+# OpenSSH's server, which the flash and profile tests start on 127.0.0.1 as the device.
+APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static gcc gcc-arm-none-eabi dataset-fashion-mnist \
+	openssh-server openssh-client
 
 .PHONY: demo test bench system-packages clean
 
@@ -25,10 +27,11 @@ $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt tools/fet
 system-packages:
 	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null \
 		&& command -v gcc >/dev/null && command -v arm-none-eabi-gcc >/dev/null \
-		&& [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+		&& [ -d /usr/share/datasets/fashion-mnist ] && [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null; \
+	then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
-	else echo "note: the aarch64 and MACPruning checks need: sudo apt-get install $(APT_PACKAGES)"; fi
+	else echo "note: the aarch64, MACPruning and SSH checks need: sudo apt-get install $(APT_PACKAGES)"; fi
 
 demo: $(STAMP)
 	$(BIN)/redux-edge compile --model minilm-l6 --target host -o build/demo/minilm --force

@@ -4,10 +4,11 @@ temporary name and renamed, so that an interrupted run never leaves a truncated 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from redux_edge.files import write_atomically
 
 __all__ = ["disclosure", "write_attack_report", "write_tvla_report"]
 
@@ -31,7 +32,7 @@ def write_attack_report(report: dict, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "attack.json"]
-    _write(paths[0], lambda path: path.write_text(json.dumps(report, indent=1)))
+    write_atomically(paths[0], lambda path: path.write_text(json.dumps(report, indent=1)))
     checkpoints = report["checkpoints"]
     if checkpoints and "rank" in checkpoints[0]:
         traces = [entry["traces"] for entry in checkpoints]
@@ -46,7 +47,7 @@ def write_attack_report(report: dict, folder: Path) -> list[Path]:
         figure.suptitle(report.get("title", "CPA on first-layer weights"))
         figure.tight_layout()
         paths.append(folder / "rank_vs_traces.png")
-        _write(paths[-1], lambda path: figure.savefig(path, dpi=110, format="png"))
+        write_atomically(paths[-1], lambda path: figure.savefig(path, dpi=110, format="png"))
         pyplot.close(figure)
     return paths
 
@@ -59,19 +60,13 @@ def write_tvla_report(report: dict, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "tvla.json", folder / "t_vs_sample.png"]
-    _write(paths[0], lambda path: path.write_text(json.dumps(report, indent=1)))
+    write_atomically(paths[0], lambda path: path.write_text(json.dumps(report, indent=1)))
     figure, axes = pyplot.subplots(figsize=(10, 3.5))
     axes.plot(report["t"], linewidth=0.8)
     axes.axhline(report["threshold"], color="red", linestyle="--", label=f"|t| = {report['threshold']}")
     axes.set(xlabel="sample", ylabel="|t| (Welch, fixed vs random)")
     axes.legend()
     figure.tight_layout()
-    _write(paths[1], lambda path: figure.savefig(path, dpi=110, format="png"))
+    write_atomically(paths[1], lambda path: figure.savefig(path, dpi=110, format="png"))
     pyplot.close(figure)
     return paths
-
-
-def _write(path: Path, write: Callable[[Path], object]) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    partial.replace(path)

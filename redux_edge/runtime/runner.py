@@ -10,6 +10,7 @@ check (the bundle's sample inputs must reproduce its sample outputs)::
 
     python runner/run.py --inputs x.npz --outputs y.npz
     python runner/run.py --bench --iterations 100 --json
+    python runner/run.py --bench --duration 30 --layers --latencies --json   # what `profile` runs
     python runner/run.py --check
 """
 
@@ -18,8 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +42,7 @@ __all__ = [
     "expand_packed",
     "latency_stats",
     "parse_adapter_pack",
+    "parse_tegrastats",
     "parse_trtexec_log",
     "read_adapter_pack",
     "unpacked_weights",
@@ -97,17 +103,37 @@ class BundleSession:
         ):
             return {k: inputs[k] for k in inputs.files}, [outputs[name] for name in self.output_names]
 
-    def benchmark(self, feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> dict:
+    def benchmark(
+        self, feeds: dict[str, np.ndarray], warmup: int, iterations: int, duration: float | None = None
+    ) -> dict:
+        """Latency statistics of ``iterations`` runs after ``warmup``, or of as many runs as fit in
+        ``duration`` seconds; ``latencies_ms`` holds every run, ``peak_rss_mb`` this process's peak."""
         checked = self.check_inputs(feeds)
         for _ in range(warmup):
             self._execute(checked)
         seconds = []
-        for _ in range(iterations):
+        deadline = time.perf_counter() + duration if duration else None
+        while len(seconds) < iterations if deadline is None else time.perf_counter() < deadline:
             start = time.perf_counter()
             self._execute(checked)
             seconds.append(time.perf_counter() - start)
         batch = next(iter(checked.values())).shape[0] if checked else 1
-        return latency_stats(seconds, batch)
+        # ru_maxrss is in KiB on Linux.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {
+            **latency_stats(seconds, batch),
+            "latencies_ms": [round(value * 1000.0, 4) for value in seconds],
+            "peak_rss_mb": round(peak, 1),
+        }
+
+    def layer_times(self, feeds: dict[str, np.ndarray], runs: int, threads: int | None = None) -> dict:
+        """Per-layer milliseconds from the backend's own profiler, averaged over ``runs`` runs, in a
+        separate session so that profiling does not slow the latency figures."""
+        backend = self.manifest["backend"]
+        threads = backend["session"]["threads"] if threads is None else threads
+        checked = self.check_inputs(feeds)
+        profilers = {"onnxruntime": _onnxruntime_layers, "openvino": _openvino_layers, "tvm": _tvm_layers}
+        return profilers[backend["name"]](self, checked, runs, threads)
 
 
 def _onnxruntime(
@@ -117,11 +143,15 @@ def _onnxruntime(
     output_names: list[str],
     storage: dict,
     overrides: dict | None,
+    profile_prefix: str | None = None,
 ):
     import onnxruntime as ort
 
     settings = backend["session"]
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.graph_optimization_level = getattr(
         ort.GraphOptimizationLevel, settings["load_optimization_level"]
     )
@@ -142,7 +172,143 @@ def _onnxruntime(
         return session.run(output_names, feeds)
 
     execute.buffers = (buffers, arrays, values)
+    execute.session = session
     return execute
+
+
+def _onnxruntime_layers(session: BundleSession, feeds: dict, runs: int, threads: int) -> dict:
+    """ONNX Runtime's profiler: the ``*_kernel_time`` events of every node, in a Chrome trace file."""
+    manifest, folder = session.manifest, session.bundle_dir
+    with tempfile.TemporaryDirectory() as scratch:
+        execute = _onnxruntime(
+            folder,
+            manifest["backend"],
+            threads,
+            session.output_names,
+            manifest.get("storage") or {},
+            None,
+            str(Path(scratch) / "ort"),
+        )
+        for _ in range(runs):
+            execute(feeds)
+        events = json.loads(Path(execute.session.end_profiling()).read_text())
+    micros: dict[tuple[str, str], float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            key = (event["name"][: -len("_kernel_time")], event.get("args", {}).get("op_name", ""))
+            micros[key] = micros.get(key, 0.0) + event["dur"]
+    layers = [{"name": name, "op": op, "ms": total / runs / 1000.0} for (name, op), total in micros.items()]
+    return _ranked("onnxruntime profiler (kernel time per node)", layers, runs)
+
+
+def _openvino_layers(session: BundleSession, feeds: dict, runs: int, threads: int) -> dict:
+    """OpenVINO's performance counters (``PERF_COUNT``): real time per executed layer."""
+    import openvino as ov
+
+    settings = session.manifest["backend"]["session"]
+    config = {"INFERENCE_PRECISION_HINT": settings["inference_precision"], "PERF_COUNT": True}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    path = str(session.bundle_dir / session.manifest["backend"]["artifact"])
+    request = ov.Core().compile_model(path, settings["device"], config).create_infer_request()
+    micros: dict[tuple[str, str], float] = {}
+    for _ in range(runs):
+        request.infer(feeds)
+        for layer in request.profiling_info:
+            key = (layer.node_name, layer.node_type)
+            micros[key] = micros.get(key, 0.0) + layer.real_time.total_seconds() * 1e6
+    layers = [{"name": name, "op": op, "ms": total / runs / 1000.0} for (name, op), total in micros.items()]
+    return _ranked("OpenVINO performance counters (real time per layer)", layers, runs)
+
+
+def _tvm_layers(session: BundleSession, feeds: dict, runs: int, threads: int) -> dict:
+    """The Relax VM offers no per-operator profile in this TVM; its time evaluator times ``main``."""
+    import tvm
+    from tvm import relax
+
+    backend = session.manifest["backend"]
+    if threads:
+        tvm.get_global_func("runtime.config_threadpool")(0, threads)
+    machine = relax.VirtualMachine(
+        tvm.runtime.load_module(str(session.bundle_dir / backend["artifact"])), tvm.cpu()
+    )
+    arguments = [tvm.runtime.tensor(feeds[name]) for name in backend["session"]["input_order"]]
+    timed = machine.time_evaluator("main", tvm.cpu(), number=1, repeat=runs)(*arguments)
+    layers = [{"name": "main", "op": "relax function", "ms": float(timed.mean) * 1000.0}]
+    return _ranked("TVM time evaluator (whole function; no per-operator profile)", layers, runs)
+
+
+def _ranked(source: str, layers: list[dict], runs: int) -> dict:
+    layers = sorted(layers, key=lambda layer: -layer["ms"])
+    return {
+        "source": source,
+        "runs": runs,
+        "total_ms": sum(layer["ms"] for layer in layers),
+        "layers": layers,
+    }
+
+
+_TEGRA_RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
+_TEGRA_GPU = re.compile(r"\bGR3D_FREQ (\d+)%(?:@\[?([\d,]+)\]?)?")
+# The board's input rail: VDD_IN (Orin Nano/NX, Xavier), VIN_SYS_5V0 (AGX Orin), POM_5V_IN (Nano).
+_TEGRA_POWER = re.compile(r"\b(VDD_IN|VIN_SYS_5V0|POM_5V_IN) (\d+)(?:mW)?/\d+")
+
+
+def parse_tegrastats(lines: list[str]) -> dict:
+    """Summary of tegrastats lines: input-rail power (mW), GPU load (%) and frequency (MHz), RAM (MB)."""
+    power, load, freq, ram = [], [], [], []
+    rail = None
+    for line in lines:
+        if match := _TEGRA_POWER.search(line):
+            rail = match.group(1)
+            power.append(float(match.group(2)))
+        if match := _TEGRA_GPU.search(line):
+            load.append(float(match.group(1)))
+            clocks = [float(mhz) for mhz in (match.group(2) or "").split(",") if mhz]
+            freq.extend(clocks[:1])
+        if match := _TEGRA_RAM.search(line):
+            ram.append(float(match.group(1)))
+
+    def summary(values: list[float]) -> dict | None:
+        return {"mean": float(np.mean(values)), "max": float(np.max(values))} if values else None
+
+    return {
+        "samples": len(lines),
+        "power_rail": rail,
+        "power_mw": summary(power),
+        "gpu_load_pct": summary(load),
+        "gpu_freq_mhz": summary(freq),
+        "ram_used_mb": summary(ram),
+    }
+
+
+class Tegrastats:
+    """Samples ``tegrastats`` (Jetson) while the block runs; ``summary`` is None where it is absent."""
+
+    def __init__(self, interval_ms: int = 100) -> None:
+        self.interval_ms = interval_ms
+        self.summary: dict | None = None
+
+    def __enter__(self) -> Tegrastats:
+        program = shutil.which("tegrastats")
+        self._process = None
+        if program:
+            self._lines: list[str] = []
+            self._process = subprocess.Popen(
+                [program, "--interval", str(self.interval_ms)], stdout=subprocess.PIPE, text=True
+            )
+            self._reader = threading.Thread(
+                target=lambda: self._lines.extend(self._process.stdout), daemon=True
+            )
+            self._reader.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=5)
+            self._reader.join(timeout=5)
+            self.summary = parse_tegrastats(self._lines)
 
 
 def _openvino(bundle_dir: Path, backend: dict, threads: int, output_names: list[str]):
@@ -433,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--duration", type=float, help="bench: run for this many seconds instead")
+    parser.add_argument("--layers", type=int, default=0, help="bench: also profile layers over N runs")
+    parser.add_argument("--latencies", action="store_true", help="bench: print every run's latency")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--adapter", help="load this task's adapter pack (bundles with swappable adapters)")
     parser.add_argument("--json", action="store_true")
@@ -464,8 +633,18 @@ def main(argv: list[str] | None = None) -> int:
             feeds = {k: archive[k] for k in archive.files}
     try:
         if args.bench:
-            report = session.benchmark(feeds, args.warmup, args.iterations)
-            print(json.dumps(report) if args.json else "  ".join(f"{k}={v:.4g}" for k, v in report.items()))
+            started = time.time()
+            with Tegrastats() as tegrastats:
+                report = session.benchmark(feeds, args.warmup, args.iterations, args.duration)
+            report |= {"started": started, "finished": time.time(), "tegrastats": tegrastats.summary}
+            if args.layers:
+                report["layers"] = session.layer_times(feeds, args.layers, args.threads)
+            if not args.latencies:
+                del report["latencies_ms"]
+            if args.json:
+                print(json.dumps(report))
+            else:
+                print("  ".join(f"{k}={v:.4g}" for k, v in report.items() if isinstance(v, float | int)))
             return 0
         outputs = session.run(feeds)
     except InputError as exc:

@@ -1,0 +1,348 @@
+"""The device side of flashing: a stdlib-only script that the host pipes to ``python3 -`` on the device.
+
+Nothing is installed on a device for flashing: every call sends this file on stdin with one verb and its
+arguments as separate, quoted argv words, and reads one JSON object back from stdout. A device root
+holds::
+
+    releases/<id>/           a verified bundle (immutable once renamed from <id>.partial)
+    releases/<id>.partial/   an upload in progress (kept across interrupted uploads, resumed by sha256)
+    current -> releases/<id> the live release: a relative symlink, swapped by rename(2), so atomic
+    history.json             releases in order of activation (rollback walks it back)
+    engines/<key>/           TensorRT engines built here, keyed by engine name, TensorRT version and GPU
+    .lock                    flock-ed by every call, so that two hosts flashing one device take turns
+
+Every path a caller names is checked to stay inside the root; the release ids are hex digests.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_RELEASE = re.compile(r"^[0-9a-f]{8,64}$")
+_RUNTIMES = ("numpy", "onnxruntime", "openvino", "tvm", "tensorrt")
+
+
+class AgentError(Exception):
+    """Something the host should report as this device's failure, in one line."""
+
+
+def _digest(path: Path) -> str:
+    # Not hashlib.file_digest: devices run older Pythons (JetPack 5 ships 3.8).
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _inside(root: Path, relative: str) -> Path:
+    target = (root / relative).resolve()
+    base = str(root.resolve())
+    if os.path.isabs(relative) or os.path.commonpath([base, str(target)]) != base:
+        raise AgentError(f"path leaves the device root: {relative}")
+    return target
+
+
+def _release_dir(root: Path, release: str, partial: bool = False) -> Path:
+    if not _RELEASE.match(release):
+        raise AgentError(f"not a release id: {release}")
+    return root / "releases" / (release + ".partial" if partial else release)
+
+
+def _current(root: Path) -> str | None:
+    link = root / "current"
+    return Path(os.readlink(link)).name if link.is_symlink() else None
+
+
+def _history(root: Path) -> list[dict]:
+    path = root / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _write_json(path: Path, payload: object) -> None:
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_text(json.dumps(payload, indent=1))
+    os.replace(scratch, path)
+
+
+def _releases(root: Path) -> list[str]:
+    folder = root / "releases"
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and _RELEASE.match(p.name))
+
+
+def _manifest_files(release_dir: Path) -> dict:
+    try:
+        return json.loads((release_dir / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def state(root: Path) -> dict:
+    return {
+        "root": str(root),
+        "current": _current(root),
+        "releases": _releases(root),
+        "history": _history(root),
+    }
+
+
+def info(root: Path) -> dict:
+    import importlib.metadata
+    import importlib.util
+
+    runtimes = {}
+    for name in _RUNTIMES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        try:
+            runtimes[name] = importlib.metadata.version({"tvm": "apache-tvm"}.get(name, name))
+        except importlib.metadata.PackageNotFoundError:
+            runtimes[name] = "installed"
+    os_release = Path("/etc/os-release")
+    pretty = (
+        dict(line.split("=", 1) for line in os_release.read_text().splitlines() if "=" in line)
+        .get("PRETTY_NAME", "")
+        .strip('"')
+        if os_release.is_file()
+        else platform.system()
+    )
+    tegra = Path("/etc/nv_tegra_release")
+    return {
+        "machine": platform.machine(),
+        "os": pretty,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "runtimes": runtimes,
+        "trtexec": shutil.which("trtexec") or _jetson_trtexec(),
+        "tegrastats": shutil.which("tegrastats"),
+        "jetpack": tegra.read_text().splitlines()[0] if tegra.is_file() else None,
+        **state(root),
+    }
+
+
+def _jetson_trtexec() -> str | None:
+    # JetPack puts trtexec under /usr/src/tensorrt/bin, outside PATH.
+    path = Path("/usr/src/tensorrt/bin/trtexec")
+    return str(path) if path.is_file() else None
+
+
+def prepare(root: Path, release: str, wanted: dict[str, str]) -> dict:
+    """Make ``<release>.partial`` hold every wanted file it can without an upload: files already there
+    with the right sha256 stay, files another release holds are copied; the rest are listed as missing."""
+    final = _release_dir(root, release)
+    if final.is_dir():
+        return {"complete": True, "path": str(final), "missing": [], "copied": [], "present": sorted(wanted)}
+    partial = _release_dir(root, release, partial=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    elsewhere = {}
+    for other in _releases(root):
+        for relative, entry in _manifest_files(root / "releases" / other).items():
+            elsewhere.setdefault(entry["sha256"], root / "releases" / other / relative)
+    present, copied, missing = [], [], []
+    for relative, sha256 in sorted(wanted.items()):
+        path = _inside(partial, relative)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file() and _digest(path) == sha256:
+            present.append(relative)
+        elif sha256 in elsewhere and elsewhere[sha256].is_file():
+            shutil.copyfile(elsewhere[sha256], path)
+            copied.append(relative)
+        else:
+            missing.append(relative)
+    # An upload cut short leaves <file>.upload: its length and digest let the host send only the rest.
+    started = {}
+    for relative in missing:
+        upload = Path(f"{_inside(partial, relative)}.upload")
+        if upload.is_file():
+            started[relative] = {"bytes": upload.stat().st_size, "sha256": _digest(upload)}
+    return {
+        "complete": False,
+        "path": str(partial),
+        "missing": missing,
+        "copied": copied,
+        "present": present,
+        "started": started,
+    }
+
+
+def verify(root: Path, release: str, wanted: dict[str, str]) -> dict:
+    """sha256 of every wanted file in the release (or its partial upload); the files that differ."""
+    folder = _release_dir(root, release)
+    if not folder.is_dir():
+        folder = _release_dir(root, release, partial=True)
+    bad = {}
+    for relative, sha256 in sorted(wanted.items()):
+        path = _inside(folder, relative)
+        got = _digest(path) if path.is_file() else "missing"
+        if got != sha256:
+            bad[relative] = got
+    return {"path": str(folder), "bad": bad}
+
+
+def _switch(root: Path, release: str) -> None:
+    target = _release_dir(root, release)
+    if not target.is_dir():
+        raise AgentError(f"release {release} is not on the device")
+    scratch = root / f".current.{os.getpid()}"
+    scratch.unlink(missing_ok=True)
+    scratch.symlink_to(Path("releases") / release)
+    os.replace(scratch, root / "current")
+
+
+def activate(root: Path, release: str, bundle: dict) -> dict:
+    """Rename the verified upload into place and point ``current`` at it; returns the release it replaced."""
+    partial, final = _release_dir(root, release, partial=True), _release_dir(root, release)
+    if partial.is_dir() and not final.is_dir():
+        os.rename(partial, final)
+    previous = _current(root)
+    _switch(root, release)
+    history = _history(root)
+    history.append({"release": release, "activated": time.time(), "previous": previous, **bundle})
+    _write_json(root / "history.json", history)
+    return {"previous": previous, "current": release}
+
+
+def switch(root: Path, release: str, reason: str) -> dict:
+    """Point ``current`` at an existing release (rollback), recording why."""
+    previous = _current(root)
+    _switch(root, release)
+    history = _history(root)
+    history.append({"release": release, "activated": time.time(), "previous": previous, "reason": reason})
+    _write_json(root / "history.json", history)
+    return {"previous": previous, "current": release}
+
+
+def discard(root: Path, release: str) -> dict:
+    """Remove a release that failed its health check; when it is current (the device had nothing before
+    it), ``current`` goes too, so that nothing serves a broken release."""
+    if _current(root) == release:
+        (root / "current").unlink()
+    shutil.rmtree(_release_dir(root, release), ignore_errors=True)
+    return {"discarded": release}
+
+
+def prune(root: Path, keep: int) -> dict:
+    """Keep the ``keep`` most recently activated releases (and the current one); delete the rest."""
+    recent: list[str] = []
+    for entry in reversed(_history(root)):
+        if entry["release"] not in recent:
+            recent.append(entry["release"])
+    kept = set(recent[:keep]) | {_current(root)}
+    removed = [release for release in _releases(root) if release not in kept]
+    for release in removed:
+        shutil.rmtree(_release_dir(root, release))
+    return {"removed": removed}
+
+
+def run_runner(root: Path, release: str, arguments: list[str], timeout: float) -> dict:
+    """Run the release's own runner with ``arguments``; its exit code, stdout and stderr."""
+    folder = _release_dir(root, release)
+    completed = subprocess.run(
+        [sys.executable, str(folder / "runner" / "run.py"), "--bundle", str(folder), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return {"code": completed.returncode, "stdout": completed.stdout, "stderr": completed.stderr[-4000:]}
+
+
+def build_engine(root: Path, release: str, timeout: float) -> dict:
+    """Build the release's TensorRT engine, or take it from the cache: an engine holds for one engine
+    name (model digest, SM, precision, sparsity, DLA core), one TensorRT version and one GPU."""
+    folder = _release_dir(root, release)
+    plan = json.loads((folder / "manifest.json").read_text())["backend"]["engine_build"]
+    gpu = _gpu_name()
+    trtexec = shutil.which("trtexec") or _jetson_trtexec()
+    if trtexec is None:
+        raise AgentError("trtexec is not on this device (install TensorRT / JetPack)")
+    version = re.search(r"TensorRT v(\d+)", _run_text([trtexec, "--help"]))
+    key = f"{plan['engine_name']}-trt{version.group(1) if version else 'unknown'}-{gpu}"
+    cache = root / "engines" / key
+    engines = _inside(folder, plan["engine_dir"])
+    if (cache / "engine.plan").is_file():
+        engines.mkdir(exist_ok=True)
+        for built in cache.iterdir():
+            shutil.copyfile(built, engines / built.name)
+        return {"key": key, "cached": True, "log": str(cache / "build.log")}
+    env = dict(os.environ, PATH=f"{Path(trtexec).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    completed = subprocess.run(
+        [sys.executable, str(folder / "runner" / "run.py"), "--bundle", str(folder), "--build-engine"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    logs = sorted(engines.glob("*.log")) if engines.is_dir() else []
+    if completed.returncode != 0:
+        raise AgentError(
+            f"engine build failed: {completed.stderr.strip().splitlines()[-1] if completed.stderr else ''}"
+            f" (log: {logs[-1] if logs else 'none'})"
+        )
+    staging = cache.with_name(f".{key}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for built in engines.iterdir():
+        shutil.copyfile(built, staging / ("engine.plan" if built.suffix == ".plan" else "build.log"))
+    os.replace(staging, cache)
+    return {"key": key, "cached": False, "log": str(cache / "build.log"), **json.loads(completed.stdout)}
+
+
+def _gpu_name() -> str:
+    # Jetson boards name their GPU in the device tree; discrete GPUs through nvidia-smi.
+    model = Path("/proc/device-tree/model")
+    if model.is_file():
+        return re.sub(r"[^A-Za-z0-9]+", "_", model.read_text().strip("\x00 \n"))
+    smi = shutil.which("nvidia-smi")
+    name = _run_text([smi, "--query-gpu=name", "--format=csv,noheader"]) if smi else ""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name.strip()) or "nogpu"
+
+
+def _run_text(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+
+
+_VERBS = {
+    "state": lambda root, args: state(root),
+    "info": lambda root, args: info(root),
+    "prepare": lambda root, args: prepare(root, args[0], json.loads(args[1])),
+    "verify": lambda root, args: verify(root, args[0], json.loads(args[1])),
+    "activate": lambda root, args: activate(root, args[0], json.loads(args[1])),
+    "switch": lambda root, args: switch(root, args[0], args[1]),
+    "discard": lambda root, args: discard(root, args[0]),
+    "prune": lambda root, args: prune(root, int(args[0])),
+    "runner": lambda root, args: run_runner(root, args[0], json.loads(args[1]), float(args[2])),
+    "engine": lambda root, args: build_engine(root, args[0], float(args[1])),
+}
+
+
+def main(argv: list[str]) -> int:
+    verb, root, args = argv[0], Path(os.path.expanduser(argv[1])), argv[2:]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with (root / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            result = _VERBS[verb](root.resolve(), args)
+    except (AgentError, OSError, subprocess.SubprocessError) as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 3
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

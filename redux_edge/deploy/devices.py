@@ -1,0 +1,189 @@
+"""The device registry: ``devices.toml``, naming each device and the groups (fleets) they belong to.
+
+One table per device under ``[devices.<name>]`` and one list per group under ``[groups]``::
+
+    [devices.orin-1]
+    target = "jetson-orin-nano"
+    address = "ssh://ubuntu@10.0.0.21:22"   # or "local" for a directory on this machine
+    root = "/opt/redux-edge"                 # releases/, current, history.json live here
+    key = "~/.ssh/redux_ed25519"             # omitted: the ssh-agent's keys
+    known_hosts = "~/.ssh/known_hosts"       # host keys are always checked
+    python = "python3"                       # the interpreter that runs the agent and the runner
+
+    [groups]
+    lab = ["orin-1", "orin-2"]
+
+The file lives at ``$REDUX_EDGE_DEVICES`` or ``~/.config/redux-edge/devices.toml`` (``--devices``
+overrides both) and is rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import tomli_w
+
+from redux_edge.errors import UserError
+from redux_edge.targets import load_target
+
+__all__ = ["Device", "Registry", "default_registry_path", "load_registry"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_FIELDS = {"target", "address", "root", "key", "known_hosts", "python"}
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    target: str
+    address: str
+    root: str
+    key: str | None = None
+    known_hosts: str | None = None
+    python: str = "python3"
+
+    @property
+    def is_local(self) -> bool:
+        return self.address == "local"
+
+    @property
+    def url(self):
+        return urlsplit(self.address)
+
+    @property
+    def host(self) -> str:
+        return self.url.hostname or ""
+
+    @property
+    def port(self) -> int:
+        return self.url.port or 22
+
+    @property
+    def user(self) -> str:
+        return self.url.username or os.environ.get("USER", "root")
+
+    @property
+    def known_hosts_path(self) -> Path:
+        return Path(self.known_hosts or "~/.ssh/known_hosts").expanduser()
+
+    def describe(self) -> str:
+        return "local directory" if self.is_local else f"{self.user}@{self.host}:{self.port}"
+
+
+@dataclass
+class Registry:
+    path: Path
+    devices: dict[str, Device] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def resolve(self, device: str | None, group: str | None) -> list[Device]:
+        """The devices one ``--device`` or ``--group`` names."""
+        if (device is None) == (group is None):
+            raise UserError("name one device or one group", "pass --device NAME or --group NAME")
+        if device is not None:
+            if device not in self.devices:
+                raise UserError(f"unknown device '{device}' in {self.path}", self._choices("devices add"))
+            return [self.devices[device]]
+        if group not in self.groups:
+            known = ", ".join(sorted(self.groups)) or "none"
+            raise UserError(
+                f"unknown group '{group}' in {self.path} (groups: {known})", "devices add --group"
+            )
+        return [self.devices[name] for name in self.groups[group]]
+
+    def _choices(self, verb: str) -> str:
+        known = ", ".join(sorted(self.devices))
+        return f"devices: {known}" if known else f"register one with redux-edge {verb}"
+
+    def add(self, device: Device, groups: list[str], replace: bool) -> None:
+        _check_device(device)
+        if device.name in self.devices and not replace:
+            raise UserError(f"device '{device.name}' is already registered", "pass --replace to change it")
+        self.devices[device.name] = device
+        for group in groups:
+            if not _NAME.match(group):
+                raise UserError(f"bad group name '{group}'", "use letters, digits, '-', '_' and '.'")
+            members = self.groups.setdefault(group, [])
+            if device.name not in members:
+                members.append(device.name)
+
+    def remove(self, name: str) -> None:
+        if name not in self.devices:
+            raise UserError(f"unknown device '{name}' in {self.path}", self._choices("devices add"))
+        del self.devices[name]
+        for members in self.groups.values():
+            if name in members:
+                members.remove(name)
+        self.groups = {group: members for group, members in self.groups.items() if members}
+
+    def save(self) -> None:
+        document = {
+            "devices": {
+                name: {k: v for k, v in asdict(device).items() if k != "name" and v is not None}
+                for name, device in sorted(self.devices.items())
+            },
+            "groups": self.groups,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, scratch = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        with os.fdopen(handle, "wb") as stream:
+            tomli_w.dump(document, stream)
+        os.replace(scratch, self.path)
+
+
+def default_registry_path() -> Path:
+    return Path(os.environ.get("REDUX_EDGE_DEVICES", "~/.config/redux-edge/devices.toml")).expanduser()
+
+
+def load_registry(path: Path | None = None) -> Registry:
+    path = path or default_registry_path()
+    if not path.is_file():
+        return Registry(path)
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid TOML: {exc}", "fix the file or remove it") from exc
+    registry = Registry(path)
+    for name, entry in document.get("devices", {}).items():
+        if not isinstance(entry, dict) or (unknown := set(entry) - _FIELDS):
+            raise UserError(
+                f"device '{name}' in {path} has unknown keys", f"allowed: {', '.join(sorted(_FIELDS))}"
+            )
+        try:
+            device = Device(name=name, **entry)
+        except TypeError as exc:
+            raise UserError(
+                f"device '{name}' in {path} is incomplete: {exc}", "give target, address, root"
+            ) from exc
+        _check_device(device)
+        registry.devices[name] = device
+    for group, members in document.get("groups", {}).items():
+        if unknown := [member for member in members if member not in registry.devices]:
+            raise UserError(f"group '{group}' in {path} names unknown devices {unknown}", "fix the group")
+        registry.groups[group] = list(members)
+    return registry
+
+
+def _check_device(device: Device) -> None:
+    if not _NAME.match(device.name):
+        raise UserError(f"bad device name '{device.name}'", "use letters, digits, '-', '_' and '.'")
+    load_target(device.target)
+    if device.is_local:
+        return
+    url = device.url
+    if url.scheme != "ssh" or not url.hostname or url.path not in ("", "/"):
+        raise UserError(
+            f"device '{device.name}' has address '{device.address}'",
+            "write ssh://user@host:port, or local for a directory on this machine",
+        )
+    try:
+        url.port  # noqa: B018  (urlsplit checks the port when it is read)
+    except ValueError as exc:
+        raise UserError(f"device '{device.name}': {exc}", "write ssh://user@host:port") from exc
