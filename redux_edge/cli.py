@@ -948,8 +948,8 @@ def devices_check(name: str, bundle: Path | None, registry_path: Path | None, as
         out.print(f"  {label:<9}{facts[key]}")
     runtimes = ", ".join(f"{k} {v}" for k, v in facts["runtimes"].items()) or "none"
     out.print(f"  runtimes {runtimes}")
-    if facts["jetpack"]:
-        out.print(f"  jetpack  {facts['jetpack']}")
+    if facts["jetpack"] or facts["trtexec"]:
+        out.print(f"  jetpack  {facts['jetpack'] or 'none'}; trtexec {facts['trtexec'] or 'none'}")
     out.print(f"  current  {facts['current'] or 'nothing flashed'} ({len(facts['releases'])} release(s))")
     for warning in report["warnings"]:
         err.print(f"[yellow]warning:[/] {warning}")

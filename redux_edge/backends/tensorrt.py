@@ -102,7 +102,7 @@ class TensorRtBackend:
             raise UserError(f"target {target.name} names no TensorRT version", "add tensorrt under [runtime]")
 
     def can_run_here(self, target: Target) -> tuple[bool, str]:
-        # The runner has no TensorRT executor yet: engines are built here at most, and run on the device.
+        # The runner runs engines through trtexec, on the device whose GPU the engine was built for.
         if _local_engine_build():
             return False, "engine built here with trtexec; it runs on the device"
         return False, "no TensorRT here; engine built on the device"

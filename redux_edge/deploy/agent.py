@@ -180,9 +180,7 @@ def prepare(root: Path, release: str, wanted: dict[str, str]) -> dict:
 
 def verify(root: Path, release: str, wanted: dict[str, str]) -> dict:
     """sha256 of every wanted file in the release (or its partial upload); the files that differ."""
-    folder = _release_dir(root, release)
-    if not folder.is_dir():
-        folder = _release_dir(root, release, partial=True)
+    folder = _staged(root, release)
     bad = {}
     for relative, sha256 in sorted(wanted.items()):
         path = _inside(folder, relative)
@@ -190,6 +188,12 @@ def verify(root: Path, release: str, wanted: dict[str, str]) -> dict:
         if got != sha256:
             bad[relative] = got
     return {"path": str(folder), "bad": bad}
+
+
+def _staged(root: Path, release: str) -> Path:
+    """The release's folder: in place, or still being uploaded (``.partial``)."""
+    folder = _release_dir(root, release)
+    return folder if folder.is_dir() else _release_dir(root, release, partial=True)
 
 
 def _switch(root: Path, release: str) -> None:
@@ -262,44 +266,47 @@ def run_runner(root: Path, release: str, arguments: list[str], timeout: float) -
 
 def build_engine(root: Path, release: str, timeout: float) -> dict:
     """Build the release's TensorRT engine, or take it from the cache: an engine holds for one engine
-    name (model digest, SM, precision, sparsity, DLA core), one TensorRT version and one GPU."""
-    folder = _release_dir(root, release)
+    name (model digest, SM, precision, sparsity, DLA core), one TensorRT version and one GPU. The build
+    log is kept beside the engine, in the release and in the cache. Runs before activation, so that a
+    failed build leaves ``current`` alone."""
+    folder = _staged(root, release)
     plan = json.loads((folder / "manifest.json").read_text())["backend"]["engine_build"]
-    gpu = _gpu_name()
     trtexec = shutil.which("trtexec") or _jetson_trtexec()
     if trtexec is None:
         raise AgentError("trtexec is not on this device (install TensorRT / JetPack)")
     version = re.search(r"TensorRT v(\d+)", _run_text([trtexec, "--help"]))
-    key = f"{plan['engine_name']}-trt{version.group(1) if version else 'unknown'}-{gpu}"
+    key = f"{plan['engine_name']}-trt{version.group(1) if version else 'unknown'}-{_gpu_name()}"
     cache = root / "engines" / key
     engines = _inside(folder, plan["engine_dir"])
-    if (cache / "engine.plan").is_file():
+    if cache.is_dir():
         engines.mkdir(exist_ok=True)
         for built in cache.iterdir():
             shutil.copyfile(built, engines / built.name)
-        return {"key": key, "cached": True, "log": str(cache / "build.log")}
-    env = dict(os.environ, PATH=f"{Path(trtexec).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        return {"key": key, "cached": True, "log": [str(p) for p in cache.glob("*.log")]}
     completed = subprocess.run(
         [sys.executable, str(folder / "runner" / "run.py"), "--bundle", str(folder), "--build-engine"],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
         check=False,
     )
-    logs = sorted(engines.glob("*.log")) if engines.is_dir() else []
     if completed.returncode != 0:
-        raise AgentError(
-            f"engine build failed: {completed.stderr.strip().splitlines()[-1] if completed.stderr else ''}"
-            f" (log: {logs[-1] if logs else 'none'})"
+        # The failed release's folder goes when the host discards it; its log is kept with the failures.
+        failures = root / "engines" / "failed"
+        failures.mkdir(parents=True, exist_ok=True)
+        logs = (
+            [shutil.copy(log, failures / log.name) for log in engines.glob("*.log")]
+            if engines.is_dir()
+            else []
         )
+        last = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AgentError(f"engine build failed: {last} (log: {', '.join(map(str, logs)) or 'none'})")
     staging = cache.with_name(f".{key}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for built in engines.iterdir():
-        shutil.copyfile(built, staging / ("engine.plan" if built.suffix == ".plan" else "build.log"))
+    shutil.copytree(engines, staging)
     os.replace(staging, cache)
-    return {"key": key, "cached": False, "log": str(cache / "build.log"), **json.loads(completed.stdout)}
+    built = json.loads(completed.stdout.strip().splitlines()[-1])
+    return {"key": key, "cached": False, "log": [str(p) for p in cache.glob("*.log")], **built}
 
 
 def _gpu_name() -> str:

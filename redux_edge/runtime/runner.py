@@ -109,6 +109,8 @@ class BundleSession:
         """Latency statistics of ``iterations`` runs after ``warmup``, or of as many runs as fit in
         ``duration`` seconds; ``latencies_ms`` holds every run, ``peak_rss_mb`` this process's peak."""
         checked = self.check_inputs(feeds)
+        if isinstance(self._execute, TrtexecEngine):
+            return self._execute.benchmark(checked, warmup, iterations, duration)
         for _ in range(warmup):
             self._execute(checked)
         seconds = []
@@ -132,6 +134,8 @@ class BundleSession:
         backend = self.manifest["backend"]
         threads = backend["session"]["threads"] if threads is None else threads
         checked = self.check_inputs(feeds)
+        if isinstance(self._execute, TrtexecEngine):
+            return self._execute.layer_times(checked, runs)
         profilers = {"onnxruntime": _onnxruntime_layers, "openvino": _openvino_layers, "tvm": _tvm_layers}
         return profilers[backend["name"]](self, checked, runs, threads)
 
@@ -346,8 +350,108 @@ def _tvm(bundle_dir: Path, backend: dict, threads: int, output_names: list[str])
     return execute
 
 
+class TrtexecEngine:
+    """A TensorRT engine run by NVIDIA's ``trtexec`` (JetPack ships it; the Python bindings would also
+    need a CUDA memory library): inputs go in as raw files (``--loadInputs``), outputs come back as JSON
+    (``--exportOutput``), latencies from trtexec's own timing (``--exportTimes``) and per-layer times
+    from its profiler (``--exportProfile``), so that no process start is ever timed."""
+
+    def __init__(self, bundle_dir: Path, backend: dict, output_names: list[str]) -> None:
+        self.trtexec = _trtexec()
+        plan = backend["engine_build"]
+        version = _tensorrt_version(self.trtexec)
+        self.engine = bundle_dir / plan["engine_dir"] / f"{plan['engine_name']}-trt{version}.plan"
+        if not self.engine.is_file():
+            raise EngineBuildError(
+                f"no engine {self.engine.name} for this TensorRT; run --build-engine first"
+            )
+        self.output_names = output_names
+
+    def _run(self, feeds: dict[str, np.ndarray], scratch: Path, *options: str) -> None:
+        specs = []
+        for index, (name, array) in enumerate(feeds.items()):
+            path = scratch / f"input{index}.bin"
+            np.ascontiguousarray(array).tofile(path)
+            specs.append(f"'{name}':{path}")
+        argv = [self.trtexec, f"--loadEngine={self.engine}", f"--loadInputs={','.join(specs)}", *options]
+        completed = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if completed.returncode != 0:
+            tail = (completed.stdout + completed.stderr).strip().splitlines()[-1:] or ["no output"]
+            raise EngineBuildError(f"trtexec failed ({completed.returncode}): {tail[0]}")
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with tempfile.TemporaryDirectory() as folder:
+            scratch = Path(folder)
+            self._run(
+                feeds, scratch, f"--exportOutput={scratch / 'outputs.json'}", "--iterations=1", "--warmUp=0"
+            )
+            exported = json.loads((scratch / "outputs.json").read_text())
+        outputs = {
+            entry["name"]: np.asarray(entry["values"], np.float32).reshape(
+                [int(size) for size in entry["dimensions"].split("x")]
+            )
+            for entry in exported
+        }
+        return [outputs[name] for name in self.output_names]
+
+    def benchmark(
+        self, feeds: dict[str, np.ndarray], warmup: int, iterations: int, duration: float | None
+    ) -> dict:
+        # trtexec warms up for a time, not a count; its --duration is a minimum next to --iterations.
+        with tempfile.TemporaryDirectory() as folder:
+            scratch = Path(folder)
+            self._run(
+                feeds,
+                scratch,
+                f"--exportTimes={scratch / 'times.json'}",
+                f"--iterations={1 if duration else iterations}",
+                f"--duration={duration or 0:g}",
+                f"--warmUp={200 if warmup else 0}",
+            )
+            times = json.loads((scratch / "times.json").read_text())
+        seconds = [entry["latencyMs"] / 1000.0 for entry in times]
+        batch = next(iter(feeds.values())).shape[0] if feeds else 1
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        return {
+            **latency_stats(seconds, batch),
+            "latencies_ms": [round(value * 1000.0, 4) for value in seconds],
+            "peak_rss_mb": round(peak, 1),
+        }
+
+    def layer_times(self, feeds: dict[str, np.ndarray], runs: int) -> dict:
+        with tempfile.TemporaryDirectory() as folder:
+            scratch = Path(folder)
+            self._run(
+                feeds,
+                scratch,
+                f"--exportProfile={scratch / 'profile.json'}",
+                "--dumpProfile",
+                "--separateProfileRun",
+                f"--iterations={runs}",
+                "--warmUp=0",
+            )
+            profile = json.loads((scratch / "profile.json").read_text())
+        # The first entry is {"count": iterations}; then one entry per layer.
+        layers = [{"name": entry["name"], "op": "", "ms": entry["averageMs"]} for entry in profile[1:]]
+        return _ranked("trtexec profiler (average per layer)", layers, profile[0]["count"])
+
+
+def _trtexec() -> str:
+    # JetPack installs trtexec under /usr/src/tensorrt/bin, outside PATH.
+    found = shutil.which("trtexec") or shutil.which("trtexec", path="/usr/src/tensorrt/bin")
+    if found is None:
+        raise EngineBuildError("trtexec is not installed here (it comes with TensorRT / JetPack)")
+    return found
+
+
 # Compiled artifacts; ONNX Runtime's executor also takes packed weights and initializer overrides.
-_EXECUTORS = {"openvino": _openvino, "tvm": _tvm}
+_EXECUTORS = {
+    "openvino": _openvino,
+    "tvm": _tvm,
+    "tensorrt": lambda bundle_dir, backend, threads, output_names: TrtexecEngine(
+        bundle_dir, backend, output_names
+    ),
+}
 
 
 def open_artifact(
@@ -519,8 +623,9 @@ def check_sparse_tactics(report: dict, sparsity_requested: bool) -> None:
         )
 
 
-def build_engine(bundle_dir: Path, trtexec: str = "trtexec") -> dict:
+def build_engine(bundle_dir: Path, trtexec: str | None = None) -> dict:
     """Build the bundle's TensorRT engine with trtexec, keep the log, and check the sparse tactics."""
+    trtexec = trtexec or _trtexec()
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     plan = manifest["backend"]["engine_build"]
     engines = bundle_dir / plan["engine_dir"]
@@ -627,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except EngineBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     feeds, expected = session.sample()
     if args.inputs:
         with np.load(args.inputs, allow_pickle=False) as archive:
