@@ -77,7 +77,13 @@ class DeviceAgent:
 
     async def call(self, verb: str, *args: str, timeout: float | None = 120.0) -> dict:
         argv = [self.device.python, "-", verb, self.device.root, *args]
-        done = await self.transport.run(argv, stdin=self._source, timeout=timeout)
+        try:
+            done = await self.transport.run(argv, stdin=self._source, timeout=timeout)
+        except TimeoutError as exc:
+            raise UserError(
+                f"device {self.device.name}: '{verb}' did not finish within {timeout:.0f} s",
+                "check the device's load and storage, then try again",
+            ) from exc
         try:
             reply = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else None
         except json.JSONDecodeError:

@@ -94,6 +94,8 @@ class SSHTransport(Transport):
 
         try:
             result = await self._connection.run(shlex.join(argv), input=stdin, check=False, timeout=timeout)
+        except TimeoutError:
+            raise  # asyncssh's is also an OSError; the caller knows what timed out
         except (asyncssh.Error, OSError) as exc:
             raise self._lost(exc) from exc
         # exit_status is None when the remote side died of a signal.
@@ -116,6 +118,11 @@ class SSHTransport(Transport):
             else:
                 await self._sftp.put(str(local), scratch)
             await self._sftp.posix_rename(scratch, remote)
+        except asyncssh.SFTPError as exc:
+            raise UserError(
+                f"device {self.device.name} cannot store {remote}: {exc.reason}",
+                "free space on the device or fix the permissions of its root",
+            ) from exc
         except (asyncssh.Error, OSError) as exc:
             raise self._lost(exc) from exc
 

@@ -119,14 +119,7 @@ class BundleSession:
             start = time.perf_counter()
             self._execute(checked)
             seconds.append(time.perf_counter() - start)
-        batch = next(iter(checked.values())).shape[0] if checked else 1
-        # ru_maxrss is in KiB on Linux.
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {
-            **latency_stats(seconds, batch),
-            "latencies_ms": [round(value * 1000.0, 4) for value in seconds],
-            "peak_rss_mb": round(peak, 1),
-        }
+        return _bench_report(seconds, checked, resource.RUSAGE_SELF)
 
     def layer_times(self, feeds: dict[str, np.ndarray], runs: int, threads: int | None = None) -> dict:
         """Per-layer milliseconds from the backend's own profiler, averaged over ``runs`` runs, in a
@@ -367,25 +360,31 @@ class TrtexecEngine:
             )
         self.output_names = output_names
 
-    def _run(self, feeds: dict[str, np.ndarray], scratch: Path, *options: str) -> None:
-        specs = []
-        for index, (name, array) in enumerate(feeds.items()):
-            path = scratch / f"input{index}.bin"
-            np.ascontiguousarray(array).tofile(path)
-            specs.append(f"'{name}':{path}")
-        argv = [self.trtexec, f"--loadEngine={self.engine}", f"--loadInputs={','.join(specs)}", *options]
-        completed = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if completed.returncode != 0:
-            tail = (completed.stdout + completed.stderr).strip().splitlines()[-1:] or ["no output"]
-            raise EngineBuildError(f"trtexec failed ({completed.returncode}): {tail[0]}")
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _export(self, feeds: dict[str, np.ndarray], flag: str, *options: str) -> list:
+        """The JSON that trtexec writes to ``flag=<file>`` (one of its exports) running ``feeds``."""
         with tempfile.TemporaryDirectory() as folder:
             scratch = Path(folder)
-            self._run(
-                feeds, scratch, f"--exportOutput={scratch / 'outputs.json'}", "--iterations=1", "--warmUp=0"
-            )
-            exported = json.loads((scratch / "outputs.json").read_text())
+            specs = []
+            for index, (name, array) in enumerate(feeds.items()):
+                path = scratch / f"input{index}.bin"
+                np.ascontiguousarray(array).tofile(path)
+                specs.append(f"'{name}':{path}")
+            exported = scratch / "export.json"
+            argv = [
+                self.trtexec,
+                f"--loadEngine={self.engine}",
+                f"--loadInputs={','.join(specs)}",
+                f"{flag}={exported}",
+                *options,
+            ]
+            completed = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if completed.returncode != 0:
+                tail = (completed.stdout + completed.stderr).strip().splitlines()[-1:] or ["no output"]
+                raise EngineBuildError(f"trtexec failed ({completed.returncode}): {tail[0]}")
+            return json.loads(exported.read_text())
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        exported = self._export(feeds, "--exportOutput", "--iterations=1", "--warmUp=0")
         outputs = {
             entry["name"]: np.asarray(entry["values"], np.float32).reshape(
                 [int(size) for size in entry["dimensions"].split("x")]
@@ -398,42 +397,40 @@ class TrtexecEngine:
         self, feeds: dict[str, np.ndarray], warmup: int, iterations: int, duration: float | None
     ) -> dict:
         # trtexec warms up for a time, not a count; its --duration is a minimum next to --iterations.
-        with tempfile.TemporaryDirectory() as folder:
-            scratch = Path(folder)
-            self._run(
-                feeds,
-                scratch,
-                f"--exportTimes={scratch / 'times.json'}",
-                f"--iterations={1 if duration else iterations}",
-                f"--duration={duration or 0:g}",
-                f"--warmUp={200 if warmup else 0}",
-            )
-            times = json.loads((scratch / "times.json").read_text())
+        times = self._export(
+            feeds,
+            "--exportTimes",
+            f"--iterations={1 if duration else iterations}",
+            f"--duration={duration or 0:g}",
+            f"--warmUp={200 if warmup else 0}",
+        )
         seconds = [entry["latencyMs"] / 1000.0 for entry in times]
-        batch = next(iter(feeds.values())).shape[0] if feeds else 1
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        return {
-            **latency_stats(seconds, batch),
-            "latencies_ms": [round(value * 1000.0, 4) for value in seconds],
-            "peak_rss_mb": round(peak, 1),
-        }
+        return _bench_report(seconds, feeds, resource.RUSAGE_CHILDREN)
 
     def layer_times(self, feeds: dict[str, np.ndarray], runs: int) -> dict:
-        with tempfile.TemporaryDirectory() as folder:
-            scratch = Path(folder)
-            self._run(
-                feeds,
-                scratch,
-                f"--exportProfile={scratch / 'profile.json'}",
-                "--dumpProfile",
-                "--separateProfileRun",
-                f"--iterations={runs}",
-                "--warmUp=0",
-            )
-            profile = json.loads((scratch / "profile.json").read_text())
+        profile = self._export(
+            feeds,
+            "--exportProfile",
+            "--dumpProfile",
+            "--separateProfileRun",
+            f"--iterations={runs}",
+            "--warmUp=0",
+        )
         # The first entry is {"count": iterations}; then one entry per layer.
         layers = [{"name": entry["name"], "op": "", "ms": entry["averageMs"]} for entry in profile[1:]]
         return _ranked("trtexec profiler (average per layer)", layers, profile[0]["count"])
+
+
+def _bench_report(seconds: list[float], feeds: dict[str, np.ndarray], who: int) -> dict:
+    """Statistics, every latency, and the peak RSS of ``who`` (this process, or its children: trtexec)."""
+    batch = next(iter(feeds.values())).shape[0] if feeds else 1
+    # ru_maxrss is in KiB on Linux.
+    peak = resource.getrusage(who).ru_maxrss / 1024
+    return {
+        **latency_stats(seconds, batch),
+        "latencies_ms": [round(value * 1000.0, 4) for value in seconds],
+        "peak_rss_mb": round(peak, 1),
+    }
 
 
 def _trtexec() -> str:
