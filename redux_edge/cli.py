@@ -365,6 +365,87 @@ def learn_masks_command(
     )
 
 
+@cli.command("train")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option(
+    "--zero",
+    type=click.IntRange(0, 3),
+    default=0,
+    show_default=True,
+    help="0: DDP; 1: ZeroRedundancyOptimizer; 2/3: FSDP2 without/with resharding after forward.",
+)
+@click.option("--nproc-per-node", default=1, show_default=True, help="Processes on this node (one per GPU).")
+@click.option("--nnodes", default=1, show_default=True, help="Nodes (torchrun --nnodes).")
+@click.option("--node-rank", default=0, show_default=True, help="This node's rank (multi-node).")
+@click.option("--rdzv-endpoint", help="HOST:PORT every node reaches (multi-node c10d rendezvous).")
+@click.option("--rdzv-id", default="redux-edge", show_default=True, help="Job id shared by the nodes.")
+@click.option("--max-restarts", default=0, show_default=True, help="Restart failed ranks (they resume).")
+@click.option("--engine", type=click.Choice(["torch", "deepspeed"]), default="torch", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override the recipe.")
+@click.option("--plan", help="recover: the pruned model's plan (JSON, or the bundle's manifest.json).")
+@click.option("--json", "as_json", is_flag=True)
+def train_command(
+    recipe: Path,
+    out: Path,
+    zero: int,
+    nproc_per_node: int,
+    nnodes: int,
+    node_rank: int,
+    rdzv_endpoint: str | None,
+    rdzv_id: str,
+    max_restarts: int,
+    engine: str,
+    overrides: tuple[str, ...],
+    plan: str | None,
+    as_json: bool,
+) -> None:
+    """Train a compression RECIPE (models/*/train-*.toml: shrp, maskllm, adapters, recover) with
+    torch.distributed, and write what `compile` consumes. Running it again in the same --output resumes
+    from the latest checkpoint.
+
+    \b
+    Examples:
+      redux-edge train models/minilm-l6/train-shrp.toml -o build/shrp --nproc-per-node 2 --zero 1
+      redux-edge train models/minilm-l6/train-recover.toml --plan build/edge/manifest.json -o build/recover
+      redux-edge train models/minilm-l6/train-maskllm.toml -o build/masks --nnodes 2 --node-rank 0 \\
+          --rdzv-endpoint node0:29400 --nproc-per-node 4 --zero 3
+    """
+    from redux_edge.train.launch import train
+
+    report = train(
+        recipe,
+        out,
+        zero,
+        nproc_per_node,
+        nnodes,
+        node_rank,
+        rdzv_endpoint,
+        rdzv_id,
+        max_restarts,
+        overrides,
+        plan,
+        engine,
+    )
+    if as_json:
+        _emit_json(report)
+        return
+    if not report:
+        click.echo(f"node {node_rank} done; the node with rank 0 writes the report")
+        return
+    memory = report["memory"][0]
+    click.echo(
+        f"{report['recipe']['task']}: {report['steps']} steps on {report['world']} process(es), "
+        f"ZeRO {report['zero']}, final loss {report['final_loss']:.5f}, {report['seconds']:.0f} s"
+    )
+    click.echo(
+        "rank 0 holds: parameters {parameter_bytes:,} B, gradients {gradient_bytes:,} B, "
+        "optimizer state {optimizer_bytes:,} B".format(**memory)
+    )
+    for name, value in report["artifacts"].items():
+        click.echo(f"  {name}: {value}")
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("inputs_file", required=False, type=click.Path(path_type=Path))

@@ -34,6 +34,8 @@ __all__ = [
     "AdapterTraining",
     "PackedAdapters",
     "dequantize",
+    "inject",
+    "pack_adapters",
     "quantize",
     "train_adapters",
 ]
@@ -135,7 +137,7 @@ def _pack_codes(codes: np.ndarray, bits: int) -> bytes:
     return np.packbits(planes.reshape(-1)).tobytes()
 
 
-def _inject(module: nn.Module, config: AdapterTraining) -> dict[str, LoRALinear]:
+def inject(module: nn.Module, config: AdapterTraining) -> dict[str, LoRALinear]:
     """Replace the target projections of ``module`` by LoRA-wrapped ones; name -> adapter."""
     pattern = re.compile(config.targets)
     adapters = {}
@@ -167,7 +169,7 @@ def train_adapters(
     adapted = copy.deepcopy(module).eval()
     for parameter in adapted.parameters():
         parameter.requires_grad_(False)
-    adapters = _inject(adapted, config)
+    adapters = inject(adapted, config)
     with torch.no_grad():
         hidden = adapted(*batches[0][0]).shape[-1]
     head = nn.Linear(hidden, len(labels))
@@ -183,6 +185,14 @@ def train_adapters(
             if progress is not None:
                 progress(step, loss.item())
             step += 1
+    return pack_adapters(adapters, head, task, labels, config)
+
+
+def pack_adapters(
+    adapters: dict[str, LoRALinear], head: nn.Linear, task: str, labels: list[str], config: AdapterTraining
+) -> AdapterPack:
+    """The pack of trained adapters: factors quantized to ``config.bits`` (the LoRA scaling folded into
+    the up factor's scales) and the head in float16."""
     factors = {}
     with torch.no_grad():
         for name, adapter in adapters.items():
@@ -197,7 +207,7 @@ def train_adapters(
                     (scales * scaling).numpy().astype(np.float16),
                 )
             factors[name] = parts
-    pack = AdapterPack(
+    return AdapterPack(
         task=task,
         labels=labels,
         bits=config.bits,
@@ -206,7 +216,6 @@ def train_adapters(
         head_weight=head.weight.detach().numpy().astype(np.float16),
         head_bias=head.bias.detach().numpy().astype(np.float16),
     )
-    return pack
 
 
 class _FixedLoRA(nn.Module):

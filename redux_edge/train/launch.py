@@ -1,0 +1,91 @@
+"""``redux-edge train``: check the recipe here, then start the ranks with torch's own launcher,
+``torch.distributed.run`` (torchrun), which also does multi-node rendezvous and restarts.
+
+One machine: ``--nproc-per-node N`` (``--standalone`` rendezvous). Several nodes: the same command on
+every node with ``--nnodes``, ``--node-rank`` and a shared ``--rdzv-endpoint host:port`` (c10d
+rendezvous), e.g. from a Slurm batch script (README, "Training at scale"). Backend: gloo on CPUs, NCCL
+on GPUs (one process per GPU). A rank that fails with a user error leaves ``error.json`` in the output
+directory; the launcher's own log goes to ``<out>/logs/launcher.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from redux_edge.errors import UserError
+from redux_edge.train.recipe import load_train_recipe
+from redux_edge.train.worker import ERROR_FILE
+from redux_edge.train.zero import STAGES
+
+__all__ = ["train"]
+
+
+def train(
+    recipe_path: Path,
+    out: Path,
+    zero: int = 0,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "redux-edge",
+    max_restarts: int = 0,
+    overrides: tuple[str, ...] = (),
+    plan: str | None = None,
+    engine: str = "torch",
+) -> dict:
+    """Run the recipe on ``nnodes`` x ``nproc_per_node`` processes; rank 0's run report."""
+    recipe = load_train_recipe(recipe_path, overrides)  # a bad recipe fails here, before any process starts
+    if zero not in STAGES:
+        raise UserError(f"--zero {zero}", f"choose one of: {', '.join(map(str, STAGES))}")
+    if engine == "deepspeed":
+        raise UserError(
+            "the deepspeed engine is not wired in this release",
+            "use the default torch engine: --zero 1 (ZeroRedundancyOptimizer) or --zero 2/3 (FSDP2)",
+        )
+    if recipe.task == "recover" and not (plan or recipe.options.get("plan")):
+        raise UserError("recover needs the plan of the pruned model", "pass --plan <bundle>/manifest.json")
+    if nnodes > 1 and not rdzv_endpoint:
+        raise UserError(f"{nnodes} nodes need a rendezvous point", "pass --rdzv-endpoint HOST:PORT")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ERROR_FILE).unlink(missing_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    rendezvous = (
+        ["--standalone"]
+        if nnodes == 1 and not rdzv_endpoint
+        else [
+            f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}",
+            f"--rdzv-id={rdzv_id}",
+        ]
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *rendezvous,
+        f"--nproc-per-node={nproc_per_node}",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "redux_edge.train.worker",
+        str(Path(recipe_path).resolve()),
+        f"--out={out.resolve()}",
+        f"--zero={zero}",
+        *(f"--set={assignment}" for assignment in overrides),
+        *([f"--plan={Path(plan).resolve()}"] if plan else []),
+    ]
+    with (logs / "launcher.log").open("w") as log:
+        # The ranks print their progress on stdout; the launcher's noise and tracebacks go to the log.
+        code = subprocess.run(argv, stderr=log, check=False).returncode
+    if (out / ERROR_FILE).is_file():
+        error = json.loads((out / ERROR_FILE).read_text())
+        raise UserError(error["message"], error["hint"])
+    if code != 0:
+        raise RuntimeError(f"training failed (exit code {code}); see {logs / 'launcher.log'}")
+    return json.loads((out / "run.json").read_text()) if node_rank == 0 else {}
