@@ -104,9 +104,12 @@ def load_source(
     shapes: dict[str, list[int]] | None = None,
     inputs_file: Path | None = None,
     step: Step = _no_progress,
+    weights: Path | None = None,
 ) -> Source:
-    """A zoo name or a path to an ``.onnx`` file, as a Source."""
+    """A zoo name or a path to an ``.onnx`` file, as a Source; ``weights`` replace a zoo model's own."""
     if model.endswith(".onnx") or Path(model).is_file():
+        if weights is not None:
+            raise UserError("--weights replaces a zoo model's parameters", "an ONNX file carries its own")
         return _onnx_source(Path(model), shapes or {}, inputs_file, step)
     from redux_edge import zoo
     from redux_edge.frontend.torch import export_module, run_module
@@ -114,6 +117,8 @@ def load_source(
     card = zoo.load_card(model)  # fails fast on an unknown name, before torch work
     with step(f"loading {model}"):
         entry = zoo.load_model(model)
+        if weights is not None:
+            entry.source = _load_weights(entry.module, weights)
         inputs = (
             entry.inputs
             if inputs_file is None
@@ -146,6 +151,29 @@ def load_source(
         task_data=card.get("task_data"),
         module=entry.module,
     )
+
+
+def _load_weights(module, path: Path) -> str:
+    """Put the parameters of a .safetensors file (a format that cannot run code) into a zoo module."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"cannot read weights {path}: {exc}", "give a .safetensors file") from exc
+    expected = module.state_dict()
+    wrong = sorted(
+        name for name in expected if name not in weights or weights[name].shape != expected[name].shape
+    )
+    if wrong or set(weights) - set(expected):
+        first = wrong[0] if wrong else sorted(set(weights) - set(expected))[0]
+        raise UserError(
+            f"weights {path} do not fit the model (e.g. {first})",
+            "give weights of this zoo model in its original shapes, as `train recover` writes them",
+        )
+    module.load_state_dict(weights)
+    return f"{path} (sha256 {bundles.file_digest(path)[:16]})"
 
 
 def _onnx_source(path: Path, shapes: dict[str, list[int]], inputs_file: Path | None, step: Step) -> Source:
@@ -275,6 +303,7 @@ def compile_model(
     tolerance: Tolerance | None = None,
     shapes: dict[str, list[int]] | None = None,
     inputs_file: Path | None = None,
+    weights: Path | None = None,
     backend_options: dict | None = None,
     emit_c: bool = False,
     step: Step = _no_progress,
@@ -296,7 +325,7 @@ def compile_model(
         )
     tolerance = tolerance or Tolerance.for_precision(options["precision"])
     bundles.check_destination(out, force)
-    source = load_source(model, shapes, inputs_file, step)
+    source = load_source(model, shapes, inputs_file, step, weights)
     options["shapes"] = {name: list(array.shape) for name, array in source.inputs.items()} | (shapes or {})
     original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
     structural = [p for p in recipe.passes if isinstance(p, StructuralPass)]

@@ -157,6 +157,11 @@ def cli(debug: bool) -> None:
     type=click.Path(path_type=Path),
     help="Real inputs to verify on: .npz, .npy, or the model's text/image format.",
 )
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    help="Zoo models: parameters to use instead of the package's (.safetensors, e.g. from `train recover`).",
+)
 @click.option("--threads", type=int, help="Threads recorded for the device (default: all cores).")
 @click.option("--precision", help="fp32, fp16 or bf16 where the backend has it [fp32; TensorRT: fp16].")
 @click.option("--dla-core", type=int, help="TensorRT: run on this DLA core, with GPU fallback.")
@@ -198,6 +203,7 @@ def compile_command(
     backend: str | None,
     shapes: str | None,
     inputs_file: Path | None,
+    weights: Path | None,
     threads: int | None,
     precision: str | None,
     dla_core: int | None,
@@ -225,6 +231,8 @@ def compile_command(
       redux-edge compile --model minilm-l6 --target jetson-orin-nano --sparsity 2:4 -o build/sparse
       redux-edge compile --model mnist-cnn --mac-prune 0.5 --mac-keep-top 0.4 --emit-c -o build/protected
       redux-edge compile --model minilm-l6 --recipe build/minilm/manifest.json -o build/again
+      redux-edge compile --model minilm-l6 --weights build/recover/weights.safetensors \
+          --recipe build/recover/recipe.toml -o build/edge-recovered
     """
     from redux_edge import api
     from redux_edge.ir.verify import Tolerance
@@ -267,6 +275,7 @@ def compile_command(
             backend_name=backend,
             shapes=_parse_shapes(shapes),
             inputs_file=inputs_file,
+            weights=weights,
             tolerance=tolerance,
             backend_options=options,
             emit_c=emit_c,

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from conftest import assert_clean_user_error
@@ -46,10 +47,10 @@ def plan_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, plan_file) -> dict[str, dict]:
-    """The same recover recipe on 1 process (DDP, replicated AdamW) and on 2 with ZeRO-1 and ZeRO-3."""
+    """The same recover recipe on 1 process (DDP, replicated AdamW) and on 2 with ZeRO-1, 2 and 3."""
     folder = tmp_path_factory.mktemp("train")
     results = {}
-    for name, zero, processes in (("single", 0, 1), ("zero1", 1, 2), ("zero3", 3, 2)):
+    for name, zero, processes in (("single", 0, 1), ("zero1", 1, 2), ("zero2", 2, 2), ("zero3", 3, 2)):
         out = folder / name
         report = train(
             RECIPES / "train-recover.toml", out, zero, processes, overrides=SHORT, plan=str(plan_file)
@@ -58,7 +59,7 @@ def runs(tmp_path_factory, plan_file) -> dict[str, dict]:
     return results
 
 
-@pytest.mark.parametrize("sharded", ["zero1", "zero3"])
+@pytest.mark.parametrize("sharded", ["zero1", "zero2", "zero3"])
 def test_two_processes_follow_the_single_process_loss(runs, sharded):
     single, other = runs["single"]["losses"], runs[sharded]["losses"]
     assert sorted(single) == sorted(other) == list(range(1, 7))
@@ -68,14 +69,14 @@ def test_two_processes_follow_the_single_process_loss(runs, sharded):
         assert other[step] == pytest.approx(single[step], rel=2e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("sharded", ["zero1", "zero3"])
+@pytest.mark.parametrize("sharded", ["zero1", "zero2", "zero3"])
 def test_optimizer_state_per_rank_is_halved(runs, sharded):
     (alone,) = runs["single"]["report"]["memory"]
     ranks = runs[sharded]["report"]["memory"]
     assert len(ranks) == 2
     for rank in ranks:
         assert rank["optimizer_bytes"] == pytest.approx(alone["optimizer_bytes"] / 2, rel=0.05)
-    if sharded == "zero3":  # FSDP also shards parameters and gradients
+    if sharded != "zero1":  # FSDP also shards gradients, and parameters outside forward and backward
         for rank in ranks:
             assert rank["parameter_bytes"] == pytest.approx(alone["parameter_bytes"] / 2, rel=0.05)
             assert rank["gradient_bytes"] == pytest.approx(alone["gradient_bytes"] / 2, rel=0.05)
@@ -152,3 +153,36 @@ def test_training_user_errors(cli, tmp_path, plan_file):
         "--set", "optim.global_batch=3", "--set", "optim.steps=1", "--set", "data.sentences=16",
     )  # fmt: skip
     assert_clean_user_error(result, tmp_path, message="does not split over 2 processes")
+
+
+def test_shrp_usage_becomes_a_head_plan(tmp_path):
+    out = tmp_path / "shrp"
+    report = train(RECIPES / "train-shrp.toml", out, 1, 2, overrides=("optim.steps=3", *SHORT[1:]))
+    plan = json.loads((out / "plan.json").read_text())
+    assert sorted(plan["heads"]) == [str(layer) for layer in range(6)]
+    assert all(len(heads) == 6 and len(set(heads)) == 6 for heads in plan["heads"].values())
+    assert 'pass = "prune-heads"' in (out / "recipe.toml").read_text()  # for compile --recipe
+    usage = json.loads((out / "usage.json").read_text())
+    for layer, heads in plan["heads"].items():
+        share = usage["share"][int(layer)]
+        assert sum(share) == pytest.approx(1.0, abs=1e-3)  # router shares over heads, per token
+        kept = [h for h in range(12) if h not in heads]
+        assert max(share[h] for h in heads) <= min(share[h] for h in kept)
+    assert report["memory"][0]["parameter_bytes"] == 6 * (384 * 12 + 12) * 4  # only the routers train
+
+
+def test_maskllm_and_adapter_recipes_write_what_compile_reads(tmp_path):
+    from redux_edge.ir import nm
+    from redux_edge.runtime.runner import parse_adapter_pack
+
+    masks_run = tmp_path / "masks"
+    train(RECIPES / "train-maskllm.toml", masks_run, overrides=("optim.steps=2", *SHORT[1:]))
+    with np.load(masks_run / "masks.npz") as masks:
+        assert len(masks.files) == 36  # 6 projections of 6 layers
+        assert all(nm.violations(masks[name], 2, 4) == 0 for name in masks.files)
+        assert masks["encoder.layer.0.attention.self.query.weight"].mean() == pytest.approx(0.5)
+    adapters_run = tmp_path / "adapters"
+    report = train(RECIPES / "train-adapters.toml", adapters_run, overrides=("optim.steps=2", *SHORT[1:]))
+    pack = parse_adapter_pack((adapters_run / "sentiment.bin").read_bytes())
+    assert pack["header"]["bits"] == 1 and pack["head_weight"].shape == (2, 384)
+    assert report["artifacts"]["bytes"] == (adapters_run / "sentiment.bin").stat().st_size

@@ -7,9 +7,10 @@ the accuracy of the dense model's probe applied to its embeddings unchanged (how
 representation a downstream head could keep using), and the embedding cosine to dense. The evaluation set
 is larger than the compile report's (by default the whole training split, 10,478 snippets, and the whole
 test split, 2,273) because the refit probe's differences between reasonable head choices are about one
-point, and a probe fitted on fewer snippets adds noise of that size. Usage:
+point, and a probe fitted on fewer snippets adds noise of that size. ``--plan FILE`` adds a row for a
+head plan (e.g. the one `redux-edge train models/minilm-l6/train-shrp.toml` writes). Usage:
 
-    .venv/bin/python tools/importance_vs_random.py [--fraction 0.5] [--seeds 8] [--train 4000]
+    .venv/bin/python tools/importance_vs_random.py [--fraction 0.5] [--seeds 8] [--train 4000] [--plan P]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--train", type=int, default=100_000, help="training snippets (default: all)")
+    parser.add_argument("--plan", action="append", default=[], help="also a head plan JSON (repeatable)")
     args = parser.parse_args()
 
     source = api.load_source("minilm-l6")
@@ -63,14 +65,16 @@ def main() -> None:
 
     rows = [measure("dense (no pruning)", ir.from_proto(dense))]
     variants = [("calibration", 0), ("magnitude", 0)] + [("random", seed) for seed in range(args.seeds)]
-    for method, seed in variants:
+    variants += [("plan", plan) for plan in args.plan]
+    for method, choice in variants:
         model = ir.from_proto(dense)
-        configured = build_pass(
-            "prune-heads", {"fraction": args.fraction, "importance": method, "seed": seed}
-        )
+        parameters = {"fraction": args.fraction, "importance": method}
+        parameters |= {"plan": choice} if method == "plan" else {"seed": choice}
+        configured = build_pass("prune-heads", parameters)
         configured.calibration = calibration
         configured(model)
-        rows.append(measure(f"{method} (seed {seed})" if method == "random" else method, model))
+        label = {"random": f"random (seed {choice})", "plan": f"plan {choice}"}.get(method, method)
+        rows.append(measure(label, model))
 
     random = [row for row in rows if row["label"].startswith("random")]
     print(
@@ -82,6 +86,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for row in rows:
         print(f"| {row['label']} | {row['refit']:.3f} | {row['dense_probe']:.3f} | {row['cosine']:.3f} |")
+    if not random:
+        return
     columns = {key: np.array([row[key] for row in random]) for key in ("refit", "dense_probe", "cosine")}
     print(
         f"| random, mean ± std of {len(random)} | "

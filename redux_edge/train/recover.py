@@ -26,7 +26,7 @@ from redux_edge.errors import UserError
 from redux_edge.train.data import DistillTask, sentence_distance
 from redux_edge.zoo.bert import BertSentenceEncoder, TokenStates
 
-__all__ = ["RecoverTask", "read_plan"]
+__all__ = ["RecoverTask", "compile_recipe", "read_plan"]
 
 
 def read_plan(path: str) -> dict:
@@ -108,13 +108,13 @@ class RecoverTask(DistillTask):
         }
         save_file(weights, str(out / "weights.safetensors"))
         (out / "plan.json").write_text(json.dumps(self.plan, indent=1))
-        (out / "recipe.toml").write_text(_compile_recipe(out / "plan.json", self.plan))
+        (out / "recipe.toml").write_text(compile_recipe(out / "plan.json", self.plan))
         return {"weights": "weights.safetensors", "plan": "plan.json", "recipe": "recipe.toml"}
 
 
-def _compile_recipe(plan_file: Path, plan: dict) -> str:
+def compile_recipe(plan_file: Path, plan: dict) -> str:
     """A compile recipe that removes exactly the plan's units (it names the plan by absolute path)."""
-    lines = ["# Written by `redux-edge train recover`: applies the plan the weights were recovered for.", ""]
+    lines = ["# Written by `redux-edge train`: removes exactly the units of the plan beside it.", ""]
     for name, key in (("drop-layers", "layers"), ("prune-heads", "heads"), ("prune-ffn", "ffn")):
         if plan.get(key):
             lines += [

@@ -25,6 +25,7 @@ from torch import nn
 
 from redux_edge.errors import UserError
 from redux_edge.train.data import DistillTask, sentence_distance
+from redux_edge.train.recover import compile_recipe
 from redux_edge.zoo.bert import BertSentenceEncoder, TokenStates
 
 __all__ = ["ShrpTask"]
@@ -167,6 +168,7 @@ class ShrpTask(DistillTask):
             }
         }
         (out / "plan.json").write_text(json.dumps(plan, indent=1))
+        (out / "recipe.toml").write_text(compile_recipe(out / "plan.json", plan))
         (out / "usage.json").write_text(
             json.dumps(
                 {"tokens": tokens, "share": share.round(5).tolist(), "top1": top1.round(5).tolist()}, indent=1
@@ -178,4 +180,9 @@ class ShrpTask(DistillTask):
             if name.startswith(("routers.", "expanders."))
         }
         save_file(routing, str(out / "routing.safetensors"))
-        return {"plan": "plan.json", "usage": "usage.json", "routing": "routing.safetensors"}
+        return {
+            "plan": "plan.json",
+            "recipe": "recipe.toml",
+            "usage": "usage.json",
+            "routing": "routing.safetensors",
+        }
