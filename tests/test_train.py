@@ -186,3 +186,44 @@ def test_maskllm_and_adapter_recipes_write_what_compile_reads(tmp_path):
     pack = parse_adapter_pack((adapters_run / "sentiment.bin").read_bytes())
     assert pack["header"]["bits"] == 1 and pack["head_weight"].shape == (2, 384)
     assert report["artifacts"]["bytes"] == (adapters_run / "sentiment.bin").stat().st_size
+
+
+def test_compile_takes_recovered_weights_and_refuses_misfits(cli, tmp_path, mlp_onnx):
+    import torch
+    from safetensors.torch import save_file
+
+    from redux_edge import api, zoo
+
+    entry = zoo.load_model("minilm-l6")
+    state = {name: value.clone() for name, value in entry.module.state_dict().items()}
+    state["encoder.layer.1.output.dense.bias"] += 1.0
+    good = tmp_path / "good.safetensors"
+    save_file(state, str(good))
+    fresh = zoo.load_model("minilm-l6").module
+    assert "good.safetensors (sha256 " in api._load_weights(fresh, good)
+    assert torch.equal(fresh.encoder.layer[1].output.dense.bias, state["encoder.layer.1.output.dense.bias"])
+
+    state["encoder.layer.0.intermediate.dense.weight"] = state["encoder.layer.0.intermediate.dense.weight"][
+        :640
+    ]
+    misfit = tmp_path / "pruned.safetensors"
+    save_file(state, str(misfit))
+    result = cli("compile", "--model", "minilm-l6", "--weights", misfit, "-o", tmp_path / "out")
+    assert_clean_user_error(
+        result, tmp_path, message="do not fit the model (e.g. encoder.layer.0.intermediate"
+    )
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    result = cli(
+        "compile", "--model", "minilm-l6", "--weights", tmp_path / "junk.safetensors", "-o", tmp_path / "o"
+    )
+    assert_clean_user_error(result, tmp_path, message="cannot read weights")
+    result = cli("compile", "--model", mlp_onnx, "--weights", good, "-o", tmp_path / "o2")
+    assert_clean_user_error(result, tmp_path, message="--weights replaces a zoo model's parameters")
+    assert not any(path.name.startswith(("out", "o")) for path in tmp_path.iterdir())
+
+
+@pytest.fixture
+def mlp_onnx(tmp_path):
+    from conftest import make_mlp_onnx
+
+    return make_mlp_onnx(tmp_path / "mlp.onnx")

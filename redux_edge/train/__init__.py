@@ -1,3 +1,3 @@
-"""Training that runs beside the compile pipeline: learned sparsity masks (and, later, recovery
-fine-tuning with ZeRO). Trainers are plain torch modules and loops without global state, so that a
-distributed launcher can run them sharded."""
+"""Training beside the compile pipeline: the single-process trainers of learned masks and low-bit adapters
+(``learn-masks``, ``train-adapter``), and ``redux-edge train``, which runs compression recipes (SHRP
+routing, MaskLLM masks, adapters, recovery) on many processes through torch.distributed with ZeRO."""
