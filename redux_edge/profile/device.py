@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 from redux_edge.bundle import load_bundle
 from redux_edge.deploy.devices import Device
@@ -16,7 +17,7 @@ __all__ = ["profile_on_device"]
 
 
 def profile_on_device(
-    bundle_path,
+    bundle_path: Path,
     device: Device,
     warmup: int = 10,
     iterations: int = 100,

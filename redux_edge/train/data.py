@@ -9,6 +9,8 @@ resumed run sees what an uninterrupted one would have.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -35,24 +37,28 @@ class SentenceBatches:
             chosen.extend(order[offset : offset + self.global_batch - len(chosen)].tolist())
         return np.asarray(chosen)
 
-    def batch(self, step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) of this rank's share of step ``step``."""
+    def rows(self, step: int, rank: int, world: int) -> tuple[np.ndarray, int]:
+        """This rank's sentences of step ``step``, and the global batch's padded length."""
         if self.global_batch % world:
             raise UserError(
                 f"global batch {self.global_batch} does not split over {world} processes",
                 "make optim.global_batch a multiple of the number of processes",
             )
-        rows = self.indices(step)
-        length = min(self.max_length, int(self.attention_mask[rows].sum(axis=1).max()))
+        chosen = self.indices(step)
+        length = min(self.max_length, int(self.attention_mask[chosen].sum(axis=1).max()))
         share = self.global_batch // world
-        mine = rows[rank * share : (rank + 1) * share]
+        return chosen[rank * share : (rank + 1) * share], length
+
+    def batch(self, step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of this rank's share of step ``step``."""
+        mine, length = self.rows(step, rank, world)
         return (
             torch.from_numpy(self.input_ids[mine, :length]),
             torch.from_numpy(self.attention_mask[mine, :length]),
         )
 
 
-def token_states_teacher(module: torch.nn.Module):
+def token_states_teacher(module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The dense model's token states, without gradients: what the students are distilled towards."""
     from redux_edge.zoo.bert import TokenStates
 

@@ -144,8 +144,7 @@ class AdapterTask:
 
     def batch(self, step: int, rank: int, world: int) -> tuple[torch.Tensor, ...]:
         input_ids, attention_mask = self.data.batch(step, rank, world)
-        share = self.data.global_batch // world
-        labels = self.targets[self.data.indices(step)[rank * share : (rank + 1) * share]]
+        labels = self.targets[self.data.rows(step, rank, world)[0]]
         return tuple(t.to(self.device) for t in (input_ids, attention_mask, labels))
 
     def finish(self, state: dict[str, torch.Tensor], out: Path) -> dict:

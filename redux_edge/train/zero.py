@@ -21,7 +21,9 @@ __all__ = ["STAGES", "init_optimizer_state", "memory", "shard", "unwrapped"]
 STAGES = (0, 1, 2, 3)
 
 
-def shard(module: nn.Module, stage: int, lr: float, weight_decay: float, blocks: list[nn.Module]):
+def shard(
+    module: nn.Module, stage: int, lr: float, weight_decay: float, blocks: list[nn.Module]
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """``(wrapped module, optimizer)``; ``blocks`` are the submodules FSDP shards one by one (layers)."""
     import torch.distributed as dist
 
