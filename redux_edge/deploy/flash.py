@@ -98,8 +98,13 @@ class DeviceAgent:
             raise UserError(f"device {self.device.name}: {reply['error']}", "see redux-edge devices check")
         return reply
 
-    async def runner(self, release: str, arguments: list[str], timeout: float) -> dict:
-        return await self.call("runner", release, json.dumps(arguments), str(timeout), timeout=timeout + 30)
+    async def runner(self, release: str, arguments: list[str], timeout: float) -> tuple[dict | None, str]:
+        """The JSON report the release's runner printed last, or None and the runner's last error line."""
+        done = await self.call("runner", release, json.dumps(arguments), str(timeout), timeout=timeout + 30)
+        try:
+            return json.loads(done["stdout"].strip().splitlines()[-1]), ""
+        except (json.JSONDecodeError, IndexError):
+            return None, (done["stderr"].strip().splitlines() or [f"exit code {done['code']}"])[-1]
 
 
 async def with_device(device: Device, work: Callable) -> object:
@@ -228,12 +233,9 @@ _HINT = "run the bundle here with redux-edge run --check, or rebuild it"
 
 async def _health_check(agent: DeviceAgent, release: str) -> dict:
     """The release's runner on its recorded sample: outputs must match the recorded outputs."""
-    done = await agent.runner(release, ["--check"], HEALTH_TIMEOUT_S)
-    try:
-        verdict = json.loads(done["stdout"].strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        last = (done["stderr"].strip().splitlines() or [f"exit code {done['code']}"])[-1]
-        return {"healthy": False, "why": f"the runner failed: {last}"}
+    verdict, failure = await agent.runner(release, ["--check"], HEALTH_TIMEOUT_S)
+    if verdict is None:
+        return {"healthy": False, "why": f"the runner failed: {failure}"}
     if not verdict.get("healthy"):
         verdict["why"] = f"outputs differ from the recorded sample by up to {verdict.get('max_abs')}"
     return verdict

@@ -5,7 +5,6 @@ the numbers are the device's, not this machine's; the record goes into the local
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from redux_edge.bundle import load_bundle
@@ -37,7 +36,7 @@ def profile_on_device(
     # Generous: the runner's own startup, the warm-up, the layer profile; a duration bounds the rest.
     timeout = 600.0 + (duration or 0.0)
 
-    async def work(agent: DeviceAgent) -> dict:
+    async def work(agent: DeviceAgent) -> tuple[dict | None, str]:
         state = await agent.call("state")
         if release not in state["releases"]:
             raise UserError(
@@ -46,12 +45,9 @@ def profile_on_device(
             )
         return await agent.runner(release, arguments, timeout)
 
-    done = asyncio.run(with_device(device, work))
-    try:
-        report = json.loads(done["stdout"].strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        last = (done["stderr"].strip().splitlines() or [f"exit code {done['code']}"])[-1]
-        raise UserError(f"the runner failed on device {device.name}: {last}", "see --debug") from None
+    report, failure = asyncio.run(with_device(device, work))
+    if report is None:
+        raise UserError(f"the runner failed on device {device.name}: {failure}", "see --debug")
     started, finished = report.pop("started"), report.pop("finished")
     return {
         "device": device.name,
