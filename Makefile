@@ -38,6 +38,7 @@ demo: $(STAMP)
 
 test: $(STAMP) system-packages
 	$(BIN)/ruff check redux_edge tests tools
+	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile.jetson
 	$(BIN)/pytest
 

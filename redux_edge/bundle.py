@@ -1,8 +1,9 @@
 """The bundle: a directory that holds everything a device needs, described by ``manifest.json``.
 
 Layout: ``manifest.json``, ``model.onnx`` (the transformed IR, the portable fallback), ``artifact/``
-(the backend's output), ``runner/run.py``, ``sample/{inputs,outputs}.npz`` (the health check) and
-optionally ``preprocess/``. The manifest lists every other file with its sha256 and size.
+(the backend's output), ``runner/run.pyz`` (the runner package as a zipapp) and ``runner/run.py`` (what
+starts it), ``sample/{inputs,outputs}.npz`` (the health check) and optionally ``preprocess/``. The manifest
+lists every other file with its sha256 and size.
 
 A bundle is built in a hidden sibling directory and renamed into place, so a failed compile leaves
 nothing behind and readers never see half a bundle; an existing bundle is replaced only with
@@ -12,15 +13,20 @@ nothing behind and readers never see half a bundle; an existing bundle is replac
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+import platform
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
+from redux_edge import runtime
 from redux_edge.errors import UserError
+from redux_edge.files import file_digest
+from redux_edge.manifest import FORMAT_VERSION, Manifest, validate
 
 __all__ = [
     "FORMAT_VERSION",
@@ -29,17 +35,19 @@ __all__ = [
     "file_digest",
     "load_bundle",
     "staging",
+    "toolchain",
     "write_manifest",
+    "write_runner",
 ]
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+_TOOLCHAIN = ("torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime")
 
 
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict
+    manifest: Manifest
 
     def file(self, relative: str) -> Path:
         return _inside(self.path, relative)
@@ -56,11 +64,6 @@ class Bundle:
             elif file_digest(path) != entry["sha256"]:
                 problems.append(f"{relative}: sha256 differs from the manifest")
         return problems
-
-
-def file_digest(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def check_destination(out: Path, force: bool) -> None:
@@ -133,13 +136,7 @@ def load_bundle(path: Path) -> Bundle:
         manifest = json.loads((path / MANIFEST).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path / MANIFEST} is not valid JSON: {exc}", "recompile the bundle") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{path} has bundle format {manifest.get('format_version')}, "
-            f"this redux-edge reads {FORMAT_VERSION}",
-            "recompile the bundle with this version",
-        )
-    bundle = Bundle(path, manifest)
+    bundle = Bundle(path, validate(manifest, path / MANIFEST))
     for relative in manifest["files"]:
         bundle.file(relative)
     bundle.file(manifest["backend"]["artifact"])
@@ -151,3 +148,52 @@ def _inside(root: Path, relative: str) -> Path:
     if Path(relative).is_absolute() or not target.is_relative_to(root.resolve()):
         raise UserError(f"bundle {root} names a path outside itself: {relative}", "do not use this bundle")
     return target
+
+
+# The runner package inside run.pyz: a name of its own, so that it never resolves to (or needs) redux_edge.
+_RUNNER_PACKAGE = "bundle_runner"
+_ARCHIVE_MAIN = f"""import sys
+from pathlib import Path
+
+from {_RUNNER_PACKAGE}.main import main
+
+# This archive is <bundle>/runner/run.pyz.
+sys.exit(main(bundle=Path(__file__).resolve().parent.parent.parent))
+"""
+_LAUNCHER = """\"\"\"Starts this bundle's runner, run.pyz beside this file (python3 runner/run.pyz works
+the same): numpy and the backend's runtime are all it needs. See --help.\"\"\"
+
+import runpy
+import sys
+from pathlib import Path
+
+archive = Path(__file__).resolve().with_name("run.pyz")
+# Nothing but the archive is imported from this folder: a file dropped beside the runner is never run.
+sys.path[0] = str(archive)
+runpy.run_path(str(archive), run_name="__main__")
+"""
+
+
+def write_runner(stage: Path) -> None:
+    """``runner/run.pyz``, a zipapp of ``redux_edge.runtime`` (standard library, numpy and the backend's
+    runtime only), and ``runner/run.py`` that starts it."""
+    folder = stage / "runner"
+    folder.mkdir()
+    members = {f"{_RUNNER_PACKAGE}/{path.name}": path.read_bytes() for path in _runner_modules()}
+    members["__main__.py"] = _ARCHIVE_MAIN.encode()
+    # Fixed member dates: the same runner is the same file, which flash then never sends twice.
+    with zipfile.ZipFile(folder / "run.pyz", "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in sorted(members.items()):
+            archive.writestr(
+                zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), content, zipfile.ZIP_DEFLATED
+            )
+    (folder / "run.py").write_text(_LAUNCHER)
+
+
+def _runner_modules() -> list[Path]:
+    return sorted(Path(runtime.__file__).parent.glob("*.py"))
+
+
+def toolchain() -> dict:
+    """The versions a bundle was compiled with."""
+    return {"python": platform.python_version(), **{name: metadata.version(name) for name in _TOOLCHAIN}}

@@ -17,13 +17,15 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from redux_edge.errors import UserError
-from redux_edge.passes import RecipePass, StructuralPass, build_pass
+from redux_edge.passes import PASSES, RecipePass, build_pass
 
-__all__ = ["DEFAULT_RECIPE", "Recipe", "load_recipe", "parse_pass_flag"]
+__all__ = ["DEFAULT_RECIPE", "Recipe", "load_recipe", "parse_pass_flag", "passes_from_flags"]
 
 _RECIPE_KEYS = {"name", "description", "passes"}
 
@@ -36,7 +38,7 @@ class Recipe:
     def __post_init__(self) -> None:
         # A plan's unit indices refer to the model as one pass of each kind sees it; a second pass of the
         # same kind would renumber them under the exact reference.
-        names = [p.name for p in self.passes if isinstance(p, StructuralPass)]
+        names = [p.name for p in self.passes if p.once_per_recipe]
         if repeated := sorted({name for name in names if names.count(name) > 1}):
             raise UserError(
                 f"the recipe runs {', '.join(repeated)} more than once", "give each structural pass once"
@@ -105,3 +107,13 @@ def parse_pass_flag(flag: str) -> RecipePass:
         except tomllib.TOMLDecodeError:
             parameters[key.strip()] = raw.strip()
     return build_pass(name.strip(), parameters)
+
+
+def passes_from_flags(values: Mapping[str, Any]) -> list[RecipePass]:
+    """The passes that ``compile``'s shortcut flags stand for, in registry order; a pass that asks to be
+    followed by another (structural passes: a cleanup) gets it after the last pass that asks."""
+    chosen = [configured for cls in PASSES.values() for configured in cls.from_flags(values)]
+    for follower in dict.fromkeys(p.followed_by for p in chosen if p.followed_by):
+        last = max(i for i, p in enumerate(chosen) if p.followed_by == follower)
+        chosen.insert(last + 1, build_pass(follower, {}))
+    return chosen

@@ -12,7 +12,7 @@ from redux_edge import api, zoo
 from redux_edge.frontend.torch import run_module
 from redux_edge.passes import build_pass
 from redux_edge.recipe import load_recipe
-from redux_edge.runtime.runner import parse_adapter_pack, read_adapter_pack
+from redux_edge.runtime.adapter_pack import parse_adapter_pack, read_adapter_pack
 from redux_edge.train.adapters import AdapterPack, PackedAdapters, dequantize, quantize
 
 

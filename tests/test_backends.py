@@ -12,7 +12,8 @@ import pytest
 from redux_edge import api, zoo
 from redux_edge.errors import UserError
 from redux_edge.recipe import load_recipe
-from redux_edge.runtime.runner import BundleSession, EngineBuildError, check_sparse_tactics, parse_trtexec_log
+from redux_edge.runtime.backend_tensorrt import EngineBuildError, check_sparse_tactics, parse_trtexec_log
+from redux_edge.runtime.session import BundleSession
 
 DATA = Path(__file__).parent / "data"
 SENTENCES = [

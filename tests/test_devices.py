@@ -18,7 +18,8 @@ from conftest import assert_clean_user_error
 from redux_edge import api
 from redux_edge.bundle import load_bundle
 from redux_edge.recipe import load_recipe
-from redux_edge.runtime.runner import BundleSession, parse_tegrastats
+from redux_edge.runtime.session import BundleSession
+from redux_edge.runtime.tegrastats import parse_tegrastats
 
 STANDIN = Path(__file__).parent / "data" / "trtexec_standin.py"
 

@@ -47,9 +47,9 @@ def _session(model: ir.Model) -> ort.InferenceSession:
 
 def test_protected_model_equals_torch_fed_the_same_masked_digits(digits):
     source = api.load_source("mnist-cnn")
-    protect = build_pass("mac-prune", {"drop": 0.5, "keep_top": 0.2, "seed": 3})
-    protect.calibration = source.preprocessor.pixels(digits.train_images[:32])
-    protect(source.model)
+    configured = build_pass("mac-prune", {"drop": 0.5, "keep_top": 0.2, "seed": 3})
+    configured.calibration = source.preprocessor.pixels(digits.train_images[:32])
+    protect = configured(source.model)
     feeds = source.preprocessor.pixels(digits.test_images[:200])
     logits, keep = _session(source.model).run(None, feeds)
     assert keep.shape == (200, 1, 28, 28) and keep.dtype == np.uint8
@@ -79,7 +79,7 @@ def test_compile_reports_protection_accuracy_and_a_checked_kernel(protected_bund
     report = cli("inspect", protected_bundle).stdout
     assert "mac-prune on 'image'" in report and "integer-exact" in report
     checked = subprocess.run(
-        [".venv/bin/python", "-m", "redux_edge.runtime.runner", "--bundle", protected_bundle, "--check"],
+        [".venv/bin/python", "-m", "redux_edge.runtime", "--bundle", protected_bundle, "--check"],
         capture_output=True,
         text=True,
         check=False,

@@ -26,8 +26,8 @@ from redux_edge.passes import build_pass
 from redux_edge.passes.cleanup import CleanupPass
 from redux_edge.passes.sparsity import load_mask_plan
 from redux_edge.recipe import load_recipe
-from redux_edge.runtime.runner import unpacked_weights
-from redux_edge.train.maskllm import MaskTraining, learn_masks
+from redux_edge.runtime.packed import unpacked_weights
+from redux_edge.train.maskllm import MaskSchedule, MaskStudent
 
 
 def test_magnitude_masks_keep_the_largest_of_every_group_along_the_inputs():
@@ -75,8 +75,7 @@ def _run(model: ir.Model, inputs: dict, tmp_path) -> np.ndarray:
 @pytest.mark.parametrize("family", ["minilm-l6", "bert", "distilbert"])
 def test_sparsified_graph_equals_torch_with_the_same_masked_weights(family, encoders, tmp_path):
     module, inputs, model = encoders(family)
-    sparsity = build_pass("sparsity", {"min_weights": 0})
-    sparsity(model)
+    sparsity = build_pass("sparsity", {"min_weights": 0})(model)
     assert sparsity.masks and all(entry["sparsified"] for entry in sparsity.report)
     parameters = dict(module.named_parameters())
     for name, keep in sparsity.masks.items():
@@ -92,13 +91,13 @@ def test_sparsified_graph_equals_torch_with_the_same_masked_weights(family, enco
 
 def test_the_report_says_why_a_weight_stays_dense(tmp_path):
     model = ir.load(str(make_mlp_onnx(tmp_path / "mlp.onnx", hidden=16)))
-    strict = build_pass("sparsity", {})
-    strict(model)
+    strict = build_pass("sparsity", {})(model)
     reasons = {entry["weight"]: entry.get("reason", "") for entry in strict.report}
     assert "tensor-core tiles" in reasons["w1"] and "tensor-core tiles" in reasons["w2"]
     assert not strict.masks
-    relaxed = build_pass("sparsity", {"tensor_core_shapes": False, "min_weights": 0, "exclude": ["w2"]})
-    relaxed(model)
+    relaxed = build_pass("sparsity", {"tensor_core_shapes": False, "min_weights": 0, "exclude": ["w2"]})(
+        model
+    )
     assert list(relaxed.masks) == ["w1"]
     assert [entry["reason"] for entry in relaxed.report if not entry["sparsified"]] == ["excluded by 'w2'"]
 
@@ -171,23 +170,37 @@ def test_inspect_prints_the_sparsity_and_the_packed_size(cli, sparse_bundle):
 
 def test_learned_masks_are_a_plan_the_pass_applies_exactly(encoders, tmp_path):
     module, inputs, model = encoders("minilm-l6")
-    magnitude = build_pass("sparsity", {})
-    magnitude(ir.from_proto(ir.to_proto(model)))
-    batch = tuple(torch.from_numpy(array) for array in inputs.values())
-    learned = learn_masks(module, magnitude.masks, [batch], "2:4", MaskTraining(steps=3, prior=0.0))
+    magnitude = build_pass("sparsity", {})(ir.from_proto(ir.to_proto(model)))
+    learned_file = tmp_path / "learned.npz"
+    api.learn_mask_plan("minilm-l6", learned_file, steps=3, sentences=32)
+    learned = load_mask_plan(str(learned_file))
     assert set(learned) == set(magnitude.masks)
     assert all(nm.violations(keep, 2, 4) == 0 and keep.mean() == 0.5 for keep in learned.values())
     assert all(p.requires_grad for p in module.parameters())  # the module is left as it was
     plan = tmp_path / "masks.npz"
     np.savez_compressed(plan, **learned)
-    applied = build_pass("sparsity", {"mask": "learned", "plan": str(plan)})
-    applied(model)
+    applied = build_pass("sparsity", {"mask": "learned", "plan": str(plan)})(model)
     assert {entry["mask"] for entry in applied.report} == {"learned"}
     for name in learned:
         assert np.array_equal(applied.masks[name], learned[name])
     with masked(module, {}, 0, applied.masks):
         expected = run_module(module, inputs)[0]
     assert np.abs(_run(model, inputs, tmp_path) - expected).max() <= 1e-4
+
+
+def _learn(network: torch.nn.Module, initial: dict, data: list, schedule: MaskSchedule, lr: float) -> dict:
+    """MaskLLM on one process, as the maskllm task's loop runs it: sampled masks, 1 - cosine to dense."""
+    with torch.no_grad():
+        teachers = [network(*batch) for batch in data]
+    student = MaskStudent(network, initial, "2:4", schedule)
+    optimizer = torch.optim.Adam(student.learner.parameters(), lr=lr)
+    for step in range(schedule.steps):
+        output = student(*data[step % len(data)], step=step)
+        loss = 1 - torch.nn.functional.cosine_similarity(output, teachers[step % len(data)]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return student.learner.most_likely()
 
 
 def test_learned_masks_distil_better_than_magnitude_on_a_small_network():
@@ -199,7 +212,7 @@ def test_learned_masks_distil_better_than_magnitude_on_a_small_network():
     names = ["0.weight", "2.weight"]
     parameters = dict(network.named_parameters())
     magnitude = {name: nm.magnitude_mask(parameters[name].detach().numpy(), 2, 4) for name in names}
-    learned = learn_masks(network, magnitude, data, "2:4", MaskTraining(steps=150, lr=0.1, prior=1.0))
+    learned = _learn(network, magnitude, data, MaskSchedule(steps=150, prior=1.0), lr=0.1)
 
     def distance(masks: dict) -> float:
         with torch.no_grad():

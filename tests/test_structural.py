@@ -83,9 +83,8 @@ def _run(model: ir.Model, inputs: dict, tmp_path) -> np.ndarray:
 def _apply(model: ir.Model, steps: list[tuple[str, dict]]) -> dict:
     plan = {}
     for name, parameters in steps:
-        configured = build_pass(name, parameters)
-        configured(model)
-        plan.update({k: v for k, v in configured.removed.items() if v})
+        outcome = build_pass(name, parameters)(model)
+        plan.update({k: v for k, v in outcome.removed.items() if v})
     CleanupPass()(model)
     return plan
 

@@ -173,7 +173,7 @@ def test_shrp_usage_becomes_a_head_plan(tmp_path):
 
 def test_maskllm_and_adapter_recipes_write_what_compile_reads(tmp_path):
     from redux_edge.ir import nm
-    from redux_edge.runtime.runner import parse_adapter_pack
+    from redux_edge.runtime.adapter_pack import parse_adapter_pack
 
     masks_run = tmp_path / "masks"
     train(RECIPES / "train-maskllm.toml", masks_run, overrides=("optim.steps=2", *SHORT[1:]))
@@ -192,7 +192,8 @@ def test_compile_takes_recovered_weights_and_refuses_misfits(cli, tmp_path, mlp_
     import torch
     from safetensors.torch import save_file
 
-    from redux_edge import api, zoo
+    from redux_edge import zoo
+    from redux_edge.frontend.torch import load_weights
 
     entry = zoo.load_model("minilm-l6")
     state = {name: value.clone() for name, value in entry.module.state_dict().items()}
@@ -200,7 +201,7 @@ def test_compile_takes_recovered_weights_and_refuses_misfits(cli, tmp_path, mlp_
     good = tmp_path / "good.safetensors"
     save_file(state, str(good))
     fresh = zoo.load_model("minilm-l6").module
-    assert "good.safetensors (sha256 " in api._load_weights(fresh, good)
+    assert "good.safetensors (sha256 " in load_weights(fresh, good)
     assert torch.equal(fresh.encoder.layer[1].output.dense.bias, state["encoder.layer.1.output.dense.bias"])
 
     state["encoder.layer.0.intermediate.dense.weight"] = state["encoder.layer.0.intermediate.dense.weight"][

@@ -34,7 +34,7 @@ from onnxruntime.transformers import optimizer as ort_transformer_optimizer
 from redux_edge import api, zoo
 from redux_edge.frontend.torch import export_module
 from redux_edge.recipe import load_recipe
-from redux_edge.runtime.runner import BundleSession, latency_stats
+from redux_edge.runtime.session import BundleSession, latency_stats
 
 CASES = ((1, 128), (8, 128))
 ALLOWED_RATIO_TO_OPTIMIZER = 1.05

@@ -142,8 +142,8 @@ def main() -> None:
             protected = ir.from_proto(base)
             mask = build_pass("mac-prune", {"drop": max(drop, 0.0), "keep_top": keep})
             mask.calibration = calibration
-            mask(protected)
-            layer = kernel.first_conv_after_mask(protected, mask.critical, drop, calibration["image"])
+            critical = mask(protected).critical
+            layer = kernel.first_conv_after_mask(protected, critical, drop, calibration["image"])
             defended = label != "none"
             row_accuracy = accuracy(protected, preprocessor, data) if defended else dense_accuracy
             slower = f"{100 * overhead(ir.from_proto(base), protected, single):+.0f}%" if defended else "-"

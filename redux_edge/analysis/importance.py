@@ -123,7 +123,7 @@ def neuron_scores(
     if method == "random":
         rng = np.random.default_rng(seed)
         return {block.layer: rng.random(block.width) for block in blocks}
-    values = [block.down.matmul.inputs[0] for block in blocks]
+    values = [block.down.input for block in blocks]
     activations = _intermediates(model, values, _require(calibration, "prune-ffn"))
     return {
         block.layer: np.abs(act).reshape(-1, block.width).mean(axis=0) * writes[block.layer]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import onnx_ir as ir
 import torch
@@ -67,7 +68,7 @@ def masked(module: nn.Module, plan: dict, head_dim: int, weights: dict | None = 
     handles = []
     originals = _mask_parameters(module, weights or {})
     try:
-        layers = _find(module, _LAYER_LISTS, nested=True) if plan else []
+        layers: Any = _find(module, _LAYER_LISTS, nested=True) if plan else []  # a ModuleList
         for layer, heads in plan.get("heads", {}).items():
             columns = torch.from_numpy(head_columns(heads, head_dim))
             target = _find(layers[int(layer)], _OUTPUT_PROJECTIONS)
@@ -86,7 +87,7 @@ def masked(module: nn.Module, plan: dict, head_dim: int, weights: dict | None = 
                 parameter.copy_(original)
 
 
-def _unfit(name: str) -> None:
+def _unfit(name: str) -> NoReturn:
     raise UserError(
         f"the sparsity mask of {name} does not fit the original model: was it pruned before?",
         "sparsify a pruned model in a second compile: --model <pruned bundle>/model.onnx --sparsity 2:4",
@@ -96,7 +97,7 @@ def _unfit(name: str) -> None:
 def _mask_parameters(module: nn.Module, weights: dict) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """Multiply the named parameters by their keep masks; the originals, to put back."""
     parameters = dict(module.named_parameters())
-    originals = []
+    originals: list[tuple[nn.Parameter, torch.Tensor]] = []
     with torch.no_grad():
         for name, keep in weights.items():
             parameter = parameters.get(name)
@@ -112,25 +113,28 @@ def _mask_parameters(module: nn.Module, weights: dict) -> list[tuple[nn.Paramete
 def masked_graph(model: ir.Model, plan: dict, weights: dict | None = None) -> ir.Model:
     """``model`` (changed in place and returned) computing as if ``plan`` were applied and ``weights``
     masks multiplied in."""
-    for weight in find_weights(model):
-        if weight.name in (weights or {}):
-            if weight.torch_layout.shape != weights[weight.name].shape:
-                _unfit(weight.name)
-            masked_weight = weight.stored(weight.torch_layout * weights[weight.name])
-            weight.node.replace_input_with(1, new_initializer(model.graph, masked_weight, weight.value.name))
+    masks = weights or {}
+    for found in find_weights(model):
+        if found.name in masks:
+            if found.torch_layout.shape != masks[found.name].shape:
+                _unfit(found.name)
+            masked_weight = found.stored(found.torch_layout * masks[found.name])
+            found.node.replace_input_with(
+                1, new_initializer(model.graph, masked_weight, str(found.value.name))
+            )
     structure = find_structure(model)
     attention = {block.layer: block for block in structure.attention}
     feed_forward = {block.layer: block for block in structure.feed_forward}
     for layer, heads in plan.get("heads", {}).items():
-        block = attention[int(layer)]
-        weight = block.output.weight.copy()
-        weight[head_columns(heads, block.head_dim)] = 0.0
-        replace_linear(model.graph, block.output, weight, block.output.bias)
+        heads_block = attention[int(layer)]
+        weight = heads_block.output.weight.copy()
+        weight[head_columns(heads, heads_block.head_dim)] = 0.0
+        replace_linear(model.graph, heads_block.output, weight, heads_block.output.bias)
     for layer, neurons in plan.get("ffn", {}).items():
-        block = feed_forward[int(layer)]
-        weight = block.down.weight.copy()
+        ffn_block = feed_forward[int(layer)]
+        weight = ffn_block.down.weight.copy()
         weight[neurons] = 0.0
-        replace_linear(model.graph, block.down, weight, block.down.bias)
+        replace_linear(model.graph, ffn_block.down, weight, ffn_block.down.bias)
     layers = {layer.index: layer for layer in structure.layers}
     for index in sorted(plan.get("layers", []), reverse=True):
         bypass(model.graph, layers[index].exit, layers[index].entry)

@@ -12,6 +12,7 @@ recorded in the manifest and reused by the runner.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import onnx_ir as ir
 import onnxruntime as ort
@@ -31,6 +32,10 @@ _GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", *_PROVID
 
 class OnnxRuntimeBackend(CpuBackend):
     name = "onnxruntime"
+    swaps_initializers = True
+    runs_random_ops = True
+    device_runtime = "onnxruntime"
+    device_modules: ClassVar[dict[str, str]] = {"onnxruntime": "onnxruntime"}
 
     def can_build_here(self) -> tuple[bool, str]:
         return True, f"onnxruntime {ort.__version__}"

@@ -10,6 +10,7 @@ hint: OpenVINO's CPU plugin otherwise picks bf16 on CPUs that have it, which cha
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from redux_edge.backends.base import CpuBackend
 from redux_edge.errors import UserError
@@ -25,6 +26,8 @@ _INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
 class OpenVinoBackend(CpuBackend):
     name = "openvino"
     precisions = tuple(_INFERENCE_PRECISION)
+    device_runtime = "openvino"
+    device_modules: ClassVar[dict[str, str]] = {"openvino": "openvino"}
 
     def can_build_here(self) -> tuple[bool, str]:
         try:

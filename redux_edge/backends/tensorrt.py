@@ -18,15 +18,19 @@ import logging
 import shutil
 import tomllib
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
 import onnxscript.version_converter
 
-from redux_edge.bundle import file_digest
+from redux_edge.backends.base import Backend, Emulation
 from redux_edge.errors import UserError
-from redux_edge.runtime.runner import BundleSession, add_packed_weights, build_engine
+from redux_edge.files import file_digest
+from redux_edge.passes.contract import Flag
+from redux_edge.runtime.backend_tensorrt import build_engine
+from redux_edge.runtime.packed import add_packed_weights
 from redux_edge.targets import Target
 
 __all__ = ["TensorRtBackend", "support_report"]
@@ -82,12 +86,16 @@ def _local_engine_build() -> bool:
     return shutil.which("trtexec") is not None and shutil.which("nvidia-smi") is not None
 
 
-class TensorRtBackend:
+class TensorRtBackend(Backend):
     name = "tensorrt"
     # int8 needs calibration data or a quantized (QDQ) graph, which no pass produces yet
     precisions = ("fp16", "fp32")
     default_precision = "fp16"
     static_shapes = True
+    builds_on_device = True
+    device_runtime = "trtexec"
+    device_modules: ClassVar[dict[str, str]] = {"tensorrt": "tensorrt"}
+    flags = (Flag("--dla-core", "TensorRT: run on this DLA core, with GPU fallback.", "dla_core", int),)
 
     def can_build_here(self) -> tuple[bool, str]:
         return True, "writes the TensorRT-ready ONNX and the engine build; the engine is built on the device"
@@ -151,7 +159,7 @@ class TensorRtBackend:
                 f"-dla{dla_core}" if dla_core is not None else "",
             ]
         )
-        sm = target.gpu_compute_capability.replace(".", "")
+        sm = str(target.gpu_compute_capability).replace(".", "")
         return {
             "name": self.name,
             "version": version,
@@ -171,7 +179,7 @@ class TensorRtBackend:
             "static_shapes": {name: list(shape) for name, shape in options["shapes"].items()},
         }
 
-    def emulate(self, stage: Path, target: Target):
+    def emulate(self, stage: Path, target: Target) -> Emulation:
         """The TensorRT-ready ONNX through ONNX Runtime: checks the opset conversion, not TensorRT."""
         import onnxruntime as ort
 
@@ -188,13 +196,11 @@ class TensorRtBackend:
         names = [output["name"] for output in manifest["outputs"]]
 
         def execute(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            # The packed weights' memory, which ONNX Runtime reads, lives as long as this function.
+            assert buffers is not None
             return session.run(names, feeds)
 
-        execute.buffers = buffers  # the packed weights' memory, read by ONNX Runtime
         return (
             execute,
             "TensorRT-ready ONNX run by ONNX Runtime here; the engine is built and checked on the device",
         )
-
-    def load(self, bundle_dir: Path, threads: int | None = None) -> BundleSession:
-        return BundleSession(bundle_dir, threads)

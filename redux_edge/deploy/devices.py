@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from urllib.parse import urlsplit
 import tomli_w
 
 from redux_edge.errors import UserError
+from redux_edge.files import write_atomically
 from redux_edge.targets import load_target
 
 __all__ = ["Device", "Registry", "default_registry_path", "load_registry"]
@@ -130,11 +130,12 @@ class Registry:
             },
             "groups": self.groups,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, scratch = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(handle, "wb") as stream:
-            tomli_w.dump(document, stream)
-        os.replace(scratch, self.path)
+
+        def dump(path: Path) -> None:
+            with path.open("wb") as stream:
+                tomli_w.dump(document, stream)
+
+        write_atomically(self.path, dump)
 
 
 def default_registry_path() -> Path:
@@ -152,7 +153,7 @@ def load_registry(path: Path | None = None) -> Registry:
         raise UserError(f"{path} is not valid TOML: {exc}", "fix the file or remove it") from exc
     registry = Registry(path)
     for name, entry in document.get("devices", {}).items():
-        if not isinstance(entry, dict) or (unknown := set(entry) - _FIELDS):
+        if not isinstance(entry, dict) or set(entry) - _FIELDS:
             raise UserError(
                 f"device '{name}' in {path} has unknown keys", f"allowed: {', '.join(sorted(_FIELDS))}"
             )
@@ -165,8 +166,8 @@ def load_registry(path: Path | None = None) -> Registry:
         _check_device(device)
         registry.devices[name] = device
     for group, members in document.get("groups", {}).items():
-        if unknown := [member for member in members if member not in registry.devices]:
-            raise UserError(f"group '{group}' in {path} names unknown devices {unknown}", "fix the group")
+        if missing := [member for member in members if member not in registry.devices]:
+            raise UserError(f"group '{group}' in {path} names unknown devices {missing}", "fix the group")
         registry.groups[group] = list(members)
     return registry
 

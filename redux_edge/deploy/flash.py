@@ -21,11 +21,13 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
+from redux_edge.backends import BACKENDS
 from redux_edge.bundle import MANIFEST, Bundle, file_digest, load_bundle
 from redux_edge.deploy.devices import Device
 from redux_edge.deploy.transport import Transport, connect
@@ -107,7 +109,10 @@ class DeviceAgent:
             return None, (done["stderr"].strip().splitlines() or [f"exit code {done['code']}"])[-1]
 
 
-async def with_device(device: Device, work: Callable) -> object:
+Result = TypeVar("Result")
+
+
+async def with_device(device: Device, work: Callable[[DeviceAgent], Awaitable[Result]]) -> Result:
     """Connect, run ``work(agent)``, always close."""
     transport = await connect(device)
     try:
@@ -191,7 +196,8 @@ async def _flash_device(
                 f"{next(iter(still))}",
                 "check the device's storage; the running release was not changed",
             )
-    if bundle.manifest["backend"]["name"] == "tensorrt":
+    backend = BACKENDS.get(bundle.manifest["backend"]["name"])
+    if backend is not None and backend.builds_on_device:
         report(name, "building the TensorRT engine on the device")
         result.engine = await agent.call(
             "engine", release, str(ENGINE_TIMEOUT_S), timeout=ENGINE_TIMEOUT_S + 30

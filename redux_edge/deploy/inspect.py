@@ -5,29 +5,37 @@ Jetson target, a bundle compiled for another target or for a runtime the device 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
+from redux_edge.backends import BACKENDS
 from redux_edge.bundle import load_bundle
 from redux_edge.deploy.devices import Device
 from redux_edge.deploy.flash import DeviceAgent, with_device
+from redux_edge.manifest import Manifest
 from redux_edge.targets import load_target
 
 __all__ = ["check", "suitability"]
 
 _ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
-_RUNTIME_OF = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tvm": "tvm", "tensorrt": "trtexec"}
+# The Python modules a device is asked for (import name -> distribution): numpy and every backend's.
+_MODULES = {"numpy": "numpy"} | {
+    module: distribution
+    for backend in BACKENDS.values()
+    for module, distribution in backend.device_modules.items()
+}
 
 
 def check(device: Device, bundle_path: Path | None = None) -> dict:
     async def work(agent: DeviceAgent) -> dict:
-        return await agent.call("info")
+        return await agent.call("info", json.dumps(_MODULES))
 
     manifest = load_bundle(bundle_path).manifest if bundle_path is not None else None
     facts = asyncio.run(with_device(device, work))
     return {"device": facts, "warnings": suitability(device, facts, manifest)}
 
 
-def suitability(device: Device, facts: dict, manifest: dict | None) -> list[str]:
+def suitability(device: Device, facts: dict, manifest: Manifest | None) -> list[str]:
     """Warnings, each one line, for a device described by ``facts``."""
     target = load_target(device.target)
     machine = _ARCH_ALIASES.get(facts["machine"], facts["machine"])
@@ -37,7 +45,7 @@ def suitability(device: Device, facts: dict, manifest: dict | None) -> list[str]
     have = set(facts["runtimes"]) | ({"trtexec"} if facts.get("trtexec") else set())
     if "numpy" not in have:
         warnings.append("numpy is missing on the device: no bundle runner can start")
-    if not {_RUNTIME_OF[backend] for backend in target.backends} & have:
+    if not {BACKENDS[name].device_runtime for name in target.backends if name in BACKENDS} & have:
         warnings.append(
             f"none of the runtimes of {target.name} ({', '.join(target.backends)}) is on the device"
         )
@@ -47,7 +55,7 @@ def suitability(device: Device, facts: dict, manifest: dict | None) -> list[str]
         if manifest["target"]["name"] != device.target:
             warnings.append(f"the bundle is for {manifest['target']['name']}, the device is {device.target}")
         backend = manifest["backend"]["name"]
-        if _RUNTIME_OF[backend] not in have:
+        if backend not in BACKENDS or BACKENDS[backend].device_runtime not in have:
             warnings.append(f"the bundle runs on {backend}, which the device lacks")
         arch = _ARCH_ALIASES.get(manifest["target"]["arch"], manifest["target"]["arch"])
         if arch != machine:

@@ -16,6 +16,7 @@ import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from redux_edge.deploy.devices import Device
 from redux_edge.errors import UserError
@@ -87,7 +88,7 @@ class SSHTransport(Transport):
     def __init__(self, device: Device, connection) -> None:
         self.device = device
         self._connection = connection
-        self._sftp = None
+        self._sftp: Any = None
 
     async def run(self, argv: list[str], stdin: str | None = None, timeout: float | None = None) -> Completed:
         import asyncssh
@@ -145,7 +146,7 @@ async def connect(device: Device) -> Transport:
         return LocalTransport(device)
     import asyncssh
 
-    options = {"known_hosts": str(device.known_hosts_path)}
+    options: dict[str, object] = {"known_hosts": str(device.known_hosts_path)}
     if device.key is not None:
         key = Path(device.key).expanduser()
         if not key.is_file():
@@ -170,9 +171,9 @@ async def connect(device: Device) -> Transport:
             f"if the device is yours: {_keyscan(device)}",
         ) from exc
     except asyncssh.PermissionDenied as exc:
-        key = device.key or "your agent's keys"
+        offered = device.key or "your agent's keys"
         raise UserError(
-            f"device {device.name} ({device.user}@{where}) refused {key}",
+            f"device {device.name} ({device.user}@{where}) refused {offered}",
             f"authorise the key: ssh-copy-id -i {device.key or '~/.ssh/id_ed25519'}.pub -p {device.port} "
             f"{device.user}@{device.host}",
         ) from exc

@@ -1,1 +1,56 @@
-"""Frontends: bring a model into the IR (an in-memory ``onnx_ir.Model``), from PyTorch or an ONNX file."""
+"""Frontends: what a user names with ``--model``, brought into the IR as a ``Source``.
+
+Each kind of source is one entry of ``SOURCES``: a test on the name the user gave and the function that
+opens it; the first that accepts the name opens it. A new kind (a Hugging Face directory) is one more
+entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from redux_edge.frontend.source import Source
+from redux_edge.passes.contract import Step, no_progress
+
+__all__ = ["SOURCES", "Source", "load_source"]
+
+
+def _is_onnx_file(model: str) -> bool:
+    return model.endswith(".onnx") or Path(model).is_file()
+
+
+def _open_onnx(
+    model: str, shapes: dict[str, list[int]], inputs_file: Path | None, step: Step, weights: Path | None
+) -> Source:
+    from redux_edge.frontend.onnx import onnx_source
+
+    return onnx_source(Path(model), shapes, inputs_file, step, weights)
+
+
+def _open_zoo(
+    model: str, shapes: dict[str, list[int]], inputs_file: Path | None, step: Step, weights: Path | None
+) -> Source:
+    from redux_edge.frontend.torch import zoo_source
+
+    return zoo_source(model, shapes, inputs_file, step, weights)
+
+
+Opener = Callable[[str, dict[str, list[int]], Path | None, Step, Path | None], Source]
+# (accepts the --model text, opens it); the zoo comes last and names the choices when nothing fits.
+SOURCES: list[tuple[Callable[[str], bool], Opener]] = [
+    (_is_onnx_file, _open_onnx),
+    (lambda _: True, _open_zoo),
+]
+
+
+def load_source(
+    model: str,
+    shapes: dict[str, list[int]] | None = None,
+    inputs_file: Path | None = None,
+    step: Step = no_progress,
+    weights: Path | None = None,
+) -> Source:
+    """A zoo name or a path to an ``.onnx`` file, as a Source; ``weights`` replace a zoo model's own."""
+    opener = next(open_ for accepts, open_ in SOURCES if accepts(model))
+    return opener(model, shapes or {}, inputs_file, step, weights)

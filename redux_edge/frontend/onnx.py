@@ -1,4 +1,5 @@
-"""A user's own ONNX file -> IR, treated as untrusted input.
+"""A user's own ONNX file -> IR, treated as untrusted input, and the source it makes: verified against
+ONNX Runtime on the file as loaded, with graph optimisations off.
 
 Checks, in order: the file parses as an ONNX ``ModelProto`` (a truncated or foreign file fails here);
 every external-data reference is a relative path that stays inside the model's folder and exists (the
@@ -10,6 +11,8 @@ version lowered to the one its opsets need.
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from pathlib import Path
 
 import onnx
@@ -19,8 +22,11 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from redux_edge.errors import UserError
+from redux_edge.frontend.source import Source, check_feeds, fit_inputs, run_onnx_file, synthetic_inputs
+from redux_edge.passes.contract import Step, no_progress
+from redux_edge.preprocess import read_inputs
 
-__all__ = ["load_onnx"]
+__all__ = ["load_onnx", "onnx_source"]
 
 
 # Domains whose operators ONNX Runtime's CPU provider implements beyond the ONNX standard.
@@ -98,3 +104,39 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(attribute.g)
             for subgraph in attribute.graphs:
                 yield from _all_nodes(subgraph)
+
+
+def onnx_source(
+    path: Path,
+    shapes: dict[str, list[int]] | None = None,
+    inputs_file: Path | None = None,
+    step: Step = no_progress,
+    weights: Path | None = None,
+) -> Source:
+    """An ONNX file as a source: verified on ``inputs_file`` (else random inputs of its signature)."""
+    if weights is not None:
+        raise UserError("--weights replaces a zoo model's parameters", "an ONNX file carries its own")
+    shapes = shapes or {}
+    with step(f"checking {path}"):
+        model = load_onnx(path)
+    if inputs_file is not None:
+        inputs = fit_inputs(read_inputs(inputs_file, [str(v.name) for v in model.graph.inputs], None), shapes)
+    else:
+        inputs = synthetic_inputs(model, shapes)
+    check_feeds(model, inputs)
+    with step("running the original model for reference outputs"), tempfile.TemporaryDirectory() as scratch:
+        # The IR as loaded, not the file: loading may lower an IR version the runtime would refuse.
+        ir.save(model, str(Path(scratch) / "original.onnx"))
+        reference = run_onnx_file(Path(scratch) / "original.onnx", inputs)
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return Source(
+        name=path.stem,
+        origin={"onnx": str(path), "sha256": digest},
+        model=model,
+        inputs=inputs,
+        reference_outputs=reference,
+        reference_kind="onnxruntime on the original file"
+        + (" (synthetic inputs)" if inputs_file is None else ""),
+        synthetic_inputs=inputs_file is None,
+    )

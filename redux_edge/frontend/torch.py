@@ -1,4 +1,5 @@
-"""PyTorch -> IR through the dynamo-based exporter, ``torch.onnx.export(..., dynamo=True)``.
+"""PyTorch -> IR through the dynamo-based exporter, ``torch.onnx.export(..., dynamo=True)``, and the
+source of a PyTorch module (a zoo entry), whose reference is the module itself.
 
 The exporter traces the module with ``torch.export`` and translates the FX graph with ONNX Script; its
 result already is an ``onnx_ir.Model``, so nothing is serialised on the way into the pass manager.
@@ -12,12 +13,18 @@ import contextlib
 import io
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
-__all__ = ["export_module", "run_module"]
+from redux_edge.errors import UserError
+from redux_edge.frontend.source import Source, check_feeds, fit_inputs
+from redux_edge.passes.contract import Step, no_progress
+from redux_edge.preprocess import read_inputs
+
+__all__ = ["export_module", "load_weights", "run_module", "zoo_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,7 @@ def export_module(
             verbose=False,
         )
     logger.debug("torch.onnx.export: %s", narration.getvalue())
+    assert program is not None, "the dynamo exporter returns the program"
     return program.model
 
 
@@ -62,3 +70,67 @@ def run_module(module: torch.nn.Module, inputs: dict[str, np.ndarray]) -> list[n
     if isinstance(outputs, torch.Tensor):
         outputs = (outputs,)
     return [output.numpy() for output in outputs]
+
+
+def zoo_source(
+    name: str,
+    shapes: dict[str, list[int]] | None = None,
+    inputs_file: Path | None = None,
+    step: Step = no_progress,
+    weights: Path | None = None,
+) -> Source:
+    """A zoo model as a source: exported with dynamo, verified against the module itself; ``weights``
+    (safetensors) replace the package's parameters."""
+    from redux_edge import zoo
+
+    card = zoo.load_card(name)  # fails fast on an unknown name, before torch work
+    with step(f"loading {name}"):
+        entry = zoo.load_model(name)
+        if weights is not None:
+            entry.source = load_weights(entry.module, weights)
+        inputs = (
+            entry.inputs
+            if inputs_file is None
+            else read_inputs(inputs_file, list(entry.inputs), entry.preprocessor)
+        )
+        inputs = fit_inputs(inputs, shapes or {})
+    with step(f"exporting {name} with torch.onnx (dynamo)"):
+        exported = export_module(entry.module, entry.inputs, entry.dynamic_axes, entry.output_names)
+    check_feeds(exported, inputs)
+    return Source(
+        name=entry.name,
+        origin={"zoo": entry.name, "weights": entry.source, "description": entry.description},
+        model=exported,
+        inputs=inputs,
+        reference_outputs=run_module(entry.module, inputs),
+        reference_kind="pytorch",
+        preprocessor=entry.preprocessor,
+        architecture=entry.architecture,
+        task_data=card.get("task_data"),
+        module=entry.module,
+    )
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> str:
+    """Put the parameters of a .safetensors file (a format that cannot run code) into a module."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from redux_edge.files import file_digest
+
+    try:
+        weights = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"cannot read weights {path}: {exc}", "give a .safetensors file") from exc
+    expected = module.state_dict()
+    wrong = sorted(
+        name for name in expected if name not in weights or weights[name].shape != expected[name].shape
+    )
+    if wrong or set(weights) - set(expected):
+        first = wrong[0] if wrong else sorted(set(weights) - set(expected))[0]
+        raise UserError(
+            f"weights {path} do not fit the model (e.g. {first})",
+            "give weights of this zoo model in its original shapes, as `train recover` writes them",
+        )
+    module.load_state_dict(weights)
+    return f"{path} (sha256 {file_digest(path)[:16]})"

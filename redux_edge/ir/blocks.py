@@ -54,6 +54,14 @@ class Unmatched(Exception):
         self.node = node
 
 
+def input_of(node: ir.Node, index: int) -> ir.Value:
+    """Input ``index`` of ``node``, which every op the blocks are matched through has."""
+    value = node.inputs[index]
+    if value is None:
+        raise Unmatched(node, f"input {index} is omitted")
+    return value
+
+
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     if value is None:
         return None
@@ -81,7 +89,7 @@ class Linear:
 
     @property
     def input(self) -> ir.Value:
-        return self.matmul.inputs[0]
+        return input_of(self.matmul, 0)
 
 
 def _weight(value: ir.Value | None) -> np.ndarray | None:
@@ -108,7 +116,7 @@ def _linear_ending_at(value: ir.Value | None) -> Linear | None:
             array = const_array(producer.inputs[index])
             if array is not None and array.ndim == 1:
                 bias_add, bias = producer, array
-                producer = producer.inputs[1 - index].producer()
+                producer = input_of(producer, 1 - index).producer()
                 break
         else:
             return None
@@ -150,7 +158,7 @@ class ShapeSlot:
 
 def _shape_slot(reshape: ir.Node, position: int) -> ShapeSlot | None:
     """Where element ``position`` of the Reshape's target shape is set; None where it is -1 (inferred)."""
-    shape = reshape.inputs[1]
+    shape = input_of(reshape, 1)
     if position < 0:
         length = _static_length(shape)
         if length is None:
@@ -163,12 +171,12 @@ def _shape_slot(reshape: ir.Node, position: int) -> ShapeSlot | None:
     if producer is None or producer.op_type != "Concat":
         raise Unmatched(reshape, "its target shape is computed at run time, not from constant pieces")
     offset = 0
-    for index, piece in enumerate(producer.inputs):
-        length = _static_length(piece)
+    for index in range(len(producer.inputs)):
+        length = _static_length(input_of(producer, index))
         if length is None:
             raise Unmatched(reshape, f"piece {index} of its target shape has no static length")
         if offset <= position < offset + length:
-            array = const_array(piece)
+            array = const_array(input_of(producer, index))
             if array is None:
                 raise Unmatched(reshape, f"element {position} of its target shape is computed at run time")
             value = int(array.reshape(-1)[position - offset])
@@ -248,7 +256,8 @@ class Structure:
 
 def _walk(value: ir.Value, allowed: frozenset[str], limit: int = 32) -> Iterator[ir.Node]:
     """Producers reachable backwards from ``value`` through ``allowed`` ops (non-constant inputs only)."""
-    stack, seen = [value.producer()], set()
+    stack: list[ir.Node | None] = [value.producer()]
+    seen: set[ir.Node] = set()
     while stack and len(seen) < limit:
         node = stack.pop()
         if node is None or node in seen:
@@ -274,7 +283,7 @@ def _projection(value: ir.Value, anchor: ir.Node, role: str) -> tuple[Linear, ir
                 return linear, node
             if const_array(node.inputs[1]) is not None:
                 raise Unmatched(node, f"a constant reshape on the {role} path would not follow pruned heads")
-        node = data.producer()
+        node = data.producer() if data is not None else None
     raise Unmatched(anchor, f"no projection with a constant weight feeds the {role} side")
 
 
@@ -282,7 +291,8 @@ def _head_geometry(split: ir.Node, width: int) -> tuple[int, int]:
     shape = split.outputs[0].shape
     if shape is None or len(shape) != 4:
         raise Unmatched(split, "the head split does not produce a 4-D [batch, seq, heads, head_dim] value")
-    heads, head_dim = shape[2], shape[3]
+    heads: int | ir.SymbolicDim | None = shape[2]
+    head_dim: int | ir.SymbolicDim | None = shape[3]
     if not isinstance(head_dim, int):
         slot = _shape_slot(split, 3)
         head_dim = slot.value if slot else None
@@ -304,14 +314,14 @@ def _match_attention(softmax: ir.Node) -> AttentionBlock:
     context = contexts[0]
     scores = [
         node
-        for node in _walk(softmax.inputs[0], _SCORE_PATH)
+        for node in _walk(input_of(softmax, 0), _SCORE_PATH)
         if node.op_type == "MatMul" and all(const_array(v) is None for v in node.inputs)
     ]
     if not scores:
         raise Unmatched(softmax, "no scores MatMul (query x key) feeds it")
-    query, query_split = _projection(scores[0].inputs[0], scores[0], "query")
-    key, key_split = _projection(scores[0].inputs[1], scores[0], "key")
-    value, value_split = _projection(context.inputs[1], context, "value")
+    query, query_split = _projection(input_of(scores[0], 0), scores[0], "query")
+    key, key_split = _projection(input_of(scores[0], 1), scores[0], "key")
+    value, value_split = _projection(input_of(context, 1), context, "value")
     width = query.weight.shape[1]
     if key.weight.shape[1] != width or value.weight.shape[1] != width:
         raise Unmatched(scores[0], "query, key and value projections differ in width")
@@ -338,7 +348,8 @@ def _match_attention(softmax: ir.Node) -> AttentionBlock:
 
 
 def _consumers_through(value: ir.Value, allowed: frozenset[str], limit: int = 12) -> list[ir.Node]:
-    found, frontier, seen = [], [value], set()
+    found: list[ir.Node] = []
+    frontier, seen = [value], set[ir.Node]()
     while frontier and len(seen) < limit:
         for node in frontier.pop().consumers():
             if node in seen:
@@ -369,10 +380,11 @@ def _residual(value: ir.Value) -> tuple[ir.Value | None, ir.Node | None]:
 
 def _match_feed_forward(down_matmul: ir.Node) -> FeedForwardBlock | None:
     """The feed-forward block whose second projection is ``down_matmul``, or None if it is not one."""
-    down = _linear_starting_at(down_matmul.inputs[0])
+    down = _linear_starting_at(input_of(down_matmul, 0))
     if down is None or down.matmul is not down_matmul:
         return None
-    up, region, stack = None, [], [down_matmul.inputs[0].producer()]
+    region: list[ir.Node] = []
+    up, stack = None, [input_of(down_matmul, 0).producer()]
     while stack:
         node = stack.pop()
         if node is None or node.op_type not in _ELEMENTWISE or len(region) > 24:
@@ -418,10 +430,10 @@ def find_structure(model: ir.Model) -> Structure:
                 structure.problems.append(str(exc))
         elif node.op_type == "MatMul" and (block := _match_feed_forward(node)) is not None:
             structure.feed_forward.append(block)
-    for position, block in enumerate(structure.attention):
-        block.layer = _layer_index(block, position)
-    for position, block in enumerate(structure.feed_forward):
-        block.layer = _layer_index(block, position)
+    for position, attention in enumerate(structure.attention):
+        attention.layer = _layer_index(attention, position)
+    for position, feed_forward in enumerate(structure.feed_forward):
+        feed_forward.layer = _layer_index(feed_forward, position)
     # A transformer's feed-forward sub-block is also "x + f(x)": residual blocks only count without attention.
     structure.layers = (
         _pair_layers(structure, order) if structure.attention else _residual_blocks(model.graph)
@@ -448,11 +460,14 @@ def _pair_layers(structure: Structure, order: dict[ir.Node, int]) -> list[Layer]
 def _residual_blocks(graph: ir.Graph) -> list[Layer]:
     """Residual blocks of a CNN: an Add of a value and a branch computed from that value alone, with
     equal static shapes, optionally followed by the block's activation (ResNet's ReLU after the sum)."""
-    blocks = []
+    blocks: list[Layer] = []
     for node in graph:
         if node.op_type != "Add" or any(const_array(v) is not None for v in node.inputs):
             continue
-        for entry, branch in (node.inputs, node.inputs[::-1]):
+        if len(node.inputs) != 2:
+            continue
+        pair = (input_of(node, 0), input_of(node, 1))
+        for entry, branch in (pair, pair[::-1]):
             if _same_static_shape(entry, branch) and _computed_only_from(branch, entry):
                 exit_value = node.outputs[0]
                 users = exit_value.consumers()
@@ -475,7 +490,7 @@ def _same_static_shape(a: ir.Value, b: ir.Value) -> bool:
 
 def _computed_only_from(value: ir.Value, source: ir.Value, limit: int = 64) -> bool:
     """Whether every non-constant path into ``value`` starts at ``source`` (and there is at least one op)."""
-    stack, seen = [value], set()
+    stack, seen = [value], set[ir.Node]()
     while stack:
         current = stack.pop()
         if current is source or const_array(current) is not None:
@@ -499,7 +514,8 @@ def number_layers(model: ir.Model) -> Structure:
     if not structure.attention:
         for layer in structure.layers:
             residual_add = layer.exit.producer()
-            if residual_add.op_type != "Add":
-                residual_add = residual_add.inputs[0].producer()
-            residual_add.metadata_props.setdefault(LAYER_KEY, str(layer.index))
+            if residual_add is not None and residual_add.op_type != "Add":
+                residual_add = input_of(residual_add, 0).producer()
+            if residual_add is not None:
+                residual_add.metadata_props.setdefault(LAYER_KEY, str(layer.index))
     return structure

@@ -27,10 +27,11 @@ def model_cost(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> dic
     weight_bytes = 0
     for initializer in model.graph.initializers.values():
         # Integer initializers are shapes, axes and indices, not learned weights.
-        if initializer.const_value is None or not initializer.dtype.is_floating_point():
+        tensor = initializer.const_value
+        if tensor is None or not tensor.dtype.is_floating_point():
             continue
-        params += math.prod(initializer.shape.numpy())
-        weight_bytes += initializer.const_value.nbytes
+        params += math.prod(tensor.shape.numpy())
+        weight_bytes += tensor.nbytes
     return {"params": int(params), "weight_bytes": int(weight_bytes), "macs": _macs(model, input_shapes)}
 
 

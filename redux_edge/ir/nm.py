@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
 from redux_edge.errors import UserError
 
-__all__ = ["candidates", "groups", "magnitude_mask", "parse_pattern", "ungroup", "violations"]
+__all__ = ["Eligibility", "candidates", "groups", "magnitude_mask", "parse_pattern", "ungroup", "violations"]
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
@@ -54,3 +55,35 @@ def candidates(n: int, m: int) -> np.ndarray:
     """[C(m, n), m]: every way to keep ``n`` of ``m`` (the 6 masks of 2:4), as 0/1 floats."""
     rows = [[1.0 if i in kept else 0.0 for i in range(m)] for kept in itertools.combinations(range(m), n)]
     return np.array(rows, np.float32)
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Which weights are worth N:M sparsity, following NVIDIA's ASP (the training side of TensorRT's sparse
+    workflow): the reduction dimension divides by 16 and the output dimension by 8 (the sparse
+    tensor-core tile), the weight is not shared, and it is large enough to gain (``min_weights``);
+    ``include``/``exclude`` regular expressions on the weight names narrow it further. The sparsity pass
+    and MaskLLM training share this rule, so that learned masks cover exactly what the pass sparsifies."""
+
+    m: int
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    min_weights: int = 16384
+    tensor_core_shapes: bool = True
+
+    def why_not(self, name: str, shape: tuple[int, ...], shared: bool = False) -> str:
+        """Why the weight ``name`` of ``shape`` (PyTorch layout) stays dense; empty when it qualifies."""
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return "not matched by include"
+        if hit := next((p for p in self.exclude if re.search(p, name)), None):
+            return f"excluded by {hit!r}"
+        if shared:
+            return "shared by several nodes"
+        if shape[1] % self.m:
+            return f"input dimension {shape[1]} is not a multiple of {self.m}"
+        if self.tensor_core_shapes and (shape[1] % 16 or shape[0] % 8):
+            return f"{shape[0]} outputs x {shape[1]} inputs do not fill sparse tensor-core tiles (8 x 16)"
+        size = int(np.prod(shape))
+        if size < self.min_weights:
+            return f"{size} weights, below min_weights {self.min_weights}: too small to gain"
+        return ""

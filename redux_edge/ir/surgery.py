@@ -58,12 +58,12 @@ def replace_shape_slot(graph: ir.Graph, slot: ShapeSlot, value: int) -> None:
     """Give one Reshape a target shape whose element ``slot.position`` is ``value``."""
     hint = f"{slot.reshape.name}.shape"
     if slot.concat is None:
-        array = const_array(slot.reshape.inputs[1]).copy()
+        array = _constant(slot.reshape.inputs[1])
         array[slot.position] = value
         slot.reshape.replace_input_with(1, new_initializer(graph, array, hint))
         return
     pieces = list(slot.concat.inputs)
-    piece = const_array(pieces[slot.piece]).copy()
+    piece = _constant(pieces[slot.piece])
     piece.reshape(-1)[slot.position - slot.offset] = value
     pieces[slot.piece] = new_initializer(graph, piece, hint)
     concat = ir.node("Concat", pieces, {"axis": 0}, name=f"{slot.reshape.name}_shape")
@@ -95,7 +95,17 @@ def bypass(graph: ir.Graph, exit_value: ir.Value, entry: ir.Value) -> None:
         exit_value.name = f"{name}_dropped"
         identity = ir.node("Identity", [entry], name=f"{name}_passthrough")
         identity.outputs[0].name = name
-        identity.outputs[0].dtype, identity.outputs[0].shape = exit_value.dtype, exit_value.shape
+        if exit_value.dtype is not None:
+            identity.outputs[0].dtype = exit_value.dtype
+        identity.outputs[0].shape = exit_value.shape
         graph.append(identity)
         entry = identity.outputs[0]
     ir.convenience.replace_all_uses_with(exit_value, entry, replace_graph_outputs=True)
+
+
+def _constant(value: ir.Value | None) -> np.ndarray:
+    """A copy of the constant ``value``, which the matched block guarantees."""
+    array = const_array(value)
+    if array is None:
+        raise ValueError(f"{value} is not a constant")
+    return array.copy()

@@ -69,19 +69,20 @@ def _transposed(node: ir.Node, array: np.ndarray) -> bool | None:
 
 def find_weights(model: ir.Model) -> list[Weight]:
     """Every constant weight of a MatMul, Gemm or Conv, in graph order, with unique names."""
-    found, taken = [], set()
+    found: list[Weight] = []
+    taken: set[str] = set()
     for node in model.graph:
         if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:
             continue
         value = node.inputs[1]
         array = const_array(value)
-        if array is None or not np.issubdtype(array.dtype, np.floating):
+        if value is None or array is None or not np.issubdtype(array.dtype, np.floating):
             continue
         transposed = _transposed(node, array)
         if transposed is None:
             continue
         module = _module_path(node)
-        name = f"{module}.weight" if module else value.name
+        name = f"{module}.weight" if module else str(value.name)
         unique, suffix = name, 1
         while unique in taken:
             suffix += 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from redux_edge.errors import UserError
+from redux_edge.files import write_atomically
 from redux_edge.leakage import attack, report, simulate, traces, tvla
 from redux_edge.leakage.kernel import QuantizedLayer
 
@@ -43,10 +44,9 @@ def simulate_file(
         shape = (layer.weights.shape[1], layer.height, layer.width)
         fixed_input = np.random.default_rng(seed + 1).integers(-128, 128, size=shape, dtype=np.int8)
     simulated = simulate.simulate(layer, count, leakage, protected, seed=seed, fixed_input=fixed_input)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    traces.write_ets(partial, simulated.samples, simulated.operands, keep=simulated.keep)
-    partial.replace(out)
+    write_atomically(
+        out, lambda path: traces.write_ets(path, simulated.samples, simulated.operands, keep=simulated.keep)
+    )
     description = {
         "simulated": True,
         "bundle": str(bundle),

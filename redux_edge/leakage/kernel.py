@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from redux_edge.errors import UserError
+from redux_edge.files import save_arrays
 from redux_edge.passes.mac_prune import KEEP_OUTPUT
 
 __all__ = ["QuantizedLayer", "accumulate", "emit_c", "first_conv_after_mask", "run_c_kernel"]
@@ -47,7 +48,7 @@ class QuantizedLayer:
         return np.clip(np.round(images / self.input_scale), -128, 127).astype(np.int8)
 
     def save(self, path: Path) -> None:
-        np.savez(path, **{f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        save_arrays(path, {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     @classmethod
     def load(cls, path: Path) -> QuantizedLayer:
@@ -78,7 +79,8 @@ def first_conv_after_mask(
         raise UserError(
             f"--emit-c: the masked input feeds {found}, not one Conv", "the kernel is a Conv layer"
         )
-    weight = conv.inputs[1].const_value
+    weight_input = conv.inputs[1]
+    weight = weight_input.const_value if weight_input is not None else None
     bias = conv.inputs[2].const_value if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
     attributes = {name: attr.value for name, attr in conv.attributes.items()}
     pads = list(attributes.get("pads", [0, 0, 0, 0]))

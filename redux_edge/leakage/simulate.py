@@ -82,13 +82,12 @@ def simulate(
     layer = dataclasses.replace(layer, weights=layer.weights[:out_c], bias=layer.bias[:out_c])
     position = position or (layer.height // 2, layer.width // 2)
     rows, columns = window_pixels(layer, position)
-    channels = np.repeat(np.arange(in_c), k_h * k_w)
-    channels = np.tile(channels, out_c)
+    channel_of = np.tile(np.repeat(np.arange(in_c), k_h * k_w), out_c)
     if fixed_input is not None:
         images = np.broadcast_to(fixed_input, (count, *fixed_input.shape))
     else:
         images = rng.integers(-128, 128, size=(count, in_c, layer.height, layer.width), dtype=np.int8)
-    operands = images[:, channels, rows, columns].astype(np.int8)
+    operands = images[:, channel_of, rows, columns].astype(np.int8)
     if protected:
         pixel_keep = layer.critical[None] | (rng.random((count, layer.height, layer.width)) >= layer.drop)
         keep = pixel_keep[:, rows, columns]

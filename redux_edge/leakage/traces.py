@@ -15,6 +15,7 @@ import dataclasses
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ __all__ = ["TraceSet", "read_traces", "write_ets"]
 @dataclasses.dataclass
 class TraceSet:
     source: str
-    samples: object  # an array-like [n, length]: ndarray, memmap or h5py dataset
+    samples: Any  # an array-like [n, length]: ndarray, memmap or h5py dataset
     operands: np.ndarray  # int8 [n, weights]
 
     def __len__(self) -> int:
@@ -124,7 +125,7 @@ def _chipwhisperer(project: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(samples), np.concatenate(textins)
 
 
-def _ets(path: Path) -> tuple[object, np.ndarray]:
+def _ets(path: Path) -> tuple[Any, np.ndarray]:
     import h5py
 
     handle = h5py.File(path, "r")

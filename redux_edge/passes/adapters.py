@@ -11,11 +11,14 @@ when a session opens (``redux-edge run BUNDLE --adapter TASK``), so many tasks s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,25 +26,181 @@ import onnx_ir as ir
 from redux_edge.errors import UserError
 from redux_edge.ir.surgery import finish, new_initializer
 from redux_edge.ir.weights import Weight, find_weights
-from redux_edge.passes import RecipePass
-from redux_edge.runtime.runner import read_adapter_pack
+from redux_edge.passes.contract import (
+    CompileContext,
+    Flag,
+    PassOutcome,
+    RecipePass,
+    ReferenceChange,
+    Section,
+    parameter,
+)
+from redux_edge.runtime.adapter_pack import read_adapter_pack
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["AdaptersPass"]
 
 logger = logging.getLogger(__name__)
 
 
+class AdaptersSection(Section):
+    key = "adapters"
+
+    def __init__(self, outcomes: list[PassOutcome]) -> None:
+        super().__init__(outcomes)
+        outcome = outcomes[0]
+        assert isinstance(outcome, AdaptersAdded) and len(outcomes) == 1  # the recipe takes one adapters pass
+        self.outcome = outcome
+
+    def check(self, context: CompileContext) -> None:
+        from redux_edge.backends import backends_with
+
+        if context.source.module is None:
+            raise UserError(
+                "adapter packs are verified against the PyTorch model they were trained on",
+                "compile the zoo model the packs were trained for",
+            )
+        if any(section is not self and section.reference() for section in context.sections):
+            raise UserError(
+                "adapters with structural or sparsity passes in one compile are not supported",
+                "adapters are trained on the dense model: compile them without pruning or sparsity",
+            )
+        if not self.outcome.merge and not context.backend.swaps_initializers:
+            able = " or ".join(backend.name for backend in backends_with("swaps_initializers"))
+            raise UserError(
+                f"swappable adapter packs need the {able} backend, not {context.backend.name}",
+                "merge one pack (merge = true, --merge-adapters) for this backend",
+            )
+
+    def reference(self) -> ReferenceChange:
+        task, pack = next(iter(self.outcome.read.items()))
+        return _WithPack(task, pack)
+
+    def stage(self, context: CompileContext) -> dict:
+        """Copy the packs to ``adapters/<task>.bin``; the manifest entry listing them."""
+        assert context.stage is not None
+        (context.stage / "adapters").mkdir()
+        packs = []
+        for (task, pack), path in zip(self.outcome.read.items(), self.outcome.packs, strict=True):
+            copy = context.stage / "adapters" / f"{task}.bin"
+            shutil.copyfile(path, copy)
+            header = pack["header"]
+            packs.append(
+                {
+                    "task": task,
+                    "file": f"adapters/{task}.bin",
+                    "labels": header["labels"],
+                    "bits": header["bits"],
+                    "rank": header["rank"],
+                    "bytes": copy.stat().st_size,
+                    **header["metrics"],
+                }
+            )
+        entry = {
+            "merged": self.outcome.merge,
+            "default": packs[0]["task"],
+            "initializers": self.outcome.names,
+            "packs": packs,
+        }
+        return {self.key: entry}
+
+    def verify(self, context: CompileContext) -> None:
+        """Open the artifact with each pack swapped in, as a device does, and compare with PyTorch."""
+        from redux_edge.frontend.torch import run_module
+        from redux_edge.ir.verify import compare, require_match
+        from redux_edge.runtime.session import BundleSession
+        from redux_edge.train.adapters import PackedAdapters
+
+        if self.outcome.merge:
+            return
+        source, stage = context.source, context.stage
+        assert stage is not None and source.module is not None
+        with context.step(
+            f"verifying every adapter pack swapped into the artifact ({', '.join(self.outcome.read)})"
+        ):
+            for entry in context.manifest[self.key]["packs"]:
+                outputs = BundleSession(stage, adapter=entry["task"]).run(source.inputs)
+                expected = run_module(
+                    PackedAdapters(source.module, self.outcome.read[entry["task"]]), source.inputs
+                )
+                entry["verify"] = compare(expected, outputs, source.output_names)
+                require_match(
+                    entry["verify"],
+                    context.tolerance,
+                    f"the artifact with the adapter pack '{entry['task']}'",
+                )
+
+    @staticmethod
+    def render(section: dict, manifest: Mapping[str, Any]) -> list[str]:
+        how = "merged into the weights" if section["merged"] else "swap with run --adapter TASK"
+        lines = []
+        for pack in section["packs"]:
+            checked = pack.get("verify", {}).get("logits", {}).get("max_abs")
+            verified = f", verified swapped in (logits max abs {checked:.1e})" if checked is not None else ""
+            default = " (default)" if pack["task"] == section["default"] and not section["merged"] else ""
+            lines.append(
+                f"  adapter  {pack['task']}{default}: {pack['bits']}-bit rank {pack['rank']}, "
+                f"{pack['bytes']:,} bytes, test accuracy {pack['accuracy']:.3f} ({pack['test_sentences']} "
+                f"sentences){verified}; {how}"
+            )
+        return lines
+
+
+@dataclasses.dataclass
+class AdaptersAdded(PassOutcome):
+    """The packs as read, by task; the initializer names the runner overrides (swappable packs)."""
+
+    read: dict[str, dict]
+    names: dict
+    merge: bool
+    packs: list[str]
+
+    section = AdaptersSection
+
+
+class _WithPack(ReferenceChange):
+    def __init__(self, task: str, pack: dict) -> None:
+        self.pack = pack
+        self.describes = f", with the adapter pack '{task}' (dequantized from its file)"
+
+    def on_module(self, module: nn.Module, architecture: dict, stack: contextlib.ExitStack) -> nn.Module:
+        from redux_edge.train.adapters import PackedAdapters
+
+        return PackedAdapters(module, self.pack)
+
+    def on_graph(self, model: ir.Model) -> None:
+        raise UserError(
+            "adapter packs are verified against the PyTorch model they were trained on",
+            "compile the zoo model the packs were trained for",
+        )
+
+
 @dataclasses.dataclass
 class AdaptersPass(RecipePass):
     name = "adapters"
     summary = "low-bit LoRA adapter packs with task heads: merged into the weights, or swappable per task"
+    flags = (
+        Flag(
+            "--adapters",
+            "Adapter pack from train-adapter (repeatable; the first is the default task).",
+            "packs",
+            type="path",
+            multiple=True,
+        ),
+        Flag(
+            "--merge-adapters",
+            "Merge the (one) adapter pack into the weights.",
+            "merge",
+            type=bool,
+            enables=False,
+            alone=("--merge-adapters needs --adapters PACK", "give the pack to merge"),
+        ),
+    )
 
-    packs: list = dataclasses.field(default_factory=list)
-    merge: bool = False
-
-    # The packs as read by task; after the pass, the initializer names the runner overrides.
-    read: ClassVar[dict] = {}
-    names: ClassVar[dict] = {}
+    packs: list[str] = parameter([], "adapter pack files from train-adapter; the first is the default task")
+    merge: bool = parameter(False, "merge the one pack into the weights instead of swappable branches")
 
     def __post_init__(self) -> None:
         """Check the parameters and read the packs when the recipe is built, before any model work."""
@@ -51,7 +210,7 @@ class AdaptersPass(RecipePass):
             raise UserError("adapters: merge takes exactly one pack", "drop --merge to keep several packs")
         self.read = _read_packs(self.packs)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> AdaptersAdded:
         first = next(iter(self.read.values()))
         weights = {w.name: w for w in find_weights(model)}
         if missing := set(first["factors"]) - set(weights):
@@ -59,7 +218,7 @@ class AdaptersPass(RecipePass):
                 f"adapter pack {self.packs[0]} targets weights this model lacks: {sorted(missing)[:2]}",
                 "train the adapters on this model",
             )
-        names = {"factors": {}}
+        names: dict = {"factors": {}}
         for weight_name, parts in first["factors"].items():
             weight = weights[weight_name]
             out_features, in_features = weight.torch_layout.shape[:2]
@@ -78,9 +237,8 @@ class AdaptersPass(RecipePass):
                 names["factors"][weight_name] = _add_branch(model.graph, weight, parts)
         names |= _add_head(model, first)
         finish(model)
-        self.names = {} if self.merge else names
         logger.info("adapters: %s %s", "merged" if self.merge else "swappable", list(self.read))
-        return ir.passes.PassResult(model, modified=True)
+        return AdaptersAdded(model, True, self.read, {} if self.merge else names, self.merge, self.packs)
 
 
 def _read_packs(paths: list[str]) -> dict[str, dict]:
@@ -132,7 +290,9 @@ def _add_branch(graph: ir.Graph, weight: Weight, parts: dict) -> dict:
     reduced = ir.node("MatMul", [weight.node.inputs[0], down], name=f"adapter_{base}_down")
     expanded = ir.node("MatMul", [reduced.outputs[0], up], name=f"adapter_{base}_up")
     summed = ir.node("Add", [output, expanded.outputs[0]], name=f"adapter_{base}_add")
-    graph.insert_after(output.producer(), [reduced, expanded, summed])
+    producer = output.producer()
+    assert producer is not None, "a weight's projection produces its output"
+    graph.insert_after(producer, [reduced, expanded, summed])
     for use in uses:
         use.node.replace_input_with(use.idx, summed.outputs[0])
     return {"down": down.name, "up": up.name}

@@ -14,7 +14,7 @@ import logging
 import onnx_ir as ir
 import onnxscript.optimizer
 
-from redux_edge.passes import RecipePass
+from redux_edge.passes.contract import PassOutcome, RecipePass, parameter
 
 __all__ = ["CleanupPass"]
 
@@ -25,15 +25,16 @@ logger = logging.getLogger(__name__)
 class CleanupPass(RecipePass):
     name = "cleanup"
     summary = "constant folding, function inlining and dead-code removal (onnxscript optimizer)"
+    exact = True
 
-    iterations: int = 2
+    iterations: int = parameter(2, "rounds of folding and dead-code removal")
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> PassOutcome:
         before = _graph_size(model)
         onnxscript.optimizer.optimize(model, num_iterations=self.iterations)
         after = _graph_size(model)
         logger.info("cleanup: %d nodes, %d initializers -> %d, %d", *before, *after)
-        return ir.passes.PassResult(model, modified=before != after)
+        return PassOutcome(model, modified=before != after)
 
 
 def _graph_size(model: ir.Model) -> tuple[int, int]:

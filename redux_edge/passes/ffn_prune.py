@@ -17,7 +17,8 @@ import onnx_ir as ir
 from redux_edge.analysis.importance import neuron_scores
 from redux_edge.ir.blocks import FeedForwardBlock, Structure
 from redux_edge.ir.surgery import replace_linear
-from redux_edge.passes import UnitPruningPass
+from redux_edge.passes.contract import Flag
+from redux_edge.passes.structural import SHARED_FLAGS, UnitPruningPass
 
 __all__ = ["PruneFfnPass"]
 
@@ -28,6 +29,10 @@ class PruneFfnPass(UnitPruningPass):
     summary = "remove feed-forward neurons: first-projection columns, second-projection rows"
     unit = "ffn"
     kind = "feed-forward"
+    flags = (
+        Flag("--prune-ffn", "Remove this fraction of feed-forward neurons (prune-ffn).", "fraction", float),
+        *SHARED_FLAGS,
+    )
 
     def blocks_of(self, structure: Structure) -> list[FeedForwardBlock]:
         return structure.feed_forward

@@ -18,7 +18,8 @@ import onnx_ir as ir
 from redux_edge.analysis.importance import head_scores
 from redux_edge.ir.blocks import AttentionBlock, Structure
 from redux_edge.ir.surgery import head_columns, replace_linear, replace_shape_slot
-from redux_edge.passes import UnitPruningPass
+from redux_edge.passes.contract import Flag
+from redux_edge.passes.structural import SHARED_FLAGS, UnitPruningPass
 
 __all__ = ["PruneHeadsPass"]
 
@@ -29,6 +30,10 @@ class PruneHeadsPass(UnitPruningPass):
     summary = "remove attention heads: Q/K/V columns, output-projection rows and head counts (SHRP)"
     unit = "heads"
     kind = "attention"
+    flags = (
+        Flag("--prune-heads", "Remove this fraction of attention heads (prune-heads).", "fraction", float),
+        *SHARED_FLAGS,
+    )
 
     def blocks_of(self, structure: Structure) -> list[AttentionBlock]:
         return structure.attention

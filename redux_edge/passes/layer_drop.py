@@ -18,11 +18,23 @@ from redux_edge.analysis import importance
 from redux_edge.errors import UserError
 from redux_edge.ir.blocks import number_layers
 from redux_edge.ir.surgery import bypass, finish
-from redux_edge.passes import StructuralPass
+from redux_edge.passes.compression import UnitsRemoved
+from redux_edge.passes.contract import Flag, parameter
+from redux_edge.passes.structural import SHARED_FLAGS, StructuralPass
 
 __all__ = ["DropLayersPass"]
 
 logger = logging.getLogger(__name__)
+
+
+def _count_or_layers(value: str) -> dict:
+    """``--drop-layers N`` (chosen by block influence) or ``--drop-layers I,J`` (these layers)."""
+    if value.isdigit():
+        return {"count": int(value), "importance": "calibration"}
+    try:
+        return {"layers": [int(i) for i in value.split(",")]}
+    except ValueError as exc:
+        raise UserError(f"cannot read --drop-layers {value}", "give N or I,J,...") from exc
 
 
 @dataclasses.dataclass
@@ -30,13 +42,22 @@ class DropLayersPass(StructuralPass):
     name = "drop-layers"
     summary = "remove whole transformer layers (residual stream passes through)"
     unit = "layers"
+    flags = (
+        Flag(
+            "--drop-layers",
+            "Drop N layers by block influence, or the listed layers.",
+            metavar="N|I,J,...",
+            convert=_count_or_layers,
+        ),
+        *SHARED_FLAGS,
+    )
 
-    count: int = 0
-    layers: list = dataclasses.field(default_factory=list)
-    importance: str = "calibration"
-    plan: str = ""
+    count: int = parameter(0, "how many layers to drop, the least influential (importance)")
+    layers: list[int] = parameter([], "the layers to drop, by original index (instead of count)")
+    importance: str = parameter("calibration", "how layers are chosen: calibration, random or plan")
+    plan: str = parameter("", "plan JSON naming the layers (importance = plan)")
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> UnitsRemoved:
         structure = number_layers(model)
         found = self.require_blocks(structure.layers, structure.problems, "transformer layer")
         indices = [layer.index for layer in found]
@@ -54,9 +75,7 @@ class DropLayersPass(StructuralPass):
         for layer in sorted((layer for layer in found if layer.index in chosen), key=lambda lay: -lay.index):
             bypass(model.graph, layer.exit, layer.entry)
         finish(model)
-        self.removed = {"layers": sorted(chosen)}
-        logger.info("drop-layers removed %s", self.removed["layers"])
-        return ir.passes.PassResult(model, modified=bool(chosen))
+        return self.outcome(model, {"layers": sorted(chosen)})
 
     def _choose(self, model: ir.Model, found: list) -> list[int]:
         if self.layers:
@@ -70,4 +89,4 @@ class DropLayersPass(StructuralPass):
                 f"drop-layers count {self.count} would remove all {len(found)} layers", "lower the count"
             )
         scores = importance.layer_scores(model, found, self.importance, self.calibration)
-        return sorted(sorted(scores, key=scores.get)[: self.count])
+        return sorted(sorted(scores, key=lambda layer: scores[layer])[: self.count])

@@ -12,37 +12,239 @@ run; ``seed`` (>= 0) fixes the sequence of a session for tests. The mask each ru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import ClassVar
+import shutil
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
 
 from redux_edge.errors import UserError
 from redux_edge.ir.surgery import new_initializer
-from redux_edge.passes import RecipePass
+from redux_edge.passes.contract import (
+    CompileContext,
+    Flag,
+    PassOutcome,
+    RecipePass,
+    ReferenceChange,
+    Section,
+    parameter,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["KEEP_OUTPUT", "MacPrunePass"]
 
 KEEP_OUTPUT = "pixel_keep"
 _FIRST_CHANNEL = (("starts", 0), ("ends", 1), ("axes", 1))
+_PIXEL_CALIBRATION = 64
+_ALONE = ("--mac-keep-top and --mac-seed go with --mac-prune P", "e.g. --mac-prune 0.5")
+
+
+class ProtectionSection(Section):
+    key = "protection"
+
+    def __init__(self, outcomes: list[PassOutcome]) -> None:
+        super().__init__(outcomes)
+        outcome = outcomes[0]
+        assert (
+            isinstance(outcome, PixelsMasked) and len(outcomes) == 1
+        )  # mac-prune runs in a compile of its own
+        self.outcome = outcome
+
+    def reference(self) -> ReferenceChange:
+        return _PixelMasked(self.outcome.protected_input)
+
+    def random_outputs(self, output_names: list[str]) -> list[str]:
+        # Without a seed every run draws anew, so a health check can compare only shapes.
+        return output_names if self.outcome.seed < 0 else []
+
+    def stage(self, context: CompileContext) -> dict:
+        assert context.stage is not None
+        folder = context.stage / "mac_prune"
+        folder.mkdir()
+        np.save(folder / "critical.npy", self.outcome.critical)
+        np.save(folder / "importance.npy", self.outcome.importance)
+        return {}
+
+    def report(self, context: CompileContext) -> dict:
+        """The defence's parameters, its pixel map (in the bundle) and what it costs on the card's task."""
+        outcome, source = self.outcome, context.source
+        critical = outcome.critical
+        report: dict = {
+            "pass": "mac-prune",
+            "input": outcome.protected_input,
+            "drop": outcome.drop,
+            "keep_top": outcome.keep_top,
+            "seed": outcome.seed,
+            "critical_pixels": int(critical.sum()),
+            "pixels": int(critical.size),
+            "expected_keep_rate": float(critical.mean() + (1 - critical.mean()) * (1 - outcome.drop)),
+            "importance": "occlusion" if outcome.calibrated_on else "none (random masking only)",
+            "calibration": outcome.calibrated_on,
+            "files": {"critical": "mac_prune/critical.npy", "importance": "mac_prune/importance.npy"},
+        }
+        data = source.image_task
+        if data is None or source.preprocessor is None or source.preprocessor.kind != "image":
+            report["quality"] = {"measured": False, "why": "the model card names no image task data"}
+        else:
+            from redux_edge.analysis.quality import image_accuracy
+            from redux_edge.preprocess import ImagePreprocessor
+
+            assert context.dense is not None
+            assert isinstance(source.preprocessor, ImagePreprocessor)
+            with context.step(f"measuring accuracy on {data.name} with and without masking"):
+                report["quality"] = image_accuracy(context.dense, source.model, source.preprocessor, data)
+        if outcome.emit_c:
+            with context.step("emitting the first layer's C kernel and checking it with gcc"):
+                report["kernel"] = self._emit_kernel(context)
+        return {self.key: report}
+
+    def _emit_kernel(self, context: CompileContext) -> dict:
+        """Write c/ (the C kernel and its quantised layer) and check the C, built with the host's gcc,
+        against the integer reference on the verification samples with the masks the verified run drew."""
+        from redux_edge.leakage import kernel
+
+        outcome, source, stage = self.outcome, context.source, context.stage
+        assert stage is not None
+        keep = context.verified_outputs[-1]
+        images = (outcome.calibration or source.inputs)[outcome.protected_input]
+        layer = kernel.first_conv_after_mask(source.model, outcome.critical, outcome.drop, images)
+        folder = stage / "c"
+        paths = kernel.emit_c(layer, folder)
+        layer.save(folder / "layer.npz")
+        report = {
+            "files": [str(path.relative_to(stage)) for path in [*paths, folder / "layer.npz"]],
+            "weights": list(layer.weights.shape),
+            "input_scale": layer.input_scale,
+        }
+        if shutil.which("gcc") is None:
+            return report | {"checked": False, "why": "no gcc on this machine"}
+        quantized = layer.quantize_input(source.inputs[outcome.protected_input])
+        got = kernel.run_c_kernel(folder, layer, quantized, keep[:, 0])
+        want = kernel.accumulate(layer, quantized, keep[:, 0])
+        if not np.array_equal(got, want):
+            raise RuntimeError(
+                f"the emitted C kernel differs from the integer reference by {np.abs(got - want).max()}"
+            )
+        return report | {"checked": True, "samples": len(quantized), "integer_exact": True}
+
+    @staticmethod
+    def render(section: dict, manifest: Mapping[str, Any]) -> list[str]:
+        seed = str(section["seed"]) if section["seed"] >= 0 else "none (fresh draws every run)"
+        lines = [
+            f"  protect  mac-prune on '{section['input']}': {section['critical_pixels']} of "
+            f"{section['pixels']} pixels always kept ({section['importance']}), the others dropped with "
+            f"p={section['drop']} per inference; expected keep rate {section['expected_keep_rate']:.2f}; "
+            f"seed {seed}"
+        ]
+        quality = section["quality"]
+        if quality.get("measured", True):
+            accuracy = quality["accuracy"]
+            lines.append(
+                f"  quality  {quality['task']}, {quality['test_images']} images: accuracy "
+                f"{accuracy['original']:.4f} -> {accuracy['changed']:.4f} "
+                f"({quality['points_lost']:.2f} points lost)"
+            )
+        else:
+            lines.append(f"  quality  not measured: {quality['why']}")
+        if kernel := section.get("kernel"):
+            checked = (
+                f"built with gcc and integer-exact on {kernel['samples']} samples"
+                if kernel["checked"]
+                else f"not checked: {kernel['why']}"
+            )
+            lines.append(
+                f"  kernel   {', '.join(kernel['files'])}: int8 weights {kernel['weights']}, {checked}"
+            )
+        return lines
+
+
+@dataclasses.dataclass
+class PixelsMasked(PassOutcome):
+    """The always-kept pixels [height, width], the occlusion importance they were chosen by, and the
+    pass's settings, for the protection report."""
+
+    critical: np.ndarray
+    importance: np.ndarray
+    protected_input: str
+    drop: float
+    keep_top: float
+    seed: int
+    emit_c: bool
+    calibration: dict | None
+    calibrated_on: str | None
+
+    section = ProtectionSection
+
+
+class _PixelMasked(ReferenceChange):
+    """Each run is checked against the original fed that run's masked input (its pixel_keep output)."""
+
+    describes = ", fed each run's masked input (the run's pixel_keep output)"
+    per_run_outputs = True
+
+    def __init__(self, input_name: str) -> None:
+        self.input_name = input_name
+
+    def on_module(self, module: nn.Module, architecture: dict, stack: contextlib.ExitStack) -> nn.Module:
+        return module
+
+    def per_run(self, feeds: dict, run_outputs: list[np.ndarray]) -> tuple[dict, list[np.ndarray]]:
+        keep = run_outputs[-1]
+        masked = dict(feeds)
+        masked[self.input_name] = (feeds[self.input_name] * keep).astype(feeds[self.input_name].dtype)
+        return masked, [keep]
 
 
 @dataclasses.dataclass
 class MacPrunePass(RecipePass):
     name = "mac-prune"
     summary = "randomly deactivate non-critical input pixels on every inference (MACPruning)"
+    flags = (
+        Flag(
+            "--mac-prune",
+            "MACPruning: drop each non-critical input pixel with probability P on every inference.",
+            "drop",
+            float,
+            metavar="P",
+        ),
+        Flag(
+            "--mac-keep-top",
+            "MACPruning: always keep this fraction of pixels, the most important by occlusion [0.4].",
+            "keep_top",
+            float,
+            metavar="F",
+            enables=False,
+            alone=_ALONE,
+        ),
+        Flag(
+            "--mac-seed",
+            "MACPruning: fix the draw sequence (tests, reproducible runs).",
+            "seed",
+            int,
+            enables=False,
+            alone=_ALONE,
+        ),
+        Flag(
+            "--emit-c",
+            "MACPruning: also write the protected first layer as C (bundle's c/).",
+            "emit_c",
+            bool,
+            enables=False,
+            alone=("--emit-c writes the kernel of a mac-prune-protected layer", "add --mac-prune P"),
+        ),
+    )
+    compares_with_dense = True
 
-    drop: float = 0.5
-    keep_top: float = 0.4
-    seed: int = -1
-    input: str = ""
-    # Set by the pipeline: real images for the pixel map. After a run: the always-kept pixels
-    # [height, width] and the occlusion importance they were chosen by.
-    calibration: ClassVar[dict | None] = None
-    protected_input: ClassVar[str] = ""
-    critical: ClassVar[np.ndarray | None] = None
-    importance: ClassVar[np.ndarray | None] = None
+    drop: float = parameter(0.5, "probability of deactivating each non-critical pixel per inference")
+    keep_top: float = parameter(0.4, "fraction of pixels always kept, the most important by occlusion")
+    seed: int = parameter(-1, "fixes the draw sequence of a session (>= 0); -1: fresh draws")
+    input: str = parameter("", "the image input to protect (default: the first float image input)")
+    emit_c: bool = parameter(False, "also write the protected first layer as a C kernel (c/)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drop < 1.0:
@@ -51,11 +253,43 @@ class MacPrunePass(RecipePass):
             raise UserError(
                 f"mac-prune: keep_top {self.keep_top} is not in [0, 1]", "e.g. --mac-keep-top 0.4"
             )
+        # Real images for the pixel map, from the compile (``prepare``) or given directly.
+        self.calibration: dict[str, np.ndarray] | None = None
+        self.calibrated_on: str | None = None
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def check(self, context: CompileContext) -> None:
+        from redux_edge.backends import backends_with
+
+        others = [p.name for p in context.passes if p is not self and not p.exact]
+        if others:
+            raise UserError(
+                f"mac-prune runs in a compile of its own, not with {', '.join(others)}",
+                "compile the compressed model first, then protect its model.onnx in a second compile",
+            )
+        if not context.backend.runs_random_ops:
+            able = " or ".join(backend.name for backend in backends_with("runs_random_ops"))
+            raise UserError(
+                f"mac-prune bundles use the {able} backend, not {context.backend.name}",
+                "the masks are drawn by ONNX RandomUniformLike; for microcontrollers use --emit-c",
+            )
+
+    def prepare(self, context: CompileContext) -> None:
+        """Real images for the pixel map: the card's task data (calibration split), else the user's."""
+        if self.keep_top == 0:
+            return
+        calibration = context.source.calibration(_PIXEL_CALIBRATION)
+        if calibration.synthetic:
+            raise UserError(
+                "mac-prune --mac-keep-top needs real images to choose the pixels always kept",
+                "give --inputs with calibration images (.npz), or --mac-keep-top 0 for random masking only",
+            )
+        self.calibration, self.calibrated_on = calibration.feeds, calibration.described
+
+    def call(self, model: ir.Model) -> PixelsMasked:
         graph = model.graph
         image = self._image_input(graph)
-        height, width = (int(d) for d in image.shape[2:])
+        assert image.shape is not None and image.name is not None
+        height, width = (int(d) for d in image.shape.numpy()[2:])
         if any(output.name == KEEP_OUTPUT for output in graph.outputs):
             raise UserError(
                 "mac-prune: the model is already protected (it has a pixel_keep output)",
@@ -74,10 +308,20 @@ class MacPrunePass(RecipePass):
         kept = round(self.keep_top * height * width)
         critical = np.zeros(height * width, dtype=bool)
         critical[np.argsort(-importance.reshape(-1), kind="stable")[:kept]] = True
-        self.critical, self.importance = critical.reshape(height, width), importance
-        self.protected_input = image.name
-        self._insert_mask(graph, image, self.critical)
-        return ir.passes.PassResult(model, modified=True)
+        self._insert_mask(graph, image, critical.reshape(height, width))
+        return PixelsMasked(
+            model,
+            True,
+            critical.reshape(height, width),
+            importance,
+            image.name,
+            self.drop,
+            self.keep_top,
+            self.seed,
+            self.emit_c,
+            self.calibration,
+            self.calibrated_on,
+        )
 
     def _image_input(self, graph: ir.Graph) -> ir.Value:
         images = [
@@ -117,6 +361,7 @@ class MacPrunePass(RecipePass):
         masked = ir.node("Mul", [image, scale.outputs[0]], name="mac_prune_apply")
         flag.outputs[0].name = KEEP_OUTPUT
         flag.outputs[0].dtype = ir.DataType.UINT8
+        assert image.shape is not None
         flag.outputs[0].shape = ir.Shape([image.shape[0], 1, *image.shape[2:]])
         graph.insert_before(graph.node(0), [pixels, uniform, lucky, keep, flag, scale, masked])
         for use in uses:

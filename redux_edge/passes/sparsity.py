@@ -24,7 +24,8 @@ from redux_edge.errors import UserError
 from redux_edge.ir import nm
 from redux_edge.ir.surgery import finish, new_initializer
 from redux_edge.ir.weights import Weight, find_weights
-from redux_edge.passes import WeightMaskPass
+from redux_edge.passes.compression import WeightsMasked
+from redux_edge.passes.contract import Flag, RecipePass, parameter
 
 __all__ = ["SparsityPass", "load_mask_plan"]
 
@@ -34,17 +35,32 @@ MASKS = ("magnitude", "learned")
 
 
 @dataclasses.dataclass
-class SparsityPass(WeightMaskPass):
+class SparsityPass(RecipePass):
     name = "sparsity"
     summary = "N:M semi-structured sparsity (2:4) of MatMul/Gemm/Conv weights, magnitude or MaskLLM masks"
+    flags = (
+        Flag(
+            "--sparsity",
+            "Semi-structured weight sparsity, e.g. 2:4 (sparsity pass).",
+            "pattern",
+            metavar="N:M",
+        ),
+        Flag(
+            "--sparsity-masks",
+            "Learned N:M masks from `redux-edge learn-masks` (.npz) [default: magnitude].",
+            type="path",
+            convert=lambda path: {"mask": "learned", "plan": path},
+        ),
+    )
+    compares_with_dense = True
 
-    pattern: str = "2:4"
-    mask: str = "magnitude"
-    plan: str = ""
-    include: list = dataclasses.field(default_factory=list)
-    exclude: list = dataclasses.field(default_factory=list)
-    min_weights: int = 16384
-    tensor_core_shapes: bool = True
+    pattern: str = parameter("2:4", "N:M: at most N non-zeros in every M consecutive weights")
+    mask: str = parameter("magnitude", "magnitude (keep the N largest) or learned (a MaskLLM plan)")
+    plan: str = parameter("", "the .npz of learned masks (mask = learned), from learn-masks")
+    include: list[str] = parameter([], "regular expressions: only weights whose names match")
+    exclude: list[str] = parameter([], "regular expressions: weights whose names match stay dense")
+    min_weights: int = parameter(16384, "weights smaller than this stay dense: too small to gain")
+    tensor_core_shapes: bool = parameter(True, "only weights that fill sparse tensor-core tiles (8 x 16)")
 
     def __post_init__(self) -> None:
         """Check the parameters and read the plan when the recipe is built, before any model work."""
@@ -60,7 +76,13 @@ class SparsityPass(WeightMaskPass):
                 raise UserError(f"sparsity: bad pattern {pattern!r}: {exc}", "give a regex") from exc
         self.planned = load_mask_plan(self.plan) if self.mask == "learned" else {}
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def eligibility(self) -> nm.Eligibility:
+        m = nm.parse_pattern(self.pattern)[1]
+        return nm.Eligibility(
+            m, tuple(self.include), tuple(self.exclude), self.min_weights, self.tensor_core_shapes
+        )
+
+    def call(self, model: ir.Model) -> WeightsMasked:
         n, m = nm.parse_pattern(self.pattern)
         planned = self.planned
         weights = find_weights(model)
@@ -69,10 +91,11 @@ class SparsityPass(WeightMaskPass):
                 f"mask plan {self.plan} names weights the model does not have: {sorted(unknown)[:3]}",
                 "learn the masks on this model (redux-edge learn-masks)",
             )
+        eligibility = self.eligibility()
         report, masks = [], {}
         for weight in weights:
             entry = {"weight": weight.name, "shape": list(weight.torch_layout.shape)}
-            reason = self._ineligible(weight, m)
+            reason = eligibility.why_not(weight.name, weight.torch_layout.shape, weight.shared)
             if reason:
                 report.append({**entry, "sparsified": False, "reason": reason})
                 continue
@@ -85,26 +108,8 @@ class SparsityPass(WeightMaskPass):
             report.append({**entry, "sparsified": True, "mask": source})
         if masks:
             finish(model)
-        self.masks, self.report = masks, report
         logger.info("sparsity %s: %d of %d weights", self.pattern, len(masks), len(weights))
-        return ir.passes.PassResult(model, modified=bool(masks))
-
-    def _ineligible(self, weight: Weight, m: int) -> str:
-        """Why ``weight`` is left dense; empty when it is sparsified."""
-        shape = weight.torch_layout.shape
-        if self.include and not any(re.search(p, weight.name) for p in self.include):
-            return "not matched by include"
-        if hit := next((p for p in self.exclude if re.search(p, weight.name)), None):
-            return f"excluded by {hit!r}"
-        if weight.shared:
-            return "shared by several nodes"
-        if shape[1] % m:
-            return f"input dimension {shape[1]} is not a multiple of {m}"
-        if self.tensor_core_shapes and (shape[1] % 16 or shape[0] % 8):
-            return f"{shape[0]} outputs x {shape[1]} inputs do not fill sparse tensor-core tiles (8 x 16)"
-        if weight.array.size < self.min_weights:
-            return f"{weight.array.size} weights, below min_weights {self.min_weights}: too small to gain"
-        return ""
+        return WeightsMasked(model, bool(masks), masks, report, self.pattern)
 
     def _mask(self, weight: Weight, planned: dict, n: int, m: int) -> tuple[np.ndarray, str]:
         if weight.name not in planned:

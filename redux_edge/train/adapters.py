@@ -14,12 +14,8 @@ symmetric integer grid. Training sees the quantized factors through the straight
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
-import struct
-import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,11 +33,9 @@ __all__ = [
     "inject",
     "pack_adapters",
     "quantize",
-    "train_adapters",
 ]
 
 BITS = (1, 2, 4, 8, 32)
-MAGIC = b"RXADPT1\n"
 _SCALE_GRID = torch.linspace(0.2, 1.0, 33)
 
 
@@ -88,9 +82,6 @@ class AdapterTraining:
     alpha: float = 8.0
     bits: int = 1
     targets: str = r"attention\.self\.(query|value)$"
-    epochs: int = 3
-    batch: int = 32
-    lr: float = 2e-3
     seed: int = 0
 
 
@@ -108,6 +99,8 @@ class AdapterPack:
     metrics: dict = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
+        from redux_edge.runtime.adapter_pack import encode_adapter_pack
+
         header = {
             "task": self.task,
             "labels": self.labels,
@@ -119,22 +112,7 @@ class AdapterPack:
             },
             "head": list(self.head_weight.shape),
         }
-        blobs = []
-        for parts in self.factors.values():
-            for codes, scales in (parts["down"], parts["up"]):
-                blobs += [_pack_codes(codes, self.bits), scales.astype(np.float16).tobytes()]
-        blobs += [self.head_weight.astype(np.float16).tobytes(), self.head_bias.astype(np.float16).tobytes()]
-        compressed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-        return MAGIC + struct.pack("<I", len(compressed)) + compressed + b"".join(blobs)
-
-
-def _pack_codes(codes: np.ndarray, bits: int) -> bytes:
-    """Codes as unsigned ``bits``-bit integers, most significant bit first, bit-packed."""
-    if bits == 32:
-        return codes.astype(np.float32).tobytes()
-    unsigned = (codes > 0).astype(np.uint8) if bits == 1 else (codes + 2 ** (bits - 1)).astype(np.uint8)
-    planes = np.unpackbits(unsigned.reshape(-1, 1), axis=1)[:, 8 - bits :]
-    return np.packbits(planes.reshape(-1)).tobytes()
+        return encode_adapter_pack(header, self.factors, self.head_weight, self.head_bias)
 
 
 def inject(module: nn.Module, config: AdapterTraining) -> dict[str, LoRALinear]:
@@ -152,42 +130,6 @@ def inject(module: nn.Module, config: AdapterTraining) -> dict[str, LoRALinear]:
     return adapters
 
 
-def train_adapters(
-    module: nn.Module,
-    batches: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]],
-    task: str,
-    labels: list[str],
-    config: AdapterTraining,
-    progress: Callable[[int, float], None] | None = None,
-) -> AdapterPack:
-    """Train adapters and a head on a frozen copy of ``module`` on ``batches`` of (inputs, labels)."""
-    if config.bits not in BITS:
-        raise UserError(
-            f"adapters cannot use {config.bits} bits", f"choose one of: {', '.join(map(str, BITS))}"
-        )
-    torch.manual_seed(config.seed)
-    adapted = copy.deepcopy(module).eval()
-    for parameter in adapted.parameters():
-        parameter.requires_grad_(False)
-    adapters = inject(adapted, config)
-    with torch.no_grad():
-        hidden = adapted(*batches[0][0]).shape[-1]
-    head = nn.Linear(hidden, len(labels))
-    trainable = [p for a in adapters.values() for p in (a.down, a.up)] + list(head.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    step = 0
-    for _ in range(config.epochs):
-        for inputs, targets in batches:
-            loss = nn.functional.cross_entropy(head(adapted(*inputs)), targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if progress is not None:
-                progress(step, loss.item())
-            step += 1
-    return pack_adapters(adapters, head, task, labels, config)
-
-
 def pack_adapters(
     adapters: dict[str, LoRALinear], head: nn.Linear, task: str, labels: list[str], config: AdapterTraining
 ) -> AdapterPack:
@@ -197,6 +139,7 @@ def pack_adapters(
     with torch.no_grad():
         for name, adapter in adapters.items():
             parts = {}
+            codes: torch.Tensor
             for part, weight, scaling in (("down", adapter.down, 1.0), ("up", adapter.up, adapter.scaling)):
                 if config.bits == 32:
                     codes, scales = weight, torch.ones(weight.shape[0])
@@ -219,6 +162,9 @@ def pack_adapters(
 
 
 class _FixedLoRA(nn.Module):
+    down: torch.Tensor
+    up: torch.Tensor
+
     def __init__(self, base: nn.Linear, down: np.ndarray, up: np.ndarray) -> None:
         super().__init__()
         self.base = base

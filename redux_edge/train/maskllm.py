@@ -9,12 +9,14 @@ model's output vectors on real calibration inputs (for a sentence encoder, every
 the paper distils every token's logits). The logits start with a prior on the magnitude mask (the
 paper's initialisation from a one-shot mask), so training begins where magnitude pruning ends. The result
 is the most likely candidate of each group, saved as the plan file the ``sparsity`` pass applies.
+
+``MaskStudent`` is the whole learner around a frozen module; the ``maskllm`` training task
+(``train/tasks.py``) distils it on real sentences under torch.distributed, on one process for
+``redux-edge learn-masks`` or on many.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,21 +26,21 @@ from torch.func import functional_call
 
 from redux_edge.ir import nm
 
-__all__ = ["MaskLearner", "MaskTraining", "learn_masks"]
+__all__ = ["MaskLearner", "MaskSchedule", "MaskStudent", "eligible_masks"]
 
 
 @dataclass
-class MaskTraining:
+class MaskSchedule:
+    """The Gumbel-softmax temperature, annealed exponentially from ``tau_start`` to ``tau_end`` over
+    ``steps``; ``prior``: the starting logit of each group's magnitude mask; ``seed``: the noise."""
+
     steps: int = 300
-    lr: float = 0.05
     tau_start: float = 4.0
     tau_end: float = 0.05
-    kappa: float = 1.0
     prior: float = 3.0
     seed: int = 0
 
     def tau(self, step: int) -> float:
-        """Exponential annealing from tau_start to tau_end."""
         progress = step / max(1, self.steps - 1)
         return self.tau_start * (self.tau_end / self.tau_start) ** progress
 
@@ -53,6 +55,8 @@ def _ungroup(grouped: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class MaskLearner(nn.Module):
     """Mask logits for the named weights of a frozen module; ``masks`` samples them differentiably."""
+
+    candidates: torch.Tensor
 
     def __init__(
         self, weights: dict[str, torch.Tensor], initial: dict[str, np.ndarray], n: int, m: int, prior: float
@@ -91,62 +95,40 @@ class MaskLearner(nn.Module):
         }
 
 
-def _distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """1 - cosine along the last axis, averaged over the vectors the teacher did not zero (padding)."""
-    cosine = nn.functional.cosine_similarity(student, teacher, dim=-1)
-    real = teacher.abs().amax(dim=-1) > 0
-    return 1.0 - cosine[real].mean()
+class MaskStudent(nn.Module):
+    """``module`` (frozen) computing with the weights named in ``initial`` multiplied by masks sampled at
+    each step; the mask logits are its only trainable parameters."""
+
+    def __init__(
+        self, module: nn.Module, initial: dict[str, np.ndarray], pattern: str, schedule: MaskSchedule
+    ):
+        super().__init__()
+        n, m = nm.parse_pattern(pattern)
+        self.module = module.requires_grad_(False)
+        parameters = dict(module.named_parameters())
+        self.frozen = {name: parameters[name].detach() for name in initial}
+        self.learner = MaskLearner(self.frozen, initial, n, m, schedule.prior)
+        self.schedule = schedule
+
+    def forward(self, *inputs: torch.Tensor, step: int) -> torch.Tensor:
+        # Every rank draws the same Gumbel noise at a step: one sample per step, as on one process.
+        generator = torch.Generator().manual_seed(self.schedule.seed * 1_000_003 + int(step))
+        masks = self.learner.masks(self.schedule.tau(int(step)), 1.0, generator)
+        weights = {name: self.frozen[name] * mask for name, mask in masks.items()}
+        return functional_call(self.module, weights, inputs)
 
 
-def learn_masks(
-    module: nn.Module,
-    initial: dict[str, np.ndarray],
-    batches: Iterable[tuple[torch.Tensor, ...]],
-    pattern: str,
-    config: MaskTraining,
-    progress: Callable[[int, float], None] | None = None,
-) -> dict[str, np.ndarray]:
-    """Masks for the weights named in ``initial`` (their magnitude masks), trained on ``batches`` of
-    module inputs (cycled for ``config.steps`` steps)."""
+def eligible_masks(module: nn.Module, pattern: str) -> dict[str, np.ndarray]:
+    """Magnitude masks of the weights the ``sparsity`` pass would sparsify (the shared eligibility rule,
+    on the module's Linear and Conv weights in PyTorch layout): where learning starts."""
     n, m = nm.parse_pattern(pattern)
-    module.eval()
-    parameters = dict(module.named_parameters())
-    frozen = {name: parameters[name].detach() for name in initial}
-    trainable = [p for p in parameters.values() if p.requires_grad]
-    for parameter in trainable:
-        parameter.requires_grad_(False)
-    try:
-        return _train(module, frozen, initial, list(batches), n, m, config, progress)
-    finally:
-        for parameter in trainable:
-            parameter.requires_grad_(True)
-
-
-def _train(
-    module: nn.Module,
-    frozen: dict[str, torch.Tensor],
-    initial: dict[str, np.ndarray],
-    batches: list[tuple[torch.Tensor, ...]],
-    n: int,
-    m: int,
-    config: MaskTraining,
-    progress: Callable[[int, float], None] | None,
-) -> dict[str, np.ndarray]:
-    learner = MaskLearner(frozen, initial, n, m, config.prior)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    with torch.no_grad():
-        teachers = [module(*batch) for batch in batches]
-    for step in range(config.steps):
-        index = step % len(batches)
-        masks = learner.masks(config.tau(step), config.kappa, generator)
-        student = functional_call(
-            module, {name: frozen[name] * mask for name, mask in masks.items()}, batches[index]
-        )
-        loss = _distance(student, teachers[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if progress is not None and math.isfinite(loss.item()):
-            progress(step, loss.item())
-    return learner.most_likely()
+    rule = nm.Eligibility(m)
+    layers = [(name, sub) for name, sub in module.named_modules() if isinstance(sub, nn.Linear | nn.Conv2d)]
+    uses: dict[int, int] = {}
+    for _, sub in layers:
+        uses[id(sub.weight)] = uses.get(id(sub.weight), 0) + 1
+    return {
+        f"{name}.weight": nm.magnitude_mask(sub.weight.detach().numpy(), n, m)
+        for name, sub in layers
+        if not rule.why_not(f"{name}.weight", tuple(sub.weight.shape), uses[id(sub.weight)] > 1)
+    }

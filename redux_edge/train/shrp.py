@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import save_file
@@ -26,7 +27,7 @@ from torch import nn
 from redux_edge.errors import UserError
 from redux_edge.train.data import DistillTask, sentence_distance
 from redux_edge.train.recover import compile_recipe
-from redux_edge.zoo.bert import BertSentenceEncoder, TokenStates
+from redux_edge.zoo.bert import BertSentenceEncoder, Layer, TokenStates
 
 __all__ = ["ShrpTask"]
 
@@ -50,7 +51,7 @@ class _Router(nn.Module):
         self.tokens: torch.Tensor | None = None  # the layer's input, set by a pre-hook on the layer
         self.mask: torch.Tensor | None = None  # real tokens of the current batch
 
-    def gates(self) -> torch.Tensor:
+    def gates(self) -> tuple[torch.Tensor, torch.Tensor]:
         share = torch.softmax(self.scores(self.tokens), dim=-1)  # [batch, seq, heads]
         chosen = torch.zeros_like(share).scatter_(-1, share.topk(self.keep, dim=-1).indices, 1.0)
         hard = chosen * share
@@ -92,12 +93,14 @@ class _Routed(nn.Module):
         self.top1 = torch.zeros(len(self.routers), self.heads)
         self.share = torch.zeros(len(self.routers), self.heads)
         self.tokens = torch.zeros(())
-        for index, layer in enumerate(encoder.encoder.layer):
-            router = self.routers[index]
+        layers = cast(list[Layer], list(encoder.encoder.layer))
+        routers = cast(list[_Router], list(self.routers))
+        expanders = cast(list[_Expander], list(self.expanders))
+        for index, (layer, router) in enumerate(zip(layers, routers, strict=True)):
             layer.register_forward_pre_hook(self._remember(router))
             layer.attention.output.dense.register_forward_pre_hook(self._route(index, router))
             if options.expander:
-                layer.attention.register_forward_hook(self._expand(self.expanders[index]))
+                layer.attention.register_forward_hook(self._expand(expanders[index]))
 
     @staticmethod
     def _remember(router: _Router):
@@ -109,6 +112,7 @@ class _Routed(nn.Module):
     def _route(self, index: int, router: _Router):
         def hook(_: nn.Module, args: tuple) -> tuple:
             gates, share = router.gates()
+            assert router.mask is not None, "forward sets the batch's mask first"
             real = router.mask.to(share.dtype)[..., None]
             with torch.no_grad():
                 self.top1[index] += (
@@ -151,6 +155,7 @@ class ShrpTask(DistillTask):
     def usage(self) -> dict[str, torch.Tensor]:
         """This rank's usage counters (the worker sums them over ranks before ``finish``)."""
         routed = self.module
+        assert isinstance(routed, _Routed)
         return {"top1": routed.top1, "share": routed.share, "tokens": routed.tokens}
 
     def finish(self, state: dict[str, torch.Tensor], out: Path, usage: dict[str, torch.Tensor]) -> dict:

@@ -9,22 +9,17 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from redux_edge.errors import UserError
-from redux_edge.files import write_atomically
-from redux_edge.ir import nm
+from redux_edge.files import save_arrays, write_atomically
 from redux_edge.train.data import DistillTask, SentenceBatches, sentence_distance
-from redux_edge.zoo.bert import TokenStates
+from redux_edge.zoo.bert import BertSentenceEncoder, TokenStates
 
 __all__ = ["AdapterTask", "MaskTask"]
-
-# The sparsity pass's defaults for what is worth sparsifying: every encoder projection of BERT models.
-_MIN_WEIGHTS = 16384
 
 
 @dataclass
@@ -35,30 +30,20 @@ class MaskOptions:
     prior: float = 3.0
 
 
-class _MaskStudent(nn.Module):
+class _MaskDistilled(nn.Module):
+    """The MaskLLM student of the dense model's token states; its loss, the distance to the teacher's."""
+
     def __init__(self, dense: nn.Module, options: MaskOptions, steps: int, seed: int) -> None:
-        from redux_edge.train.maskllm import MaskLearner
+        from redux_edge.train.maskllm import MaskSchedule, MaskStudent, eligible_masks
 
         super().__init__()
-        self.n, self.m = nm.parse_pattern(options.pattern)
-        self.states = TokenStates(copy.deepcopy(dense)).requires_grad_(False)
-        self.frozen = {
-            name: weight.detach()
-            for name, weight in self.states.named_parameters()
-            if name.startswith("encoder.") and weight.ndim == 2 and weight.numel() >= _MIN_WEIGHTS
-        }
-        initial = {name: nm.magnitude_mask(w.numpy(), self.n, self.m) for name, w in self.frozen.items()}
-        self.learner = MaskLearner(self.frozen, initial, self.n, self.m, options.prior)
-        self.options, self.steps, self.seed = options, steps, seed
+        states = TokenStates(copy.deepcopy(dense))
+        schedule = MaskSchedule(steps, options.tau_start, options.tau_end, options.prior, seed)
+        self.student = MaskStudent(states, eligible_masks(states, options.pattern), options.pattern, schedule)
+        self.pattern = options.pattern
 
     def forward(self, input_ids, attention_mask, teacher, step) -> torch.Tensor:
-        progress = float(step) / max(1, self.steps - 1)
-        tau = self.options.tau_start * (self.options.tau_end / self.options.tau_start) ** progress
-        # Every rank draws the same Gumbel noise at a step: one sample per step, as on one process.
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
-        masks = self.learner.masks(tau, 1.0, generator)
-        weights = {name: self.frozen[name] * mask for name, mask in masks.items()}
-        states = functional_call(self.states, weights, (input_ids, attention_mask))
+        states = self.student(input_ids, attention_mask, step=int(step))
         return sentence_distance(states, teacher, attention_mask)
 
 
@@ -66,27 +51,23 @@ class MaskTask(DistillTask):
     def __init__(self, entry, recipe) -> None:
         super().__init__(entry, recipe)
         options = MaskOptions(**recipe.options)
-        self.module = _MaskStudent(entry.module, options, recipe.optim.steps, recipe.optim.seed)
+        self.module = _MaskDistilled(entry.module, options, recipe.optim.steps, recipe.optim.seed)
         self.blocks: list[nn.Module] = []
 
     def batch(self, step: int, rank: int, world: int) -> tuple[torch.Tensor, ...]:
         return (*super().batch(step, rank, world), torch.tensor(step))
 
     def finish(self, state: dict[str, torch.Tensor], out: Path) -> dict:
-        student = self.module
-        learned = {}
-        for name, key in student.learner.keys.items():
-            logits = state[f"learner.logits.{key}"].detach().cpu()
-            chosen = student.learner.candidates.cpu()[logits.argmax(1)]
-            shape = student.learner.shapes[name]
-            learned[name] = (chosen.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1) > 0.5).numpy()
+        distilled = self.module
+        assert isinstance(distilled, _MaskDistilled)
+        learner = distilled.student.learner
+        with torch.no_grad():
+            for key, logits in learner.logits.items():
+                logits.copy_(state[f"student.learner.logits.{key}"].detach().cpu())
+        learned = learner.most_likely()
 
-        def write(path: Path) -> None:
-            with path.open("wb") as handle:
-                np.savez_compressed(handle, **learned)
-
-        write_atomically(out / "masks.npz", write)
-        return {"masks": "masks.npz", "pattern": student.options.pattern, "weights": len(learned)}
+        write_atomically(out / "masks.npz", lambda path: save_arrays(path, learned, compressed=True))
+        return {"masks": "masks.npz", "pattern": distilled.pattern, "weights": len(learned)}
 
 
 @dataclass
@@ -103,7 +84,7 @@ class _Adapted(nn.Module):
         super().__init__()
         self.encoder = copy.deepcopy(dense).eval().requires_grad_(False)
         self.adapters = inject(self.encoder, config)
-        self.head = nn.Linear(dense.config.hidden_size, classes)
+        self.head = nn.Linear(cast(BertSentenceEncoder, dense).config.hidden_size, classes)
 
     def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
         return nn.functional.cross_entropy(self.head(self.encoder(input_ids, attention_mask)), labels)

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,8 @@ def _full_state(module: torch.nn.Module, stage: int) -> dict[str, torch.Tensor]:
     if stage in (2, 3):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return cast(dict[str, torch.Tensor], get_model_state_dict(module, options=options))
     return zero.unwrapped(module).state_dict()
 
 
@@ -120,6 +122,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> dict:
         out / "memory.json", lambda p: p.write_text(json.dumps({"zero": args.zero, "ranks": ranks}))
     )
     write_atomically(out / "run.json", lambda p: p.write_text(json.dumps(report, indent=1)))
+    assert progress is not None  # rank 0 has one
     progress.close()
     return report
 

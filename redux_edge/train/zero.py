@@ -38,7 +38,7 @@ def shard(
         for block in blocks:
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
-        optimizer = torch.optim.AdamW(
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
             [p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
         )
         return module, optimizer

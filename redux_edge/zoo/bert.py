@@ -160,8 +160,9 @@ class TokenStates(nn.Module):
     under the same parameter names: what MaskLLM distils, since matching every token constrains a mask far
     more than matching their mean."""
 
-    def __init__(self, sentence_encoder: BertSentenceEncoder) -> None:
+    def __init__(self, sentence_encoder: nn.Module) -> None:
         super().__init__()
+        assert isinstance(sentence_encoder, BertSentenceEncoder), "a BERT sentence encoder"
         self.embeddings = sentence_encoder.embeddings
         self.encoder = sentence_encoder.encoder
 

@@ -1,0 +1,3 @@
+from redux_edge.cli.main import entry_point
+
+entry_point()

@@ -1,0 +1,68 @@
+"""What every command module shares: the consoles, progress display, JSON output and argument readers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+
+from redux_edge.errors import UserError
+from redux_edge.files import human_bytes
+
+__all__ = ["DEVICES_OPTION", "emit_json", "err", "human_bytes", "out", "parse_shapes", "progress"]
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+def progress(message: str) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def step() -> Iterator[None]:
+        started = time.perf_counter()
+        with err.status(message):
+            yield
+        err.print(f"[green]✓[/] {message} [dim]({time.perf_counter() - started:.1f}s)[/]")
+
+    return step()
+
+
+def emit_json(payload: object) -> None:
+    click.echo(json.dumps(payload, indent=2, default=_json_default))
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def parse_shapes(text: str | None) -> dict[str, list[int]]:
+    """trtexec's form: ``name:1x128,other:1x3x28x28``."""
+    shapes = {}
+    for item in filter(None, (text or "").split(",")):
+        name, sep, dims = item.rpartition(":")
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise UserError(
+                f"cannot read shape '{item}'", "write --shapes input_ids:1x128,attention_mask:1x128"
+            )
+    return shapes
+
+
+DEVICES_OPTION = click.option(
+    "--devices",
+    "registry_path",
+    type=click.Path(path_type=Path),
+    help="Device registry [$REDUX_EDGE_DEVICES or ~/.config/redux-edge/devices.toml].",
+)

@@ -1,0 +1,150 @@
+"""``leakage``: simulated or captured EM traces of a protected first layer, attacked and tested."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.table import Table
+
+from redux_edge.cli.common import emit_json, out
+from redux_edge.errors import UserError
+
+__all__ = ["leakage"]
+
+
+@click.group()
+def leakage() -> None:
+    """EM side-channel analysis of a mac-prune bundle's first layer (compiled with --emit-c).
+
+    \b
+    Examples:
+      redux-edge leakage simulate --bundle build/protected --traces 1000 -o traces/protected.ets
+      redux-edge leakage simulate --bundle build/protected --unprotected -o traces/plain.ets
+      redux-edge leakage attack traces/plain.ets --bundle build/protected -o reports/plain
+      redux-edge leakage attack capture.cwp -o reports/capture
+      redux-edge leakage tvla traces/fixed.ets traces/random.ets -o reports/tvla
+    """
+
+
+@leakage.command("simulate")
+@click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle with c/layer.npz.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="ETS file.")
+@click.option("--traces", "count", default=1000, show_default=True)
+@click.option("--noise", default=1.0, show_default=True, help="Gaussian noise sigma per sample.")
+@click.option(
+    "--leak",
+    type=click.Choice(["product", "accumulator"]),
+    default="product",
+    show_default=True,
+    help="Hamming weight of the product or of the accumulator after each MAC.",
+)
+@click.option("--jitter", default=0, show_default=True, help="Up to this many idle samples before each MAC.")
+@click.option(
+    "--control-flow",
+    default=0.0,
+    show_default=True,
+    help="Amplitude of the keep/skip branch leak (Double Strike); 0: a balanced branch.",
+)
+@click.option("--unprotected", is_flag=True, help="The same layer without MACPruning: every MAC runs.")
+@click.option("--fixed", is_flag=True, help="One fixed input for every trace (a TVLA fixed set).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def leakage_simulate(
+    bundle: Path,
+    output: Path,
+    count: int,
+    noise: float,
+    leak: str,
+    jitter: int,
+    control_flow: float,
+    unprotected: bool,
+    fixed: bool,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Simulate EM traces of the kernel's MAC loop (a labelled simulation: no probe here)."""
+    from redux_edge.leakage import campaign, simulate
+
+    model = simulate.LeakageModel(leak, noise, jitter, control_flow)
+    described = campaign.simulate_file(bundle, output, count, model, not unprotected, seed, fixed)
+    if as_json:
+        emit_json(described)
+        return
+    out.print(
+        f"wrote {described['file']}: {count} simulated traces x {described['samples']} samples, "
+        f"{described['slots']} MACs per trace ({'MACPruning' if not unprotected else 'unprotected'}, "
+        f"{leak} Hamming weight, noise {noise}, jitter {jitter}, control-flow leak {control_flow}); "
+        f"MACs executed {described['keep_rate']:.1%}"
+    )
+
+
+@leakage.command("attack")
+@click.argument("traces_file", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Report folder."
+)
+@click.option("--inputs", type=click.Path(path_type=Path), help="Inputs .npy for plain .npy traces.")
+@click.option("--bundle", type=click.Path(path_type=Path), help="Score against this bundle's true weights.")
+@click.option(
+    "--realign",
+    type=float,
+    metavar="THRESHOLD",
+    help="Double Strike: parse each trace by its branch samples (above THRESHOLD = MAC ran) first.",
+)
+@click.option("--checkpoints", help="Trace counts to report ranks at, e.g. 100,1000,10000.")
+@click.option("--limit", type=int, help="Use only the first N traces.")
+@click.option("--json", "as_json", is_flag=True)
+def leakage_attack(
+    traces_file: Path,
+    output: Path,
+    inputs: Path | None,
+    bundle: Path | None,
+    realign: float | None,
+    checkpoints: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """CPA/DEMA recovery of first-layer weights (Hamming weight of weight x input, equivalence classes)."""
+    from redux_edge.leakage import campaign
+
+    try:
+        counts = [int(c) for c in checkpoints.split(",")] if checkpoints else None
+    except ValueError as exc:
+        raise UserError(f"cannot read --checkpoints {checkpoints}", "e.g. 100,1000,10000") from exc
+    result = campaign.attack_file(traces_file, output, inputs, bundle, realign, counts, limit)
+    if as_json:
+        emit_json({key: value for key, value in result.items() if key != "checkpoints"})
+        return
+    table = Table("traces", "best peak (median)", "weights recovered" if bundle else "scored")
+    for entry in result["checkpoints"]:
+        recovered = (
+            f"{entry['recovered']} of {result['weights']}" if "recovered" in entry else "no truth given"
+        )
+        table.add_row(str(entry["traces"]), f"{np.median(entry['best_peak']):.3f}", recovered)
+    out.print(table)
+    out.print(f"  windows  {result['windows']}; report {', '.join(result['files'])}")
+
+
+@leakage.command("tvla")
+@click.argument("fixed", type=click.Path(path_type=Path))
+@click.argument("random", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Report folder."
+)
+@click.option("--json", "as_json", is_flag=True)
+def leakage_tvla(fixed: Path, random: Path, output: Path, as_json: bool) -> None:
+    """Fixed-vs-random Welch t-test per sample; |t| > 4.5 is flagged."""
+    from redux_edge.leakage import campaign
+
+    result = campaign.tvla_files(fixed, random, output)
+    if as_json:
+        emit_json({key: value for key, value in result.items() if key != "t"})
+        return
+    verdict = "LEAKS" if result["leaks"] else "no sample over the threshold"
+    out.print(
+        f"TVLA {result['traces']['fixed']} fixed vs {result['traces']['random']} random traces: max |t| "
+        f"{result['max_abs_t']:.1f} at sample {result['at_sample']}, {result['samples_over_threshold']} "
+        f"samples over {result['threshold']}: {verdict}; report {', '.join(result['files'])}"
+    )

@@ -1,0 +1,78 @@
+"""The compile report, printed by ``compile`` and ``inspect``: what every bundle has, then each section
+of the manifest as the section itself renders it (``passes.contract.Section.render``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+from rich.table import Table
+
+from redux_edge.cli.common import human_bytes, out
+from redux_edge.manifest import Manifest
+from redux_edge.passes.compression import per_layer
+from redux_edge.passes.contract import Section
+
+__all__ = ["print_report"]
+
+
+def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
+    recorded = cast(Mapping[str, Any], manifest)  # sections are read by their registered keys
+    model, target, backend = manifest["model"], manifest["target"], manifest["backend"]
+    original, compiled = manifest["metrics"]["original"], manifest["metrics"]["compiled"]
+    out.print(f"[bold]bundle[/] {path}  [dim](created {manifest['created']})[/]")
+    out.print(f"  model    {model['name']} — {model.get('description') or model.get('onnx')}")
+    out.print(
+        f"  target   {target['name']} ({target['arch']}, cpu {target['cpu']})   backend {backend['name']} "
+        f"{backend['version']}, threads {backend['session']['threads'] or 'all cores'}"
+    )
+    out.print(
+        f"  recipe   {manifest['recipe']['name']}: "
+        + " → ".join(f"{p['pass']}{'' if p['modified'] else ' (no change)'}" for p in manifest["passes"])
+    )
+    if fusions := recorded["backend"].get("fusions"):
+        out.print("  fusions  " + ", ".join(f"{name} x{count}" for name, count in fusions.items()))
+    table = Table("metric", "original", "compiled", title=f"cost at {manifest['metrics']['at_shapes']}")
+    table.add_row("parameters", f"{original['params']:,}", f"{compiled['params']:,}")
+    table.add_row(
+        "weight bytes", human_bytes(original["weight_bytes"]), human_bytes(compiled["weight_bytes"])
+    )
+    table.add_row("MACs", f"{original['macs']:,}", f"{compiled['macs']:,}")
+    out.print(table)
+    if "structure" in manifest["metrics"]:
+        structure = manifest["metrics"]["structure"]
+        out.print(
+            f"  layers   {structure['layers']}   heads per layer {per_layer(structure['heads_per_layer'])}"
+        )
+        out.print(f"  feed-forward width per layer {per_layer(structure['ffn_width_per_layer'])}")
+    import redux_edge.passes  # noqa: F401 - the registered passes define the sections
+
+    for key, section in Section.known.items():
+        if recorded.get(key):
+            for line in section.render(recorded[key], recorded):
+                out.print(line)
+    verify = manifest["verify"]
+    checks = Table(
+        "checked",
+        "output",
+        "max abs diff",
+        "min cosine",
+        title=f"verification vs {verify['reference']} on {verify['samples']} samples",
+    )
+    labels = {
+        "ir": "model.onnx",
+        "artifact": backend["artifact"],
+        "artifact_vs_onnxruntime": f"{backend['artifact']} vs ONNX Runtime on model.onnx",
+    }
+    for stage, label in labels.items():
+        for name, numbers in recorded["verify"].get(stage, {}).items():
+            checks.add_row(label, name, f"{numbers['max_abs']:.3g}", f"{numbers['min_cosine']:.7f}")
+    out.print(checks)
+    if "artifact_run" in verify:
+        out.print(f"  artifact {verify['artifact_run']}")
+    files = manifest["files"]
+    out.print(
+        f"  files    {len(files)}, {human_bytes(sum(f['bytes'] for f in files.values()))}, sha256 "
+        + ("[green]all match[/]" if not problems else f"[red]{len(problems)} differ: {problems[0]}[/]")
+    )

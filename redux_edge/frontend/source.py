@@ -1,0 +1,280 @@
+"""A model source: a model in the IR with the real inputs it is verified on, and its reference runner.
+
+Every kind of model a user can give (a zoo entry or PyTorch module, an ONNX file; a Hugging Face
+directory is one more subclass) is a ``Source``: the IR the passes work on, the inputs, the reference
+outputs of the original, the preprocessing and task data a quality report and calibration read, and
+``reference(changes, dense)``: the original computation with the passes' changes applied, against which
+the compiled model is checked exactly. A source with a PyTorch module applies the changes to the module
+(hooks, masked parameters, adapters); otherwise, or when a change cannot be expressed on the module, they
+are applied to the dense ONNX graph, run by ONNX Runtime with graph optimisations off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from redux_edge.errors import UserError
+from redux_edge.preprocess import ImagePreprocessor, Preprocessor, TextPreprocessor
+
+if TYPE_CHECKING:
+    from redux_edge.datasets.images import Images
+    from redux_edge.datasets.rotten_tomatoes import Sentiment
+    from redux_edge.passes.contract import ReferenceChange
+
+__all__ = ["Calibration", "Reference", "Source", "fit_inputs", "run_onnx_file", "synthetic_inputs"]
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass
+class Calibration:
+    """Real inputs a pass chooses by, and what they are (for the manifest)."""
+
+    feeds: Feeds
+    described: str
+    synthetic: bool = False
+
+
+@dataclass
+class Reference:
+    """What a compiled model's run must equal: ``expected(run_outputs)`` for the verification inputs."""
+
+    kind: str
+    run: Callable[[Feeds], list[np.ndarray]]
+    inputs: Feeds
+    changes: list[ReferenceChange] = field(default_factory=list)
+
+    @functools.cached_property
+    def _fixed(self) -> list[np.ndarray]:
+        return self.run(self.inputs)
+
+    @property
+    def per_run(self) -> bool:
+        return any(change.per_run_outputs for change in self.changes)
+
+    def warm(self) -> None:
+        """Compute the reference outputs now, where they do not depend on a run."""
+        if not self.per_run:
+            self._fixed  # noqa: B018 - the cached property's first read runs the reference
+
+    def expected(self, run_outputs: list[np.ndarray]) -> list[np.ndarray]:
+        if not self.per_run:
+            return self._fixed
+        feeds, extra = self.inputs, []
+        for change in self.changes:
+            feeds, added = change.per_run(feeds, run_outputs)
+            extra += added
+        return [*self.run(feeds), *extra]
+
+
+@dataclass
+class Source:
+    """A model in the IR with the inputs it is verified on and the outputs it must reproduce."""
+
+    name: str
+    origin: dict
+    model: ir.Model
+    inputs: Feeds
+    reference_outputs: list[np.ndarray]
+    reference_kind: str
+    preprocessor: Preprocessor | None = None
+    architecture: dict = field(default_factory=dict)
+    task_data: str | None = None
+    synthetic_inputs: bool = False
+    # The PyTorch module of a source that has one (what learned masks and adapters are trained on).
+    module: Any = None
+    _calibrations: dict = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [str(value.name) for value in self.model.graph.outputs]
+
+    def reference(self, changes: list[ReferenceChange], dense: ir.Model | None) -> Reference:
+        """The original with ``changes`` applied, on the module where it can express them all, else on
+        the dense graph (``dense``: the IR before the first changing pass)."""
+        kind = self.reference_kind + "".join(change.describes for change in changes)
+        if not changes:
+            return Reference(kind, lambda _: self.reference_outputs, self.inputs)
+        if self.module is not None and all(c.applies_to_module(self.architecture) for c in changes):
+            return Reference(kind, functools.partial(self._run_module, changes), self.inputs, changes)
+        if dense is None:
+            raise RuntimeError("a changed reference on the graph needs the dense model")
+        return Reference(kind, _graph_runner(dense, changes), self.inputs, changes)
+
+    def _run_module(self, changes: list[ReferenceChange], feeds: Feeds) -> list[np.ndarray]:
+        from redux_edge.frontend.torch import run_module
+
+        with contextlib.ExitStack() as stack:
+            module = self.module
+            for change in changes:
+                module = change.on_module(module, self.architecture, stack)
+            return run_module(module, feeds)
+
+    def calibration(self, count: int | None = None) -> Calibration:
+        """Real inputs for passes that choose by data: the card's task data (its training split, never
+        the test data the quality report uses), else the inputs the compile verifies on."""
+        if count not in self._calibrations:
+            self._calibrations[count] = self._calibration(count)
+        return self._calibrations[count]
+
+    def _calibration(self, count: int | None) -> Calibration:
+        if self.task_data == "rotten-tomatoes" and isinstance(self.preprocessor, TextPreprocessor):
+            from redux_edge.datasets import rotten_tomatoes
+
+            chosen = (
+                rotten_tomatoes.calibration_texts(count) if count else rotten_tomatoes.calibration_texts()
+            )
+            return Calibration(self.preprocessor(chosen), f"{len(chosen)} Rotten Tomatoes training sentences")
+        images = self.image_task
+        if images is not None and isinstance(self.preprocessor, ImagePreprocessor):
+            chosen_images = images.train_images[:count]
+            return Calibration(
+                self.preprocessor.pixels(chosen_images),
+                f"{len(chosen_images)} {images.name} calibration images",
+            )
+        samples = next(iter(self.inputs.values())).shape[0]
+        return Calibration(self.inputs, f"the {samples} verification samples", self.synthetic_inputs)
+
+    @functools.cached_property
+    def text_task(self) -> Sentiment | None:
+        """The card's labelled sentences, for the quality report; None when it names none."""
+        if self.task_data != "rotten-tomatoes" or self.preprocessor is None:
+            return None
+        from redux_edge.datasets import rotten_tomatoes
+
+        return rotten_tomatoes.load()
+
+    @functools.cached_property
+    def image_task(self) -> Images | None:
+        """The card's labelled images (read once: calibration and the accuracy report)."""
+        from redux_edge.datasets import images
+
+        loaders = {"mnist": images.mnist, "fashion-mnist": images.fashion_mnist}
+        if self.task_data not in loaders or self.preprocessor is None:
+            return None
+        return loaders[self.task_data]()
+
+
+def _graph_runner(dense: ir.Model, changes: list[ReferenceChange]) -> Callable[[Feeds], list[np.ndarray]]:
+    from redux_edge.ir.surgery import copy_model
+
+    changed = copy_model(dense)
+    for change in changes:
+        change.on_graph(changed)
+    scratch = tempfile.mkdtemp(prefix="redux-edge-reference-")
+    path = Path(scratch) / "reference.onnx"
+    ir.save(changed, str(path))
+    session = plain_session(path)
+    # The file is read into the session; the folder is not needed once it is open.
+    for leftover in Path(scratch).iterdir():
+        leftover.unlink()
+    Path(scratch).rmdir()
+    return lambda feeds: session.run(None, feeds)
+
+
+def plain_session(path: Path) -> Any:
+    """An ONNX Runtime session with graph optimisations off: the plain semantics of the file."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own pybind types (Fail, NotImplemented, InvalidArgument)
+        first_line = str(exc).strip().splitlines()[0]
+        raise UserError(f"ONNX Runtime cannot run {path.name}: {first_line}", "--debug for details") from exc
+
+
+def run_onnx_file(path: Path, inputs: Feeds) -> list[np.ndarray]:
+    """Outputs of an ONNX file under ONNX Runtime with graph optimisations off."""
+    session = plain_session(path)
+    try:
+        return session.run(None, inputs)
+    except Exception as exc:  # ORT raises its own pybind types
+        first_line = str(exc).strip().splitlines()[0]
+        raise UserError(f"ONNX Runtime cannot run {path.name}: {first_line}", "--debug for details") from exc
+
+
+def fit_inputs(inputs: Feeds, shapes: dict[str, list[int]]) -> Feeds:
+    """Real inputs brought to the shapes asked for. Along the batch axis every sample is kept, cycled up to
+    a whole number of batches (a static-batch artifact is verified chunk by chunk); other axes are
+    zero-padded or cut (a zero token id is BERT's [PAD] and a zero mask hides it, so text stays valid)."""
+    if unknown := set(shapes) - set(inputs):
+        raise UserError(
+            f"--shapes names unknown inputs {sorted(unknown)}", f"the model's inputs are {list(inputs)}"
+        )
+    fitted = dict(inputs)
+    for name, shape in shapes.items():
+        array = inputs[name]
+        if len(shape) != array.ndim:
+            raise UserError(
+                f"wrong input: --shapes gives {name} {len(shape)} dimensions, the model takes {array.ndim}",
+                f"write --shapes {name}:{'x'.join(str(d) for d in array.shape)}",
+            )
+        if shape:
+            batches = -(-array.shape[0] // shape[0])
+            array = np.resize(array, (batches * shape[0], *array.shape[1:]))
+        for axis, size in enumerate(shape[1:], start=1):
+            if array.shape[axis] > size:
+                array = np.take(array, range(size), axis=axis)
+            elif array.shape[axis] < size:
+                padding = [(0, 0)] * array.ndim
+                padding[axis] = (0, size - array.shape[axis])
+                array = np.pad(array, padding)
+        fitted[name] = array
+    return fitted
+
+
+def synthetic_inputs(model: ir.Model, shapes: dict[str, list[int]]) -> Feeds:
+    """Random inputs from the model's signature; named dimensions default to 1 unless --shapes sets them."""
+    rng = np.random.default_rng(0)
+    names = [value.name for value in model.graph.inputs]
+    if unknown := set(shapes) - set(names):
+        raise UserError(f"--shapes names unknown inputs {sorted(unknown)}", f"the model's inputs are {names}")
+    inputs = {}
+    for value in model.graph.inputs:
+        name = str(value.name)
+        if name in shapes:
+            shape = tuple(shapes[name])
+        else:
+            shape = tuple(dim if isinstance(dim, int) else 1 for dim in value.shape or ())
+        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+        if np.issubdtype(dtype, np.floating):
+            inputs[name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            # Small non-negative integers are valid indices, ids and masks for almost any model.
+            inputs[name] = rng.integers(0, 2, shape).astype(dtype)
+    return inputs
+
+
+def input_specs(model: ir.Model) -> list[dict]:
+    specs = []
+    for value in model.graph.inputs:
+        shape = [
+            dim if isinstance(dim, int) else (str(dim) if dim.value else f"{value.name}_{axis}")
+            for axis, dim in enumerate(value.shape or ())
+        ]
+        specs.append(
+            {"name": value.name, "dtype": value.dtype.name if value.dtype else "FLOAT", "shape": shape}
+        )
+    return specs
+
+
+def check_feeds(model: ir.Model, inputs: Feeds) -> None:
+    from redux_edge.runtime.session import InputError, check_inputs
+
+    try:
+        check_inputs(input_specs(model), inputs)
+    except InputError as exc:
+        raise UserError(
+            f"wrong input: {exc}", "match the model's input signature (see `redux-edge inspect`)"
+        ) from exc

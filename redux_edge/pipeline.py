@@ -1,0 +1,254 @@
+"""The compile pipeline: source -> passes -> verify -> lower -> verify the artifact -> bundle.
+
+It names no pass and no backend. Passes say what they need and add through their contract
+(``passes/contract.py``); the sections their outcomes report into add files, checks, the changed
+reference and manifest entries; backends say what they can do as data. Any check that fails raises
+before the bundle is renamed into place, so a failed compile leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from redux_edge import bundle as bundles
+from redux_edge.backends import Backend, select_backend
+from redux_edge.errors import UserError
+from redux_edge.files import save_arrays
+from redux_edge.frontend import load_source
+from redux_edge.frontend.source import Source, input_specs, run_onnx_file
+from redux_edge.ir.cost import model_cost
+from redux_edge.ir.surgery import copy_model
+from redux_edge.ir.verify import Tolerance, compare, require_match
+from redux_edge.passes.contract import CompileContext, PassOutcome, Section, Step, no_progress
+from redux_edge.recipe import Recipe
+from redux_edge.targets import Target, load_target
+
+__all__ = ["compile_model"]
+
+
+def compile_model(
+    model: str,
+    target_name: str,
+    recipe: Recipe,
+    out: Path,
+    *,
+    force: bool = False,
+    backend_name: str | None = None,
+    tolerance: Tolerance | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    inputs_file: Path | None = None,
+    weights: Path | None = None,
+    backend_options: dict | None = None,
+    step: Step = no_progress,
+) -> bundles.Bundle:
+    """Compile ``model`` for ``target_name`` into the bundle ``out``.
+
+    ``backend_options``: ``threads``, ``precision`` (default: the backend's) and what the backend's
+    flags set (``tune``, ``tuning_db``, ``rpc``, ``dla_core``); see each backend's ``lower``.
+    """
+    target = load_target(target_name)
+    backend = select_backend(target, backend_name)
+    options = {**(backend_options or {})}
+    options["precision"] = options.get("precision") or backend.default_precision
+    if options["precision"] not in backend.precisions:
+        raise UserError(
+            f"the {backend.name} backend has no precision '{options['precision']}'",
+            f"choose one of: {', '.join(backend.precisions)}",
+        )
+    tolerance = tolerance or Tolerance.for_precision(options["precision"])
+    bundles.check_destination(out, force)
+    source = load_source(model, shapes, inputs_file, step, weights)
+    options["shapes"] = {name: list(array.shape) for name, array in source.inputs.items()} | (shapes or {})
+    original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
+    context = CompileContext(source, target, backend, options, tolerance, recipe.passes, step)
+    for configured in recipe.passes:
+        configured.check(context)
+    pass_log, outcomes = _run_passes(context)
+    context.sections = _sections(outcomes)
+    for section in context.sections:
+        section.check(context)
+    for section in context.sections:
+        for key, value in section.backend_options().items():
+            options.setdefault(key, value)
+    changes = [change for section in context.sections if (change := section.reference()) is not None]
+    with step("running the reference" + "".join(change.describes for change in changes)):
+        reference = source.reference(changes, context.dense)
+        reference.warm()
+    random = [name for section in context.sections for name in section.random_outputs(source.output_names)]
+    names = source.output_names
+    with bundles.staging(out, force) as stage:
+        context.stage = stage
+        ir.save(source.model, str(stage / "model.onnx"))
+        with step("verifying the transformed IR"):
+            ir_outputs = run_onnx_file(stage / "model.onnx", source.inputs)
+            ir_report = compare(reference.expected(ir_outputs), ir_outputs, names)
+            require_match(ir_report, tolerance, "the transformed IR (model.onnx)")
+        with step(f"lowering with {backend.name} for {target.name}"):
+            backend_entry = backend.lower(stage / "model.onnx", target, stage / "artifact", options)
+        staged: dict = {}
+        for section in context.sections:
+            staged |= section.stage(context)
+        # The health-check sample is one batch the artifact takes: all samples, or one static batch.
+        sample_count = next(iter(options["shapes"].values()))[0] if backend.static_shapes else None
+        _write_runner(stage, source, sample_count)
+        manifest = _manifest(context, backend_entry, recipe, pass_log, original_cost, ir_report)
+        manifest["verify"]["reference"] = reference.kind
+        if random:
+            manifest["verify"]["random_outputs"] = random
+        manifest |= staged
+        context.manifest = manifest
+        bundles.write_manifest(stage, manifest)
+        with step("verifying the artifact"):
+            outputs, how = _run_artifact(backend, target, stage, source.inputs, options["shapes"])
+            if outputs is not None:
+                checks = [(reference.expected(outputs), "artifact"), (ir_outputs, "artifact_vs_onnxruntime")]
+                if random:
+                    checks.pop()  # two sessions draw differently
+                for expected_outputs, check in checks:
+                    manifest["verify"][check] = compare(expected_outputs, outputs, names)
+                    require_match(manifest["verify"][check], tolerance, f"the {backend.name} artifact")
+            manifest["verify"]["artifact_run"] = how
+        context.verified_outputs = outputs if outputs is not None else ir_outputs
+        for section in context.sections:
+            section.verify(context)
+        verified = zip(names, context.verified_outputs, strict=True)
+        save_arrays(
+            stage / "sample" / "outputs.npz", {name: value[:sample_count] for name, value in verified}
+        )
+        for section in context.sections:
+            manifest |= section.report(context)
+        bundles.write_manifest(stage, manifest)
+    return bundles.load_bundle(out)
+
+
+def _run_passes(context: CompileContext) -> tuple[list[dict], list[PassOutcome]]:
+    """Run the recipe; keep the model as the first pass that compares with it found it (the dense model
+    that exact references, quality and speed are measured against)."""
+    model, log, outcomes = context.source.model, [], []
+    for configured in context.passes:
+        if context.dense is None and configured.compares_with_dense:
+            context.dense = copy_model(model)
+        configured.prepare(context)
+        with context.step(f"pass {configured.name}"):
+            started = time.perf_counter()
+            try:
+                result = configured(model)
+            except ir.passes.PreconditionError as exc:
+                # onnx_ir wraps what requires() raises; a bad parameter is the user's to fix.
+                if isinstance(exc.__cause__, UserError):
+                    raise exc.__cause__ from None
+                raise
+        entry = {
+            "pass": configured.name,
+            "modified": result.modified,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if isinstance(result, PassOutcome):
+            entry |= result.log()
+            outcomes.append(result)
+        log.append(entry)
+    return log, outcomes
+
+
+def _sections(outcomes: list[PassOutcome]) -> list[Section]:
+    """One section per kind the outcomes report into, with its outcomes in recipe order."""
+    grouped: dict[type[Section], list[PassOutcome]] = {}
+    for outcome in outcomes:
+        if outcome.section is not None:
+            grouped.setdefault(outcome.section, []).append(outcome)
+    return [kind(members) for kind, members in grouped.items()]
+
+
+def _run_artifact(
+    backend: Backend, target: Target, stage: Path, inputs: dict[str, np.ndarray], shapes: dict[str, list]
+) -> tuple[list[np.ndarray] | None, str]:
+    """The artifact's outputs where this machine can produce them, and how they were produced."""
+    runs, why = backend.can_run_here(target)
+    run: Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+    if runs:
+        run, how = backend.load(stage).run, f"ran here ({why})"
+    else:
+        emulated, how = backend.emulate(stage, target)
+        if emulated is None:
+            return None, f"not run here: {why}" + ("" if how == "no emulation" else f"; {how}")
+        run = emulated
+    if not backend.static_shapes:
+        return run(inputs), how
+    # A static-shape artifact takes one batch at a time.
+    batch = next(iter(shapes.values()))[0]
+    total = next(iter(inputs.values())).shape[0]
+    chunks = [run({k: v[i : i + batch] for k, v in inputs.items()}) for i in range(0, total, batch)]
+    return [np.concatenate(parts) for parts in zip(*chunks, strict=True)], how
+
+
+def _write_runner(stage: Path, source: Source, sample_count: int | None) -> None:
+    bundles.write_runner(stage)
+    (stage / "sample").mkdir()
+    save_arrays(stage / "sample" / "inputs.npz", {k: v[:sample_count] for k, v in source.inputs.items()})
+    if source.preprocessor is not None:
+        for relative, path in source.preprocessor.assets().items():
+            (stage / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, stage / relative)
+
+
+def _manifest(
+    context: CompileContext,
+    backend_entry: dict,
+    recipe: Recipe,
+    pass_log: list[dict],
+    original_cost: dict,
+    ir_report: dict,
+) -> dict:
+    source, target = context.source, context.target
+    shapes = {k: v.shape for k, v in source.inputs.items()}
+    outputs = [
+        {
+            "name": value.name,
+            "dtype": value.dtype.name if value.dtype is not None else "FLOAT",
+            "shape": [d if isinstance(d, int) else str(d) for d in value.shape or ()],
+        }
+        for value in source.model.graph.outputs
+    ]
+    static = backend_entry.get("static_shapes")
+    return {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": {"name": source.name, **source.origin, "architecture": source.architecture},
+        "target": target.to_json(),
+        "backend": backend_entry,
+        "recipe": recipe.to_json(),
+        "passes": pass_log,
+        # The input signature as the artifact takes it: a static-shape backend fixes every dimension.
+        "inputs": [
+            {**spec, "shape": static[spec["name"]]} if static else spec for spec in input_specs(source.model)
+        ],
+        "outputs": outputs,
+        "preprocess": source.preprocessor.to_manifest() if source.preprocessor else None,
+        "metrics": {
+            "at_shapes": {k: list(v) for k, v in shapes.items()},
+            "original": original_cost,
+            "compiled": model_cost(source.model, shapes),
+            **_structure(source.model),
+        },
+        "verify": {
+            "reference": source.reference_kind,
+            "samples": int(next(iter(source.inputs.values())).shape[0]) if source.inputs else 0,
+            "tolerance": context.tolerance.to_json(),
+            "ir": ir_report,
+        },
+        "toolchain": bundles.toolchain(),
+    }
+
+
+def _structure(model: ir.Model) -> dict:
+    """Heads and feed-forward widths per layer, for transformer models."""
+    from redux_edge.ir.blocks import find_structure
+
+    found = find_structure(model)
+    return {"structure": found.summary()} if found.attention else {}

@@ -1,0 +1,204 @@
+"""Open a bundle and run it: the recorded signature checked first, the artifact through the executor of
+its backend (``backend_<name>.py`` beside this file), benchmarks and per-layer profiles."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .adapter_pack import adapter_initializers, read_adapter_pack
+from .packed import file_name
+
+__all__ = [
+    "BundleSession",
+    "InputError",
+    "bench_report",
+    "check_inputs",
+    "executor_module",
+    "latency_stats",
+    "open_artifact",
+    "ranked",
+]
+
+Executor = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+_DTYPES = {
+    "FLOAT": np.float32,
+    "FLOAT16": np.float16,
+    "DOUBLE": np.float64,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class InputError(ValueError):
+    """Inputs that do not fit the bundle's recorded signature."""
+
+
+def executor_module(backend_name: str) -> Any:
+    """The runner module of a backend: ``backend_<name>.py`` beside this file."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", backend_name):
+        raise InputError(f"the manifest names backend {backend_name!r}")
+    try:
+        return importlib.import_module(f"{__package__}.backend_{backend_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.backend_{backend_name}":
+            raise  # the backend's runtime (onnxruntime, openvino, tvm) is missing on this machine
+        raise NotImplementedError(f"this runner cannot run {backend_name} artifacts") from exc
+
+
+def open_artifact(
+    bundle_dir: Path,
+    backend: dict,
+    threads: int,
+    output_names: list[str],
+    storage: dict | None = None,
+    overrides: dict | None = None,
+) -> Executor:
+    """``run(feeds) -> outputs`` for an artifact described by a manifest's backend entry; ``storage``
+    is the manifest's index of packed weights, ``overrides`` initializer values (an adapter pack)."""
+    return executor_module(backend["name"]).open_executor(
+        Path(bundle_dir), backend, threads, output_names, storage or {}, overrides
+    )
+
+
+class BundleSession:
+    """An opened bundle; ``adapter`` names the task whose adapter pack to load (swappable bundles)."""
+
+    def __init__(self, bundle_dir: Path, threads: int | None = None, adapter: str | None = None) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
+        backend = self.manifest["backend"]
+        self.inputs = self.manifest["inputs"]
+        self.output_names = [output["name"] for output in self.manifest["outputs"]]
+        threads = backend["session"]["threads"] if threads is None else threads
+        overrides = self._adapter_values(adapter) if adapter is not None else None
+        self._execute = open_artifact(
+            self.bundle_dir, backend, threads, self.output_names, self.manifest.get("storage"), overrides
+        )
+
+    def _adapter_values(self, task: str) -> dict[str, np.ndarray]:
+        adapters = self.manifest.get("adapters") or {}
+        packs = {pack["task"]: pack for pack in adapters.get("packs", [])}
+        if adapters.get("merged") or task not in packs:
+            have = "merged into the weights" if adapters.get("merged") else ", ".join(packs) or "none"
+            raise InputError(f"this bundle has no swappable adapter '{task}' (its adapters: {have})")
+        path = self.bundle_dir / "adapters" / file_name(Path(packs[task]["file"]).name)
+        return adapter_initializers(read_adapter_pack(path), adapters["initializers"])
+
+    def check_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return check_inputs(self.inputs, feeds)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._execute(self.check_inputs(feeds))
+
+    def sample(self) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        with (
+            np.load(self.bundle_dir / "sample" / "inputs.npz", allow_pickle=False) as inputs,
+            np.load(self.bundle_dir / "sample" / "outputs.npz", allow_pickle=False) as outputs,
+        ):
+            return {k: inputs[k] for k in inputs.files}, [outputs[name] for name in self.output_names]
+
+    def benchmark(
+        self, feeds: dict[str, np.ndarray], warmup: int, iterations: int, duration: float | None = None
+    ) -> dict:
+        """Latency statistics of ``iterations`` runs after ``warmup``, or of as many runs as fit in
+        ``duration`` seconds; ``latencies_ms`` holds every run, ``peak_rss_mb`` this process's peak."""
+        checked = self.check_inputs(feeds)
+        # An executor that times itself (trtexec) measures without a process start per run.
+        own = getattr(self._execute, "benchmark", None)
+        if own is not None:
+            return own(checked, warmup, iterations, duration)
+        for _ in range(warmup):
+            self._execute(checked)
+        seconds: list[float] = []
+        deadline = time.perf_counter() + duration if duration else None
+        while len(seconds) < iterations if deadline is None else time.perf_counter() < deadline:
+            start = time.perf_counter()
+            self._execute(checked)
+            seconds.append(time.perf_counter() - start)
+        return bench_report(seconds, checked, resource.RUSAGE_SELF)
+
+    def layer_times(self, feeds: dict[str, np.ndarray], runs: int, threads: int | None = None) -> dict:
+        """Per-layer milliseconds from the backend's own profiler, averaged over ``runs`` runs, in a
+        separate session so that profiling does not slow the latency figures."""
+        backend = self.manifest["backend"]
+        threads = backend["session"]["threads"] if threads is None else threads
+        checked = self.check_inputs(feeds)
+        return executor_module(backend["name"]).layer_times(self, checked, runs, threads)
+
+
+def check_inputs(specs: list[dict], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` cast to the recorded dtypes; InputError when a name, rank, size or dtype does not fit."""
+    expected = [spec["name"] for spec in specs]
+    if sorted(feeds) != sorted(expected):
+        raise InputError(f"inputs are {sorted(feeds)}, the model takes {expected}")
+    checked: dict[str, np.ndarray] = {}
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        array = np.asarray(feeds[spec["name"]])
+        shape = spec["shape"]
+        if array.ndim != len(shape):
+            raise InputError(f"input '{spec['name']}' has shape {list(array.shape)}, expected {shape}")
+        for axis, (dim, size) in enumerate(zip(shape, array.shape, strict=True)):
+            # A named dimension must agree across inputs (batch, sequence); a number must match exactly.
+            if isinstance(dim, str):
+                if sizes.setdefault(dim, size) != size:
+                    raise InputError(
+                        f"input '{spec['name']}' axis {axis} ({dim}) is {size}, "
+                        f"another input has {dim}={sizes[dim]}"
+                    )
+            elif dim != size:
+                raise InputError(f"input '{spec['name']}' has shape {list(array.shape)}, expected {shape}")
+        dtype = _DTYPES[spec["dtype"]]
+        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+            raise InputError(f"input '{spec['name']}' has dtype {array.dtype}, expected {np.dtype(dtype)}")
+        checked[spec["name"]] = array.astype(dtype, copy=False)
+    return checked
+
+
+def latency_stats(seconds: list[float], batch: int) -> dict:
+    ms = np.asarray(seconds) * 1000.0
+    return {
+        "iterations": len(seconds),
+        "batch": batch,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "std_ms": float(ms.std()),
+        "throughput_per_s": float(batch * 1000.0 / ms.mean()),
+    }
+
+
+def bench_report(seconds: list[float], feeds: dict[str, np.ndarray], who: int) -> dict:
+    """Statistics, every latency, and the peak RSS of ``who`` (this process, or its children: trtexec)."""
+    batch = next(iter(feeds.values())).shape[0] if feeds else 1
+    # ru_maxrss is in KiB on Linux.
+    peak = resource.getrusage(who).ru_maxrss / 1024
+    return {
+        **latency_stats(seconds, batch),
+        "latencies_ms": [round(value * 1000.0, 4) for value in seconds],
+        "peak_rss_mb": round(peak, 1),
+    }
+
+
+def ranked(source: str, layers: list[dict], runs: int) -> dict:
+    layers = sorted(layers, key=lambda layer: -layer["ms"])
+    return {
+        "source": source,
+        "runs": runs,
+        "total_ms": sum(layer["ms"] for layer in layers),
+        "layers": layers,
+    }
