@@ -131,7 +131,7 @@ def compile_command(
       redux-edge compile --model minilm-l6 --target jetson-orin-nano --sparsity 2:4 -o build/sparse
       redux-edge compile --model mnist-cnn --mac-prune 0.5 --mac-keep-top 0.4 --emit-c -o build/protected
       redux-edge compile --model minilm-l6 --recipe build/minilm/manifest.json -o build/again
-      redux-edge compile --model minilm-l6 --weights build/recover/weights.safetensors \
+      redux-edge compile --model minilm-l6 --weights build/recover/weights.safetensors \\
           --recipe build/recover/recipe.toml -o build/edge-recovered
     """
     from redux_edge import api

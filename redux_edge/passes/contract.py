@@ -48,7 +48,11 @@ __all__ = [
     "Section",
     "Step",
     "check_parameters",
+    "configure",
+    "no_progress",
     "parameter",
+    "parameter_fields",
+    "parameter_help",
 ]
 
 Step = Callable[[str], contextlib.AbstractContextManager]

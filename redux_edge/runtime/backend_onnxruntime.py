@@ -16,7 +16,10 @@ from .session import ranked
 if TYPE_CHECKING:
     from .session import BundleSession
 
-__all__ = ["layer_times", "open_executor"]
+__all__ = ["SWAPS_INITIALIZERS", "layer_times", "open_executor"]
+
+# Adapter packs replace initializers when a session opens (SessionOptions.add_initializer).
+SWAPS_INITIALIZERS = True
 
 
 def open_executor(

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .session import Executor, InputError, ranked
+from .session import Executor, ranked
 
 if TYPE_CHECKING:
     from .session import BundleSession
@@ -23,8 +23,6 @@ def open_executor(
     storage: dict,
     overrides: dict | None,
 ) -> Executor:
-    if overrides:
-        raise InputError("adapter packs swap on ONNX Runtime bundles; this one is openvino")
     import openvino as ov
 
     settings = backend["session"]

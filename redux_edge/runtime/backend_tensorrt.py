@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .packed import expand_packed
-from .session import InputError, bench_report, ranked
+from .session import bench_report, ranked
 
 if TYPE_CHECKING:
     from .session import BundleSession
@@ -174,8 +174,6 @@ def open_executor(
     storage: dict,
     overrides: dict | None,
 ) -> TrtexecEngine:
-    if overrides:
-        raise InputError("adapter packs swap on ONNX Runtime bundles; this one is tensorrt")
     return TrtexecEngine(bundle_dir, backend, output_names)
 
 

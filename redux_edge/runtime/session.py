@@ -68,9 +68,12 @@ def open_artifact(
 ) -> Executor:
     """``run(feeds) -> outputs`` for an artifact described by a manifest's backend entry; ``storage``
     is the manifest's index of packed weights, ``overrides`` initializer values (an adapter pack)."""
-    return executor_module(backend["name"]).open_executor(
-        Path(bundle_dir), backend, threads, output_names, storage or {}, overrides
-    )
+    module = executor_module(backend["name"])
+    if overrides and not getattr(module, "SWAPS_INITIALIZERS", False):
+        raise InputError(
+            f"adapter packs are swapped into ONNX Runtime sessions; this is a {backend['name']} bundle"
+        )
+    return module.open_executor(Path(bundle_dir), backend, threads, output_names, storage or {}, overrides)
 
 
 class BundleSession:
