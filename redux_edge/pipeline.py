@@ -34,7 +34,7 @@ __all__ = ["compile_model"]
 
 
 def compile_model(
-    model: str,
+    model: str | Source,
     target_name: str,
     recipe: Recipe,
     out: Path,
@@ -48,7 +48,7 @@ def compile_model(
     backend_options: dict | None = None,
     step: Step = no_progress,
 ) -> bundles.Bundle:
-    """Compile ``model`` for ``target_name`` into the bundle ``out``.
+    """Compile ``model`` (a name ``--model`` takes, or a Source) for ``target_name`` into the bundle ``out``.
 
     ``backend_options``: ``threads``, ``precision`` (default: the backend's) and what the backend's
     flags set (``tune``, ``tuning_db``, ``rpc``, ``dla_core``); see each backend's ``lower``.
@@ -64,7 +64,7 @@ def compile_model(
         )
     tolerance = tolerance or Tolerance.for_precision(options["precision"])
     bundles.check_destination(out, force)
-    source = load_source(model, shapes, inputs_file, step, weights)
+    source = model if isinstance(model, Source) else load_source(model, shapes, inputs_file, step, weights)
     options["shapes"] = {name: list(array.shape) for name, array in source.inputs.items()} | (shapes or {})
     original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
     context = CompileContext(source, target, backend, options, tolerance, recipe.passes, step)

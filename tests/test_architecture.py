@@ -203,3 +203,21 @@ def test_a_manifest_that_does_not_fit_the_schema_is_a_user_error_naming_the_fiel
     result = cli("inspect", copy)
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert "inputs/0/dtype" in result.stderr and "does not fit bundle format 2" in result.stderr
+
+
+def test_the_readme_python_api_example_runs_as_written(monkeypatch, tmp_path):
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## Python API") :]
+    code = section[
+        section.index("```python") + len("```python") : section.index("```\n", section.index("```python") + 3)
+    ]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    manifest = namespace["manifest"]
+    assert manifest["compression"]["plan"] == {"layers": [1]}
+    assert manifest["compression"]["sparsity"]["sparsified"] >= 1
+    assert manifest["verify"]["reference"].startswith("onnxruntime on the IR before the passes, with")
+    assert manifest["verify"]["ir"]["output"]["max_abs"] <= 1e-4
+    assert manifest["metrics"]["compiled"]["params"] < manifest["metrics"]["original"]["params"]
+    assert namespace["outputs"]["output"].shape == (4, 10)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+
 import numpy as np
 import onnx
 import onnx.helper as oh
@@ -105,3 +109,31 @@ def test_missing_external_data(tmp_path):
     (path.parent / "weights.bin").unlink()
     with pytest.raises(UserError, match="missing"):
         load_onnx(path)
+
+
+def test_models_with_external_data_compile_as_torch_and_onnx_write_them(cli, tmp_path):
+    """onnx.save's external data, and torch.onnx.export(dynamo=True)'s model.onnx + model.onnx.data."""
+    import torch
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save_model(
+        onnx.load(make_mlp_onnx(tmp_path / "mlp.onnx")),
+        folder / "mlp.onnx",
+        save_as_external_data=True,
+        location="mlp.onnx.data",
+        size_threshold=0,
+    )
+    network = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates on stdout
+        torch.onnx.export(
+            network, (torch.randn(2, 16),), str(folder / "net.onnx"), dynamo=True, input_names=["x"]
+        )
+    assert (folder / "net.onnx.data").is_file()
+    for name, shapes in (("mlp", "x:3x8"), ("net", "x:2x16")):
+        out = tmp_path / name
+        result = cli("compile", "-m", folder / f"{name}.onnx", "--shapes", shapes, "-o", out, "--json")
+        assert result.exit_code == 0, result.stderr
+        manifest = json.loads(result.stdout)
+        assert all(numbers["max_abs"] <= 1e-5 for numbers in manifest["verify"]["artifact"].values())
+        assert not [path for path in out.rglob("*.data")]  # the bundle's model.onnx is one file

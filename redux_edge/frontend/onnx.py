@@ -54,6 +54,9 @@ def load_onnx(path: Path) -> ir.Model:
         raise UserError(f"{path} fails the ONNX checker: {first_line}", "re-export the model") from exc
     _check_operators(proto, path)
     model = ir.load(str(path))
+    # Weights in external files (torch's dynamo exporter writes model.onnx + model.onnx.data) are read
+    # into memory, checked to lie inside the folder above: the IR is then saved anywhere as one file.
+    ir.external_data.load_to_model(model)
     # Exporters stamp the newest IR version they know, which runtimes one release older refuse; the
     # operators and types a model may use are fixed by its opsets, so the IR version those opsets need is
     # what the file really requires.

@@ -108,6 +108,9 @@ class Source:
             return Reference(kind, functools.partial(self._run_module, changes), self.inputs, changes)
         if dense is None:
             raise RuntimeError("a changed reference on the graph needs the dense model")
+        if self.module is not None:
+            # The module cannot express a change (a plan outside BERT's module layout): say what ran.
+            kind = "onnxruntime on the IR before the passes" + "".join(change.describes for change in changes)
         return Reference(kind, _graph_runner(dense, changes), self.inputs, changes)
 
     def _run_module(self, changes: list[ReferenceChange], feeds: Feeds) -> list[np.ndarray]:

@@ -24,7 +24,7 @@ from redux_edge.frontend.source import Source, check_feeds, fit_inputs
 from redux_edge.passes.contract import Step, no_progress
 from redux_edge.preprocess import read_inputs
 
-__all__ = ["export_module", "load_weights", "run_module", "zoo_source"]
+__all__ = ["export_module", "load_weights", "module_source", "run_module", "zoo_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,14 @@ def export_module(
     output_names: list[str],
 ) -> ir.Model:
     dims: dict[str, torch.export.Dim] = {}
-    dynamic_shapes = {
-        name: {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
-        for name, axes in dynamic_axes.items()
-    }
+    # By position, not by name: the module's forward may call its arguments anything.
+    dynamic_shapes = tuple(
+        {
+            axis: dims.setdefault(label, torch.export.Dim(label))
+            for axis, label in dynamic_axes.get(name, {}).items()
+        }
+        for name in inputs
+    )
     args = tuple(torch.from_numpy(array) for array in inputs.values())
     # The exporter narrates its steps on stdout and warns about optional torchvision ops; our CLI has its
     # own progress display and the user cannot act on either.
@@ -108,6 +112,45 @@ def zoo_source(
         architecture=entry.architecture,
         task_data=card.get("task_data"),
         module=entry.module,
+    )
+
+
+def module_source(
+    module: torch.nn.Module,
+    inputs: dict[str, np.ndarray],
+    name: str = "model",
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    output_names: list[str] | None = None,
+) -> Source:
+    """A user's own module as a source: exported with dynamo (the first axis of every input is the
+    batch unless ``dynamic_axes`` says otherwise), verified against the module itself on ``inputs``."""
+    if not isinstance(module, torch.nn.Module) or not inputs:
+        raise UserError(
+            "compile takes an nn.Module and a dict of example inputs", "see the README's Python API"
+        )
+    axes = dynamic_axes if dynamic_axes is not None else {key: {0: "batch"} for key in inputs}
+    reference = run_module(module.eval(), inputs)
+    names = output_names or (
+        ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
+    )
+    try:
+        exported = export_module(module, inputs, axes, names)
+    except Exception as exc:  # torch.export raises its own types for what it cannot trace
+        first_line = str(exc).strip().splitlines()[0]
+        raise UserError(
+            f"torch.onnx.export (dynamo) cannot export this module: {first_line}",
+            "make the module torch.export-able (--debug shows the exporter's report)",
+        ) from exc
+    check_feeds(exported, inputs)
+    return Source(
+        name=name,
+        origin={"module": f"{type(module).__module__}.{type(module).__qualname__}"},
+        model=exported,
+        inputs=inputs,
+        reference_outputs=reference,
+        reference_kind="pytorch",
+        architecture={"family": type(module).__name__},
+        module=module,
     )
 
 
