@@ -28,6 +28,14 @@ def _open_onnx(
     return onnx_source(Path(model), shapes, inputs_file, step, weights)
 
 
+def _open_huggingface(
+    model: str, shapes: dict[str, list[int]], inputs_file: Path | None, step: Step, weights: Path | None
+) -> Source:
+    from redux_edge.frontend.huggingface import huggingface_source
+
+    return huggingface_source(Path(model), shapes, inputs_file, step, weights)
+
+
 def _open_zoo(
     model: str, shapes: dict[str, list[int]], inputs_file: Path | None, step: Step, weights: Path | None
 ) -> Source:
@@ -40,6 +48,7 @@ Opener = Callable[[str, dict[str, list[int]], Path | None, Step, Path | None], S
 # (accepts the --model text, opens it); the zoo comes last and names the choices when nothing fits.
 SOURCES: list[tuple[Callable[[str], bool], Opener]] = [
     (_is_onnx_file, _open_onnx),
+    (lambda model: Path(model).is_dir(), _open_huggingface),
     (lambda _: True, _open_zoo),
 ]
 
@@ -51,6 +60,7 @@ def load_source(
     step: Step = no_progress,
     weights: Path | None = None,
 ) -> Source:
-    """A zoo name or a path to an ``.onnx`` file, as a Source; ``weights`` replace a zoo model's own."""
+    """A zoo name, a path to an ``.onnx`` file or a Hugging Face model directory, as a Source;
+    ``weights`` replace a zoo model's own."""
     opener = next(open_ for accepts, open_ in SOURCES if accepts(model))
     return opener(model, shapes or {}, inputs_file, step, weights)
