@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import shutil
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -289,7 +289,8 @@ class MacPrunePass(RecipePass):
         graph = model.graph
         image = self._image_input(graph)
         assert image.shape is not None and image.name is not None
-        height, width = (int(d) for d in image.shape.numpy()[2:])
+        # _image_input keeps only images whose channels and size are numbers.
+        height, width = (cast(int, d) for d in image.shape[2:])
         if any(output.name == KEEP_OUTPUT for output in graph.outputs):
             raise UserError(
                 "mac-prune: the model is already protected (it has a pixel_keep output)",
