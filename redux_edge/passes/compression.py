@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from redux_edge.passes.contract import CompileContext, PassOutcome, ReferenceChange, Section
+from redux_edge.preprocess import TextPreprocessor
 
 if TYPE_CHECKING:
     from torch import nn
@@ -211,11 +212,11 @@ def _report(section: CompressionSection, context: CompileContext) -> dict:
         },
     }
     texts = source.text_task
-    if texts is not None and source.preprocessor is not None:
+    if texts is not None and isinstance(source.preprocessor, TextPreprocessor):
         from redux_edge.analysis.quality import text_quality
 
         with context.step("measuring quality on Rotten Tomatoes (embedding cosine, linear probe)"):
-            report["quality"] = text_quality(dense, source.model, source.preprocessor, texts)  # type: ignore[arg-type]
+            report["quality"] = text_quality(dense, source.model, source.preprocessor, texts)
     else:
         report["quality"] = {"measured": False, "why": "the model card names no task data"}
     if not section.plan:
