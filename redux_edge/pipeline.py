@@ -177,7 +177,7 @@ def _run_artifact(
     else:
         emulated, how = backend.emulate(stage, target)
         if emulated is None:
-            return None, f"not run here: {why}" + ("" if how == "no emulation" else f"; {how}")
+            return None, f"not run here: {why}" + (f"; {how}" if how else "")
         run = emulated
     if not backend.static_shapes:
         return run(inputs), how

@@ -74,8 +74,8 @@ class Backend:
         return BundleSession(bundle_dir, threads)
 
     def emulate(self, stage: Path, target: Target) -> Emulation:
-        """A runner for an artifact that cannot run here, or (None, why not)."""
-        return None, "no emulation"
+        """A runner for an artifact that cannot run here, or (None, why not; empty: no emulation)."""
+        return None, ""
 
 
 class CpuBackend(Backend):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,7 +103,8 @@ class Source:
     def reference(self, changes: list[ReferenceChange], dense: ir.Model | None) -> Reference:
         """The original with ``changes`` applied, on the module where it can express them all, else on
         the dense graph (``dense``: the IR before the first changing pass)."""
-        kind = self.reference_kind + "".join(change.describes for change in changes)
+        described = "".join(change.describes for change in changes)
+        kind = self.reference_kind + described
         if not changes:
             return Reference(kind, lambda _: self.reference_outputs, self.inputs)
         if self.module is not None and all(c.applies_to_module(self.architecture) for c in changes):
@@ -112,7 +113,7 @@ class Source:
             raise RuntimeError("a changed reference on the graph needs the dense model")
         if self.module is not None:
             # The module cannot express a change (a plan outside BERT's module layout): say what ran.
-            kind = "onnxruntime on the IR before the passes" + "".join(change.describes for change in changes)
+            kind = "onnxruntime on the IR before the passes" + described
         return Reference(kind, _graph_runner(dense, changes), self.inputs, changes)
 
     def _run_module(self, changes: list[ReferenceChange], feeds: Feeds) -> list[np.ndarray]:
@@ -175,14 +176,11 @@ def _graph_runner(dense: ir.Model, changes: list[ReferenceChange]) -> Callable[[
     changed = copy_model(dense)
     for change in changes:
         change.on_graph(changed)
-    scratch = tempfile.mkdtemp(prefix="redux-edge-reference-")
-    path = Path(scratch) / "reference.onnx"
-    ir.save(changed, str(path))
-    session = plain_session(path)
     # The file is read into the session; the folder is not needed once it is open.
-    for leftover in Path(scratch).iterdir():
-        leftover.unlink()
-    Path(scratch).rmdir()
+    with tempfile.TemporaryDirectory(prefix="redux-edge-reference-") as scratch:
+        path = Path(scratch) / "reference.onnx"
+        ir.save(changed, str(path))
+        session = plain_session(path)
     return lambda feeds: session.run(None, feeds)
 
 
@@ -192,19 +190,22 @@ def plain_session(path: Path) -> Any:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
+    with _runtime_errors(path):
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own pybind types (Fail, NotImplemented, InvalidArgument)
-        first_line = str(exc).strip().splitlines()[0]
-        raise UserError(f"ONNX Runtime cannot run {path.name}: {first_line}", "--debug for details") from exc
 
 
 def run_onnx_file(path: Path, inputs: Feeds) -> list[np.ndarray]:
     """Outputs of an ONNX file under ONNX Runtime with graph optimisations off."""
     session = plain_session(path)
-    try:
+    with _runtime_errors(path):
         return session.run(None, inputs)
-    except Exception as exc:  # ORT raises its own pybind types
+
+
+@contextlib.contextmanager
+def _runtime_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:  # ORT raises its own pybind types (Fail, NotImplemented, InvalidArgument)
         first_line = str(exc).strip().splitlines()[0]
         raise UserError(f"ONNX Runtime cannot run {path.name}: {first_line}", "--debug for details") from exc
 

@@ -44,6 +44,11 @@ __all__ = ["AdaptersPass"]
 
 logger = logging.getLogger(__name__)
 
+_NEEDS_THE_MODULE = (
+    "adapter packs are verified against the PyTorch model they were trained on",
+    "compile the zoo model the packs were trained for",
+)
+
 
 class AdaptersSection(Section):
     key = "adapters"
@@ -58,10 +63,7 @@ class AdaptersSection(Section):
         from redux_edge.backends import backends_with
 
         if context.source.module is None:
-            raise UserError(
-                "adapter packs are verified against the PyTorch model they were trained on",
-                "compile the zoo model the packs were trained for",
-            )
+            raise UserError(*_NEEDS_THE_MODULE)
         if any(section is not self and section.reference() for section in context.sections):
             raise UserError(
                 "adapters with structural or sparsity passes in one compile are not supported",
@@ -171,10 +173,7 @@ class _WithPack(ReferenceChange):
         return PackedAdapters(module, self.pack)
 
     def on_graph(self, model: ir.Model) -> None:
-        raise UserError(
-            "adapter packs are verified against the PyTorch model they were trained on",
-            "compile the zoo model the packs were trained for",
-        )
+        raise UserError(*_NEEDS_THE_MODULE)
 
 
 @dataclasses.dataclass

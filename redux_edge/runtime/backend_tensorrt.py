@@ -10,22 +10,17 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .packed import expand_packed
 from .session import bench_report, ranked
 
-if TYPE_CHECKING:
-    from .session import BundleSession
-
 __all__ = [
     "EngineBuildError",
     "TrtexecEngine",
     "build_engine",
     "check_sparse_tactics",
-    "layer_times",
     "open_executor",
     "parse_trtexec_log",
 ]
@@ -175,12 +170,6 @@ def open_executor(
     overrides: dict | None,
 ) -> TrtexecEngine:
     return TrtexecEngine(bundle_dir, backend, output_names)
-
-
-def layer_times(session: BundleSession, feeds: dict, runs: int, threads: int) -> dict:
-    engine = session._execute
-    assert isinstance(engine, TrtexecEngine)
-    return engine.layer_times(feeds, runs)
 
 
 def _trtexec() -> str:
