@@ -44,14 +44,18 @@ def compile_model(
     tolerance: Tolerance | None = None,
     shapes: dict[str, list[int]] | None = None,
     inputs_file: Path | None = None,
+    eval_data: Path | None = None,
+    calibration_data: Path | None = None,
     weights: Path | None = None,
     backend_options: dict | None = None,
     step: Step = no_progress,
 ) -> bundles.Bundle:
     """Compile ``model`` (a name ``--model`` takes, or a Source) for ``target_name`` into the bundle ``out``.
 
-    ``backend_options``: ``threads``, ``precision`` (default: the backend's) and what the backend's
-    flags set (``tune``, ``tuning_db``, ``rpc``, ``dla_core``); see each backend's ``lower``.
+    ``eval_data`` / ``calibration_data``: the user's files for the quality report and for passes that
+    choose by data (``redux_edge.datasets.user``). ``backend_options``: ``threads``, ``precision``
+    (default: the backend's) and what the backend's flags set (``tune``, ``tuning_db``, ``rpc``,
+    ``dla_core``); see each backend's ``lower``.
     """
     target = load_target(target_name)
     backend = select_backend(target, backend_name)
@@ -65,6 +69,7 @@ def compile_model(
     tolerance = tolerance or Tolerance.for_precision(options["precision"])
     bundles.check_destination(out, force)
     source = model if isinstance(model, Source) else load_source(model, shapes, inputs_file, step, weights)
+    source.use_data(eval_data, calibration_data)
     options["shapes"] = {name: list(array.shape) for name, array in source.inputs.items()} | (shapes or {})
     original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
     context = CompileContext(source, target, backend, options, tolerance, recipe.passes, step)

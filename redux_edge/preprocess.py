@@ -2,7 +2,7 @@
 
 A bundle records how its model's inputs are made (``manifest["preprocess"]``): ``text`` runs the
 model's own WordPiece tokenizer (shipped in the bundle as ``preprocess/tokenizer.json``), ``image``
-converts a picture to the model's grey-scale size and normalisation. Whatever the model, ``.npz``
+converts a picture to the model's size, channels and normalisation. Whatever the model, ``.npz``
 (one array per input name) and ``.npy`` (a model with one input) are taken as they are.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,30 +54,59 @@ class TextPreprocessor:
 
 @dataclass(frozen=True)
 class ImagePreprocessor:
+    """A picture (or uint8 images) to the model's size, channels (1: grey, 3: RGB) and normalisation, per
+    channel where ``mean``/``std`` are lists (Hugging Face image processors), after scaling to [0, 1]."""
+
     size: int
-    mean: float
-    std: float
+    mean: float | tuple[float, ...]
+    std: float | tuple[float, ...]
     input_name: str = "image"
+    channels: int = 1
 
     kind = "image"
 
     def __call__(self, paths: list[Path]) -> dict[str, np.ndarray]:
+        return self.pixels(self.pixels_of(paths))
+
+    def pixels_of(self, paths: list[Path]) -> np.ndarray:
+        """uint8 images [n, size, size, channels] read from picture files."""
         from PIL import Image, UnidentifiedImageError
 
         pixels = []
         for path in paths:
             try:
                 with Image.open(path) as image:
-                    grey = image.convert("L").resize((self.size, self.size), Image.Resampling.BILINEAR)
+                    converted = image.convert("L" if self.channels == 1 else "RGB")
+                    pixels.append(np.asarray(self._resized(converted)))
             except (UnidentifiedImageError, OSError) as exc:
                 raise UserError(f"cannot read image {path}: {exc}", "give a PNG or JPEG file") from exc
-            pixels.append(np.asarray(grey))
-        return self.pixels(np.stack(pixels))
+        return self.resized(np.stack(pixels))
+
+    def _resized(self, image: Any) -> Any:
+        from PIL import Image
+
+        return image.resize((self.size, self.size), Image.Resampling.BILINEAR)
+
+    def resized(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images [n, height, width] (grey) or [n, height, width, channels] at the model's size and
+        channels: [n, size, size, channels]."""
+        from PIL import Image
+
+        if images.shape[1:3] != (self.size, self.size):
+            images = np.stack([np.asarray(self._resized(Image.fromarray(image))) for image in images])
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.shape[-1] != self.channels:
+            grey = images.mean(axis=-1, keepdims=True).round().astype(np.uint8)
+            images = np.repeat(grey, self.channels, axis=-1)
+        return images
 
     def pixels(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Feeds for uint8 grey images [n, size, size]."""
-        batch = (images.astype(np.float32)[:, None] / 255.0 - self.mean) / self.std
-        return {self.input_name: batch.astype(np.float32)}
+        """Feeds for uint8 images [n, height, width] (grey) or [n, height, width, channels]."""
+        scaled = self.resized(images).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        mean = np.asarray(self.mean, np.float32).reshape(-1, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(-1, 1, 1)
+        return {self.input_name: ((scaled - mean) / std).astype(np.float32)}
 
     def read(self, path: Path) -> dict[str, np.ndarray]:
         return self([path])
@@ -88,9 +118,10 @@ class ImagePreprocessor:
         return {
             "kind": "image",
             "size": self.size,
-            "mean": self.mean,
-            "std": self.std,
+            "mean": list(self.mean) if isinstance(self.mean, tuple) else self.mean,
+            "std": list(self.std) if isinstance(self.std, tuple) else self.std,
             "input": self.input_name,
+            "channels": self.channels,
         }
 
 
@@ -102,7 +133,8 @@ def from_manifest(spec: dict | None, bundle_dir: Path) -> Preprocessor | None:
         return None
     if spec["kind"] == "text":
         return TextPreprocessor(bundle_dir / spec["tokenizer"], spec["max_length"])
-    return ImagePreprocessor(spec["size"], spec["mean"], spec["std"], spec["input"])
+    mean, std = (tuple(v) if isinstance(v, list) else v for v in (spec["mean"], spec["std"]))
+    return ImagePreprocessor(spec["size"], mean, std, spec["input"], spec.get("channels", 1))
 
 
 def _read_numpy(path: Path) -> dict[str, np.ndarray]:

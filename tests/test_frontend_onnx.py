@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import zipfile
 
 import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from conftest import make_mlp_onnx
+import torch
+from conftest import assert_clean_user_error, make_mlp_onnx
 
+from redux_edge import api
 from redux_edge.errors import UserError
 from redux_edge.frontend.onnx import load_onnx
 
@@ -137,3 +140,76 @@ def test_models_with_external_data_compile_as_torch_and_onnx_write_them(cli, tmp
         manifest = json.loads(result.stdout)
         assert all(numbers["max_abs"] <= 1e-5 for numbers in manifest["verify"]["artifact"].values())
         assert not [path for path in out.rglob("*.data")]  # the bundle's model.onnx is one file
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)) + x)
+
+
+def _saved_program(path):
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(_Residual().eval(), (torch.randn(4, 8),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, path)
+    return program
+
+
+def test_a_pt2_program_compiles_with_its_dynamic_batch_against_its_module(cli, tmp_path):
+    program = _saved_program(tmp_path / "model.pt2")
+    result = cli("compile", "-m", tmp_path / "model.pt2", "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["verify"]["reference"] == "pytorch (torch.export program)"
+    assert manifest["inputs"][0]["name"] == "x" and not isinstance(manifest["inputs"][0]["shape"][0], int)
+    feeds = np.random.default_rng(1).standard_normal((7, 8)).astype(np.float32)
+    np.savez(tmp_path / "seven.npz", x=feeds)
+    outputs, _ = api.run(tmp_path / "out", tmp_path / "seven.npz")
+    expected = program.module()(torch.from_numpy(feeds)).detach().numpy()
+    assert np.abs(outputs["output"] - expected).max() <= 1e-5
+
+
+def _rewritten(source, target, change) -> None:
+    """A copy of the .pt2 archive ``source`` with ``change(name, data) -> (name, data) | None`` applied."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
+        for name in original.namelist():
+            if (changed := change(name, original.read(name))) is not None:
+                copy.writestr(*changed)
+
+
+def test_a_pt2_that_would_unpickle_or_does_not_load_is_refused(cli, tmp_path):
+    _saved_program(tmp_path / "good.pt2")
+    parent = tmp_path / "runs"
+    parent.mkdir()
+
+    def pickled_weight(name, data):
+        if name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            next(iter(config["config"].values()))["use_pickle"] = True
+            return name, json.dumps(config)
+        return name, data
+
+    def evil_inputs(name, data):
+        if name.endswith("sample_inputs/model.pt"):
+            buffer = io.BytesIO()
+            torch.save({"not": _Residual}, buffer)  # a class: only a full unpickle can load it
+            return name, buffer.getvalue()
+        return name, data
+
+    cases = {
+        "pickled.pt2": (pickled_weight, "is stored as a pickled object"),
+        "inputs.pt2": (evil_inputs, "its sample inputs are not plain tensors"),
+        "legacy.pt2": (lambda n, d: None if n.endswith("archive_format") else (n, d), "legacy layout"),
+    }
+    for file_name, (change, message) in cases.items():
+        _rewritten(tmp_path / "good.pt2", tmp_path / file_name, change)
+        assert_clean_user_error(
+            cli("compile", "-m", tmp_path / file_name, "-o", parent / "out"), parent, message=message
+        )
+    (tmp_path / "garbage.pt2").write_bytes(b"not a zip")
+    result = cli("compile", "-m", tmp_path / "garbage.pt2", "-o", parent / "out")
+    assert_clean_user_error(result, parent, message="not a zip archive")

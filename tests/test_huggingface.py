@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +73,78 @@ def test_untrusted_model_directories_are_refused(cli, tmp_path):
     other = _copy_folder(tmp_path / "d")
     (other / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     assert_clean_user_error(cli("compile", "-m", other, "-o", parent / "out"), parent, message="'gpt2' model")
+
+
+def _family_directory(tmp_path, family: str):
+    """A small random-init checkpoint of ``family`` saved as a Hugging Face directory (text models with
+    MiniLM's tokenizer, whose vocabulary their config takes)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    sizes = {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "hidden_size": 64}
+    if family == "vit":
+        model = transformers.ViTModel(
+            transformers.ViTConfig(**sizes, image_size=28, patch_size=7, num_channels=1)
+        )
+    elif family == "distilbert":
+        config = transformers.DistilBertConfig(
+            dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=30522
+        )
+        model = transformers.DistilBertModel(config)
+    else:
+        classes = {"bert": (transformers.BertModel, transformers.BertConfig)}
+        classes["roberta"] = (transformers.RobertaModel, transformers.RobertaConfig)
+        model_class, config_class = classes[family]
+        model = model_class(config_class(**sizes, vocab_size=30522))
+    folder = tmp_path / family
+    model.save_pretrained(folder)
+    if family != "vit":
+        shutil.copy(FOLDER / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "vit"])
+def test_each_family_as_a_directory_prunes_exactly_against_transformers(cli, tmp_path, family):
+    folder = _family_directory(tmp_path, family)
+    plain = cli("compile", "-m", folder, "-o", tmp_path / "plain", "--json")
+    assert plain.exit_code == 0, plain.stderr
+    dense = json.loads(plain.stdout)["metrics"]["compiled"]["params"]
+    for flags in (["--prune-heads", "0.5"], ["--prune-ffn", "0.5"], ["--drop-layers", "1"]):
+        result = cli("compile", "-m", folder, *flags, "-o", tmp_path / flags[0][2:], "--json")
+        assert result.exit_code == 0, result.stderr
+        manifest = json.loads(result.stdout)
+        assert manifest["verify"]["reference"].startswith("pytorch (transformers), with the removed heads")
+        assert manifest["verify"]["ir"]["last_hidden_state"]["max_abs"] <= 1e-4
+        assert manifest["metrics"]["compiled"]["params"] < dense, flags
+
+
+@pytest.mark.slow
+def test_a_directory_recovers_after_pruning_and_compiles_with_the_written_recipe(cli, tmp_path):
+    folder = _family_directory(tmp_path, "bert")
+    pruned = tmp_path / "pruned"
+    assert (
+        cli("compile", "-m", folder, "--prune-heads", "0.5", "--drop-layers", "1", "-o", pruned).exit_code
+        == 0
+    )
+    recipe = Path(__file__).parents[1] / "models" / "minilm-l6" / "train-recover.toml"
+    out = tmp_path / "recover"
+    trained = cli(
+        "train", recipe, "--model", folder, "--plan", pruned / "manifest.json", "-o", out,
+        "--set", "optim.steps=4", "--set", "data.sentences=128", "--json",
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.stderr
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (out / "model" / "tokenizer.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    again = cli(
+        "compile", "-m", out / "model", "--recipe", out / "recipe.toml", "-o", tmp_path / "again", "--json"
+    )
+    assert again.exit_code == 0, again.stderr
+    manifest = json.loads(again.stdout)
+    assert (
+        manifest["compression"]["plan"]
+        == json.loads((pruned / "manifest.json").read_text())["compression"]["plan"]
+    )
+    assert manifest["verify"]["reference"].startswith("pytorch (transformers)")

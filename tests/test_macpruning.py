@@ -71,8 +71,8 @@ def test_compile_reports_protection_accuracy_and_a_checked_kernel(protected_bund
     assert protection["critical_pixels"] == round(0.2 * 784)
     assert np.load(protected_bundle / "mac_prune" / "critical.npy").sum() == protection["critical_pixels"]
     quality = protection["quality"]
-    assert quality["test_images"] == 4000 and quality["accuracy"]["original"] > 0.98
-    assert 0.5 < quality["accuracy"]["changed"] <= quality["accuracy"]["original"]
+    assert quality["samples"] == 4000 and quality["accuracy"]["dense"] > 0.98
+    assert 0.5 < quality["accuracy"]["compressed"] <= quality["accuracy"]["dense"]
     assert manifest["verify"]["ir"]["logits"]["max_abs"] <= 1e-4
     assert manifest["verify"]["artifact"]["pixel_keep"]["max_abs"] == 0
     assert protection["kernel"]["integer_exact"] is True

@@ -189,32 +189,30 @@ def _head_ablation(model: ir.Model, feeds: Feeds) -> dict[int, np.ndarray]:
 
 def _gated(model: ir.Model, feeds: Feeds) -> tuple[Callable[[dict[int, list[int]]], float], dict[int, int]]:
     """``change(closed)``: 1 - cosine between the model's output with the ``closed`` heads switched off and
-    its intact output, mean over samples; and the head count per layer. Every head gets a gate input
-    multiplying its context, so one ONNX Runtime session serves every run."""
+    its intact output, mean over samples; and the head count per layer. Every block gets a gate input
+    multiplying the merged heads before the output projection ([.., heads * head size], whatever layout
+    the attention used inside), so one ONNX Runtime session serves every run."""
     copy = copy_model(model)
-    heads = {}
+    heads, head_dims = {}, {}
     for block in find_structure(copy).attention:
         gate = ir.Value(
             name=f"redux_edge_head_gate_{block.layer}",
             type=ir.TensorType(ir.DataType.FLOAT),
-            shape=ir.Shape([1, block.heads, 1, 1]),
+            shape=ir.Shape([block.heads * block.head_dim]),
         )
         copy.graph.inputs.append(gate)
-        context = block.context.outputs[0]
-        uses = list(context.uses())
-        gated = ir.node("Mul", [context, gate], name=f"{block.context.name}_gate")
-        copy.graph.insert_after(block.context, gated)
-        for use in uses:
-            use.node.replace_input_with(use.idx, gated.outputs[0])
-        heads[block.layer] = block.heads
+        gated = ir.node("Mul", [block.output.input, gate], name=f"{block.output.matmul.name}_gate")
+        copy.graph.insert_before(block.output.matmul, gated)
+        block.output.matmul.replace_input_with(0, gated.outputs[0])
+        heads[block.layer], head_dims[block.layer] = block.heads, block.head_dim
     run = in_memory_runner(copy)
 
     def outputs(closed: dict[int, list[int]]) -> np.ndarray:
         gates = {}
         for layer, count in heads.items():
-            gate = np.ones((1, count, 1, 1), np.float32)
-            gate[0, closed.get(layer, [])] = 0.0
-            gates[f"redux_edge_head_gate_{layer}"] = gate
+            gate = np.ones(count, np.float32)
+            gate[closed.get(layer, [])] = 0.0
+            gates[f"redux_edge_head_gate_{layer}"] = np.repeat(gate, head_dims[layer])
         return _flat(run({**feeds, **gates})[0])
 
     baseline = outputs({})

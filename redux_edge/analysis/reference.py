@@ -9,7 +9,8 @@ without removing anything: in PyTorch, forward hooks zero the chosen heads' slic
 projection's input (that is the heads' outputs), zero the chosen neurons at the input of the second
 feed-forward projection, and return a skipped layer's input as its output. The hooks address modules by the
 Hugging Face BERT-family layout (``encoder.layer[i].attention.output.dense``, ``output.dense``; DistilBert's
-``transformer.layer[i].attention.out_lin``, ``ffn.lin2``), which our zoo's BERT also follows.
+``transformer.layer[i].attention.out_lin``, ``ffn.lin2``; ViT's ``layers[i].attention.o_proj``,
+``mlp.fc2``), which our zoo's BERT also follows.
 
 Weight masks (``{weight name: keep mask}``, names and layout as in ``redux_edge.ir.weights``) are
 multiplied into the PyTorch parameters of those names, or into the graph's weights, for the duration.
@@ -30,11 +31,11 @@ from redux_edge.ir.blocks import find_structure
 from redux_edge.ir.surgery import bypass, head_columns, new_initializer, replace_linear
 from redux_edge.ir.weights import find_weights
 
-__all__ = ["masked", "masked_graph"]
+__all__ = ["masked", "masked_graph", "transformer_layers"]
 
-_LAYER_LISTS = ("encoder.layer", "transformer.layer")
-_OUTPUT_PROJECTIONS = ("attention.output.dense", "attention.out_lin")
-_FFN_DOWN = ("output.dense", "ffn.lin2")
+_LAYER_LISTS = ("encoder.layer", "transformer.layer", "layers")
+_OUTPUT_PROJECTIONS = ("attention.output.dense", "attention.out_lin", "attention.o_proj")
+_FFN_DOWN = ("output.dense", "ffn.lin2", "mlp.fc2")
 
 
 def _find(module: nn.Module, names: tuple[str, ...], nested: bool = False) -> nn.Module:
@@ -43,6 +44,13 @@ def _find(module: nn.Module, names: tuple[str, ...], nested: bool = False) -> nn
         if any(name == n or (nested and name.endswith("." + n)) for n in names):
             return sub
     raise ValueError(f"no submodule named {' or '.join(names)} in {type(module).__name__}")
+
+
+def transformer_layers(module: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a BERT-family or ViT module (or a wrapper around one)."""
+    layers = _find(module, _LAYER_LISTS, nested=True)
+    assert isinstance(layers, nn.ModuleList), "the layer list of the BERT-family layout"
+    return layers
 
 
 def _zero_columns(indices: torch.Tensor):
@@ -68,7 +76,7 @@ def masked(module: nn.Module, plan: dict, head_dim: int, weights: dict | None = 
     handles = []
     originals = _mask_parameters(module, weights or {})
     try:
-        layers: Any = _find(module, _LAYER_LISTS, nested=True) if plan else []  # a ModuleList
+        layers: Any = transformer_layers(module) if plan else []
         for layer, heads in plan.get("heads", {}).items():
             columns = torch.from_numpy(head_columns(heads, head_dim))
             target = _find(layers[int(layer)], _OUTPUT_PROJECTIONS)

@@ -82,6 +82,17 @@ class _CompileCommand(click.Command):
     help="Real inputs to verify on: .npz, .npy, or the model's text/image format.",
 )
 @click.option(
+    "--eval-data",
+    type=click.Path(path_type=Path),
+    help="Your labelled data for the quality report: CSV/JSONL (text, label), a folder of class "
+    "subfolders of images, or an .npz (images or the model's inputs, and labels).",
+)
+@click.option(
+    "--calibration-data",
+    type=click.Path(path_type=Path),
+    help="Your data for passes that choose by data (same formats, labels optional).",
+)
+@click.option(
     "--weights",
     type=click.Path(path_type=Path),
     help="Zoo models: parameters to use instead of the package's (.safetensors, e.g. from `train recover`).",
@@ -107,6 +118,8 @@ def compile_command(
     backend: str | None,
     shapes: str | None,
     inputs_file: Path | None,
+    eval_data: Path | None,
+    calibration_data: Path | None,
     weights: Path | None,
     threads: int | None,
     precision: str | None,
@@ -128,6 +141,7 @@ def compile_command(
       redux-edge compile --model my.onnx --shapes x:1x3x224x224 -o build/my
       redux-edge compile --model minilm-l6 --recipe models/minilm-l6/edge.toml -o build/edge
       redux-edge compile --model minilm-l6 --prune-heads 0.5 --importance calibration -o build/half
+      redux-edge compile --model my-hf-classifier/ --prune-heads 0.5 --eval-data held_out.csv -o build/mine
       redux-edge compile --model minilm-l6 --target jetson-orin-nano --sparsity 2:4 -o build/sparse
       redux-edge compile --model mnist-cnn --mac-prune 0.5 --mac-keep-top 0.4 --emit-c -o build/protected
       redux-edge compile --model minilm-l6 --recipe build/minilm/manifest.json -o build/again
@@ -158,6 +172,8 @@ def compile_command(
             backend_name=backend,
             shapes=parse_shapes(shapes),
             inputs_file=inputs_file,
+            eval_data=eval_data,
+            calibration_data=calibration_data,
             weights=weights,
             tolerance=tolerance,
             backend_options=options,

@@ -33,6 +33,8 @@ def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
     )
     if fusions := recorded["backend"].get("fusions"):
         out.print("  fusions  " + ", ".join(f"{name} x{count}" for name, count in fusions.items()))
+    if skipped := recorded["backend"].get("fusions_skipped"):
+        out.print(f"  fusions  none: {skipped}")
     table = Table("metric", "original", "compiled", title=f"cost at {manifest['metrics']['at_shapes']}")
     table.add_row("parameters", f"{original['params']:,}", f"{compiled['params']:,}")
     table.add_row(

@@ -118,6 +118,9 @@ def learn_masks_command(
 @click.option("--engine", type=click.Choice(["torch", "deepspeed"]), default="torch", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override the recipe.")
 @click.option("--plan", help="recover: the pruned model's plan (JSON, or the bundle's manifest.json).")
+@click.option(
+    "-m", "--model", help="Train this model instead of the recipe's (recover: a Hugging Face directory too)."
+)
 @click.option("--json", "as_json", is_flag=True)
 def train_command(
     recipe: Path,
@@ -132,6 +135,7 @@ def train_command(
     engine: str,
     overrides: tuple[str, ...],
     plan: str | None,
+    model: str | None,
     as_json: bool,
 ) -> None:
     """Train a compression RECIPE (models/*/train-*.toml: shrp, maskllm, adapters, recover) with
@@ -142,11 +146,16 @@ def train_command(
     Examples:
       redux-edge train models/minilm-l6/train-shrp.toml -o build/shrp --nproc-per-node 2 --zero 1
       redux-edge train models/minilm-l6/train-recover.toml --plan build/edge/manifest.json -o build/recover
+      redux-edge train models/minilm-l6/train-recover.toml --model my-bert/ --plan build/mine/manifest.json \
+          -o build/mine-recover
       redux-edge train models/minilm-l6/train-maskllm.toml -o build/masks --nnodes 2 --node-rank 0 \\
           --rdzv-endpoint node0:29400 --nproc-per-node 4 --zero 3
     """
     from redux_edge.train.launch import train
 
+    if model is not None:
+        # A directory by absolute path: the ranks may start elsewhere.
+        overrides = (*overrides, f"model={Path(model).resolve() if Path(model).is_dir() else model}")
     report = train(
         recipe,
         out,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from redux_edge.errors import UserError
 from redux_edge.frontend.source import Source
 from redux_edge.passes.contract import Step, no_progress
 
@@ -25,7 +26,17 @@ def _open_onnx(
 ) -> Source:
     from redux_edge.frontend.onnx import onnx_source
 
-    return onnx_source(Path(model), shapes, inputs_file, step, weights)
+    return onnx_source(Path(model), shapes, inputs_file, step)
+
+
+def _open_pt2(
+    model: str, shapes: dict[str, list[int]], inputs_file: Path | None, step: Step, weights: Path | None
+) -> Source:
+    from redux_edge.frontend.pt2 import pt2_source
+
+    if not Path(model).is_file():
+        raise UserError(f"{model} does not exist", "give the path of a file saved with torch.export.save")
+    return pt2_source(Path(model), shapes, inputs_file, step)
 
 
 def _open_huggingface(
@@ -33,7 +44,7 @@ def _open_huggingface(
 ) -> Source:
     from redux_edge.frontend.huggingface import huggingface_source
 
-    return huggingface_source(Path(model), shapes, inputs_file, step, weights)
+    return huggingface_source(Path(model), shapes, inputs_file, step)
 
 
 def _open_zoo(
@@ -47,6 +58,7 @@ def _open_zoo(
 Opener = Callable[[str, dict[str, list[int]], Path | None, Step, Path | None], Source]
 # (accepts the --model text, opens it); the zoo comes last and names the choices when nothing fits.
 SOURCES: list[tuple[Callable[[str], bool], Opener]] = [
+    (lambda model: model.endswith(".pt2"), _open_pt2),
     (_is_onnx_file, _open_onnx),
     (lambda model: Path(model).is_dir(), _open_huggingface),
     (lambda _: True, _open_zoo),
@@ -60,7 +72,11 @@ def load_source(
     step: Step = no_progress,
     weights: Path | None = None,
 ) -> Source:
-    """A zoo name, a path to an ``.onnx`` file or a Hugging Face model directory, as a Source;
+    """A zoo name, a path to an ``.onnx`` or ``.pt2`` file or a Hugging Face model directory, as a Source;
     ``weights`` replace a zoo model's own."""
     opener = next(open_ for accepts, open_ in SOURCES if accepts(model))
+    if weights is not None and opener is not _open_zoo:
+        raise UserError(
+            "--weights replaces a zoo model's parameters", "a model file or directory carries its own"
+        )
     return opener(model, shapes or {}, inputs_file, step, weights)

@@ -114,11 +114,8 @@ def onnx_source(
     shapes: dict[str, list[int]] | None = None,
     inputs_file: Path | None = None,
     step: Step = no_progress,
-    weights: Path | None = None,
 ) -> Source:
     """An ONNX file as a source: verified on ``inputs_file`` (else random inputs of its signature)."""
-    if weights is not None:
-        raise UserError("--weights replaces a zoo model's parameters", "an ONNX file carries its own")
     shapes = shapes or {}
     with step(f"checking {path}"):
         model = load_onnx(path)

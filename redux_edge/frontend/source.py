@@ -28,6 +28,7 @@ from redux_edge.preprocess import ImagePreprocessor, Preprocessor, TextPreproces
 if TYPE_CHECKING:
     from redux_edge.datasets.images import Images
     from redux_edge.datasets.rotten_tomatoes import Sentiment
+    from redux_edge.datasets.user import UserData
     from redux_edge.passes.contract import ReferenceChange
 
 __all__ = ["Calibration", "Reference", "Source", "fit_inputs", "run_onnx_file", "synthetic_inputs"]
@@ -94,7 +95,59 @@ class Source:
     synthetic_inputs: bool = False
     # The PyTorch module of a source that has one (what learned masks and adapters are trained on).
     module: Any = None
+    # The user's --eval-data and --calibration-data, read by ``use_data``.
+    eval_data: UserData | None = None
+    calibration_data: UserData | None = None
     _calibrations: dict = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def classifier(self) -> bool:
+        """Whether the first output is class logits: a classification checkpoint, or an image model with
+        one score vector per sample (the zoo's CNN)."""
+        if self.origin.get("output") == "logits" or self.architecture.get("labels"):
+            return True
+        return isinstance(self.preprocessor, ImagePreprocessor) and self.reference_outputs[0].ndim == 2
+
+    def use_data(self, eval_file: Path | None, calibration_file: Path | None) -> None:
+        """Read the user's evaluation (labelled) and calibration files now: a bad file fails before any
+        work is done."""
+        if eval_file is not None:
+            self.eval_data = self._read_data(eval_file, "--eval-data", labels_required=True)
+        if calibration_file is not None:
+            self.calibration_data = self._read_data(calibration_file, "--calibration-data", False)
+
+    def _read_data(self, path: Path, option: str, labels_required: bool) -> UserData:
+        from redux_edge.datasets import user
+
+        if not path.exists():
+            raise UserError(
+                f"{option} {path} does not exist", "give a CSV/JSONL file, an image folder or an .npz"
+            )
+        classes = self.architecture.get("labels")
+        if isinstance(self.preprocessor, TextPreprocessor):
+            data = user.read_texts(path, labels_required, classes)
+        elif isinstance(self.preprocessor, ImagePreprocessor):
+            data = user.read_images(path, self.preprocessor, labels_required, classes)
+        else:
+            data = user.read_feeds(path, [str(v.name) for v in self.model.graph.inputs], labels_required)
+        if self.classifier and data.labels is not None:
+            classes_out = int(self.reference_outputs[0].shape[-1])
+            if (bad := data.labels[(data.labels < 0) | (data.labels >= classes_out)]).size:
+                raise UserError(
+                    f"{option} {path}: label {int(bad[0])} is not a class of the model "
+                    f"({classes_out} logits)",
+                    "relabel the data with the model's class indices",
+                )
+        return data
+
+    def feeds_of(self, data: UserData, rows: slice | np.ndarray) -> Feeds:
+        """The model's inputs for some rows of the user's data."""
+        if data.texts is not None and isinstance(self.preprocessor, TextPreprocessor):
+            return self.preprocessor([data.texts[i] for i in np.arange(len(data.texts))[rows]])
+        if data.images is not None and isinstance(self.preprocessor, ImagePreprocessor):
+            return self.preprocessor.pixels(data.images[rows])
+        assert data.feeds is not None, "user data holds texts, images or feeds"
+        return {name: array[rows] for name, array in data.feeds.items()}
 
     @property
     def output_names(self) -> list[str]:
@@ -133,6 +186,12 @@ class Source:
         return self._calibrations[count]
 
     def _calibration(self, count: int | None) -> Calibration:
+        if self.calibration_data is not None:
+            data = self.calibration_data
+            return Calibration(
+                self.feeds_of(data, slice(0, count)),
+                f"{min(count or len(data), len(data))} of the {data.described}",
+            )
         if self.task_data == "rotten-tomatoes" and isinstance(self.preprocessor, TextPreprocessor):
             from redux_edge.datasets import rotten_tomatoes
 
@@ -141,7 +200,11 @@ class Source:
             )
             return Calibration(self.preprocessor(chosen), f"{len(chosen)} Rotten Tomatoes training sentences")
         images = self.image_task
-        if images is not None and isinstance(self.preprocessor, ImagePreprocessor):
+        if (
+            images is not None
+            and len(images.train_images)
+            and isinstance(self.preprocessor, ImagePreprocessor)
+        ):
             chosen_images = images.train_images[:count]
             return Calibration(
                 self.preprocessor.pixels(chosen_images),
@@ -161,9 +224,14 @@ class Source:
 
     @functools.cached_property
     def image_task(self) -> Images | None:
-        """The card's labelled images (read once: calibration and the accuracy report)."""
+        """The user's labelled images (--eval-data), else the card's (read once: calibration and the
+        accuracy report)."""
         from redux_edge.datasets import images
 
+        data = self.eval_data
+        if data is not None and data.images is not None and data.labels is not None:
+            empty = data.images[:0]
+            return images.Images(data.described, empty, data.labels[:0], data.images, data.labels)
         loaders = {"mnist": images.mnist, "fashion-mnist": images.fashion_mnist}
         if self.task_data not in loaders or self.preprocessor is None:
             return None

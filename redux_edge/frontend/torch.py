@@ -32,20 +32,24 @@ OPSET = 20
 
 
 def export_module(
-    module: torch.nn.Module,
+    module: torch.nn.Module | torch.export.ExportedProgram,
     inputs: dict[str, np.ndarray],
     dynamic_axes: dict[str, dict[int, str]],
     output_names: list[str],
 ) -> ir.Model:
+    """``module`` in the IR; an ExportedProgram keeps its own dynamic dims (``dynamic_axes`` unused)."""
     dims: dict[str, torch.export.Dim] = {}
     # By position, not by name: the module's forward may call its arguments anything.
-    dynamic_shapes = tuple(
-        {
-            axis: dims.setdefault(label, torch.export.Dim(label))
-            for axis, label in dynamic_axes.get(name, {}).items()
-        }
-        for name in inputs
-    )
+    dynamic_shapes = None
+    if isinstance(module, torch.nn.Module):
+        module = module.eval()
+        dynamic_shapes = tuple(
+            {
+                axis: dims.setdefault(label, torch.export.Dim(label))
+                for axis, label in dynamic_axes.get(name, {}).items()
+            }
+            for name in inputs
+        )
     args = tuple(torch.from_numpy(array) for array in inputs.values())
     # The exporter narrates its steps on stdout and warns about optional torchvision ops; our CLI has its
     # own progress display and the user cannot act on either.
@@ -53,7 +57,7 @@ def export_module(
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as narration:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module.eval(),
+            module,
             args,
             input_names=list(inputs),
             output_names=output_names,

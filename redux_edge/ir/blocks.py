@@ -1,13 +1,15 @@
 """Transformer blocks found in an ONNX graph by following its values: attention, feed-forward, layers.
 
 Follows the BERT-family layer (Vaswani et al., 2017; Devlin et al., 2019) as exporters write it in ONNX:
-Q/K/V projections (MatMul with a constant weight, optional bias Add) -> reshape to [batch, seq, heads,
-head_dim] -> scores MatMul -> scale, mask, Softmax -> context MatMul with V -> merge heads -> output
-projection -> residual Add (-> LayerNormalization in post-LN models); the feed-forward block is a projection,
-an elementwise activation and a projection back, with its own residual Add. Matching anchors on Softmax and
-follows dataflow, not node names, so it finds the blocks of torch dynamo exports of our zoo and of Hugging
-Face BertModel, DistilBert and Roberta alike. An attention-like Softmax that cannot be followed is reported
-with its node and the reason; the structural passes then change nothing.
+Q/K/V projections (MatMul with a constant weight, optional bias Add) -> split into heads -> scores MatMul
+-> scale, mask, Softmax -> context MatMul with V -> merge heads -> output projection -> residual Add (->
+LayerNormalization in post-LN models); the feed-forward block is a projection, an elementwise activation
+and a projection back, with its own residual Add. Matching anchors on Softmax and follows dataflow, not
+node names; between a projection and the attention MatMuls any chain of reshapes, transposes and scalar
+scales is accepted, the heads being followed through it as factors (``redux_edge.ir.heads``). So it finds
+the blocks of BERT, DistilBERT, RoBERTa and ViT exported by torch dynamo or TorchScript, with dynamic or
+static shapes. An attention-like Softmax that cannot be followed is reported with its node and the
+reason; the structural passes then change nothing.
 
 Without attention, the removable blocks are CNN residual blocks (an Add of a value and a branch computed
 from it alone, equal shapes). Layers are numbered once, in graph order, and the number is written into
@@ -23,14 +25,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from redux_edge.ir.heads import (
+    FOLLOWED,
+    Factor,
+    Shapes,
+    ShapeSlot,
+    Unmatched,
+    concrete_shapes,
+    const_array,
+    input_of,
+    merge_heads,
+    split_heads,
+)
+
 __all__ = [
     "AttentionBlock",
     "FeedForwardBlock",
     "Layer",
     "Linear",
-    "ShapeSlot",
     "Structure",
-    "Unmatched",
     "find_structure",
     "number_layers",
 ]
@@ -40,33 +53,10 @@ _ELEMENTWISE = frozenset(
     {"Gelu", "Relu", "Erf", "Mul", "Add", "Div", "Sub", "Sigmoid", "Tanh", "Pow", "Sqrt", "Neg", "Softplus"}
     | {"Elu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Mish", "FastGelu", "QuickGelu"}
 )
-# Ops between a head-split reshape and the scores/context MatMul that do not change which head is where.
-_HEAD_PATH = frozenset({"Transpose", "Reshape", "Mul", "Div", "Cast", "Identity"})
+# The most nodes between a projection and an attention MatMul (static exports fold and unfold the heads).
+_LONGEST_HEAD_PATH = 12
 # Ops between the scores MatMul, Softmax and the context MatMul: scaling, masking, NaN guards.
 _SCORE_PATH = frozenset({"Add", "Div", "Mul", "Where", "Cast", "Sub", "IsNaN", "Identity", "Dropout"})
-
-
-class Unmatched(Exception):
-    """A block the passes cannot follow: which node, and why."""
-
-    def __init__(self, node: ir.Node, reason: str) -> None:
-        super().__init__(f"node '{node.name}' ({node.op_type}): {reason}")
-        self.node = node
-
-
-def input_of(node: ir.Node, index: int) -> ir.Value:
-    """Input ``index`` of ``node``, which every op the blocks are matched through has."""
-    value = node.inputs[index]
-    if value is None:
-        raise Unmatched(node, f"input {index} is omitted")
-    return value
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
 
 
 def _is_scalar_const(value: ir.Value | None) -> bool:
@@ -130,7 +120,7 @@ def _linear_ending_at(value: ir.Value | None) -> Linear | None:
 
 def _linear_starting_at(value: ir.Value) -> Linear | None:
     """The one Linear that consumes ``value`` as its data input."""
-    consumers = value.consumers()
+    consumers = _data_consumers(value)
     if len(consumers) != 1 or consumers[0].op_type != "MatMul" or consumers[0].inputs[0] is not value:
         return None
     matmul = consumers[0]
@@ -144,57 +134,6 @@ def _linear_starting_at(value: ir.Value) -> Linear | None:
 
 
 @dataclass
-class ShapeSlot:
-    """One element of a Reshape's shape input that holds a head count or width, and where it comes from:
-    a constant shape, or a constant piece of a Concat that builds the shape at run time."""
-
-    reshape: ir.Node
-    position: int
-    value: int
-    concat: ir.Node | None = None
-    piece: int = 0
-    offset: int = 0
-
-
-def _shape_slot(reshape: ir.Node, position: int) -> ShapeSlot | None:
-    """Where element ``position`` of the Reshape's target shape is set; None where it is -1 (inferred)."""
-    shape = input_of(reshape, 1)
-    if position < 0:
-        length = _static_length(shape)
-        if length is None:
-            raise Unmatched(reshape, "its target shape has no static length")
-        position += length
-    array = const_array(shape)
-    if array is not None:
-        return None if array[position] == -1 else ShapeSlot(reshape, position, int(array[position]))
-    producer = shape.producer()
-    if producer is None or producer.op_type != "Concat":
-        raise Unmatched(reshape, "its target shape is computed at run time, not from constant pieces")
-    offset = 0
-    for index in range(len(producer.inputs)):
-        length = _static_length(input_of(producer, index))
-        if length is None:
-            raise Unmatched(reshape, f"piece {index} of its target shape has no static length")
-        if offset <= position < offset + length:
-            array = const_array(input_of(producer, index))
-            if array is None:
-                raise Unmatched(reshape, f"element {position} of its target shape is computed at run time")
-            value = int(array.reshape(-1)[position - offset])
-            return None if value == -1 else ShapeSlot(reshape, position, value, producer, index, offset)
-        offset += length
-    raise Unmatched(reshape, f"its target shape has no element {position}")
-
-
-def _static_length(value: ir.Value) -> int | None:
-    array = const_array(value)
-    if array is not None:
-        return int(array.size)
-    if value.shape is not None and len(value.shape) == 1 and isinstance(value.shape[0], int):
-        return value.shape[0]
-    return None
-
-
-@dataclass
 class AttentionBlock:
     query: Linear
     key: Linear
@@ -203,8 +142,7 @@ class AttentionBlock:
     heads: int
     head_dim: int
     context: ir.Node
-    head_slots: list[ShapeSlot]
-    width_slots: list[ShapeSlot]
+    shape_slots: list[ShapeSlot]
     entry: ir.Value | None
     residual: ir.Node | None
     layer: int = -1
@@ -268,42 +206,46 @@ def _walk(value: ir.Value, allowed: frozenset[str], limit: int = 32) -> Iterator
             stack.extend(v.producer() for v in node.inputs if v is not None and const_array(v) is None)
 
 
-def _projection(value: ir.Value, anchor: ir.Node, role: str) -> tuple[Linear, ir.Node]:
-    """The projection feeding one side of the attention, and the Reshape that splits it into heads."""
-    node = value.producer()
-    while node is not None and node.op_type in _HEAD_PATH:
-        data = node.inputs[0]
+def _projection(value: ir.Value, anchor: ir.Node, role: str) -> tuple[Linear, list[ir.Node]]:
+    """The projection feeding one side of the attention, and the nodes from it to ``anchor``, in order."""
+    chain: list[ir.Node] = []
+    current: ir.Value | None = value
+    while current is not None and len(chain) <= _LONGEST_HEAD_PATH:
+        linear = _linear_ending_at(current)
+        if linear is not None:
+            return linear, chain[::-1]
+        node = current.producer()
+        if node is None or node.op_type not in FOLLOWED:
+            break
+        current = node.inputs[0]
         if node.op_type in ("Mul", "Div"):
-            data, *scales = sorted(node.inputs, key=lambda v: const_array(v) is not None)
+            current, *scales = sorted(node.inputs, key=lambda v: const_array(v) is not None)
             if not all(_is_scalar_const(scale) for scale in scales):
                 raise Unmatched(node, f"the {role} path is scaled by a non-scalar")
-        if node.op_type == "Reshape":
-            linear = _linear_ending_at(node.inputs[0])
-            if linear is not None:
-                return linear, node
-            if const_array(node.inputs[1]) is not None:
-                raise Unmatched(node, f"a constant reshape on the {role} path would not follow pruned heads")
-        node = data.producer() if data is not None else None
+        chain.append(node)
     raise Unmatched(anchor, f"no projection with a constant weight feeds the {role} side")
 
 
-def _head_geometry(split: ir.Node, width: int) -> tuple[int, int]:
-    shape = split.outputs[0].shape
-    if shape is None or len(shape) != 4:
-        raise Unmatched(split, "the head split does not produce a 4-D [batch, seq, heads, head_dim] value")
-    heads: int | ir.SymbolicDim | None = shape[2]
-    head_dim: int | ir.SymbolicDim | None = shape[3]
-    if not isinstance(head_dim, int):
-        slot = _shape_slot(split, 3)
-        head_dim = slot.value if slot else None
-    if not isinstance(heads, int) and isinstance(head_dim, int):
-        heads = width // head_dim
-    if not isinstance(heads, int) or not isinstance(head_dim, int) or heads * head_dim != width:
-        raise Unmatched(split, f"cannot tell heads and head size of a width-{width} projection")
-    return heads, head_dim
+def _merge_chain(context: ir.Node) -> tuple[list[ir.Node], Linear]:
+    """The nodes from the context MatMul to the output projection, and that projection."""
+    chain: list[ir.Node] = []
+    current = context.outputs[0]
+    while len(chain) <= _LONGEST_HEAD_PATH:
+        linear = _linear_starting_at(current)
+        if linear is not None:
+            return chain, linear
+        users = _data_consumers(current)
+        if len(users) != 1 or users[0].op_type not in ("Transpose", "Reshape", "Cast", "Identity"):
+            break
+        chain.append(users[0])
+        current = users[0].outputs[0]
+    raise Unmatched(
+        chain[-1] if chain else context,
+        "the context does not reach one output projection with a constant weight",
+    )
 
 
-def _match_attention(softmax: ir.Node) -> AttentionBlock:
+def _match_attention(softmax: ir.Node, shapes: Shapes) -> AttentionBlock:
     contexts = [
         node
         for node in _consumers_through(softmax.outputs[0], _SCORE_PATH)
@@ -319,32 +261,40 @@ def _match_attention(softmax: ir.Node) -> AttentionBlock:
     ]
     if not scores:
         raise Unmatched(softmax, "no scores MatMul (query x key) feeds it")
-    query, query_split = _projection(input_of(scores[0], 0), scores[0], "query")
-    key, key_split = _projection(input_of(scores[0], 1), scores[0], "key")
-    value, value_split = _projection(input_of(context, 1), context, "value")
-    width = query.weight.shape[1]
-    if key.weight.shape[1] != width or value.weight.shape[1] != width:
+    sides = [(scores[0], 0, "query"), (scores[0], 1, "key"), (context, 1, "value")]
+    projections = [_projection(input_of(anchor, index), anchor, role) for anchor, index, role in sides]
+    width = projections[0][0].weight.shape[1]
+    if any(linear.weight.shape[1] != width for linear, _ in projections):
         raise Unmatched(scores[0], "query, key and value projections differ in width")
-    heads, head_dim = _head_geometry(query_split, width)
-    merge = _single_consumer(context.outputs[0], "Transpose", context)
-    merge = _single_consumer(merge.outputs[0], "Reshape", merge)
-    output = _linear_starting_at(merge.outputs[0])
-    if output is None or output.weight.shape[0] != width:
-        raise Unmatched(merge, "the merged heads do not feed one output projection with a constant weight")
-    head_slots = [
-        slot for split in (query_split, key_split, value_split) if (slot := _shape_slot(split, 2)) is not None
+    layouts = [
+        split_heads(chain, width, shapes, role, anchor)
+        for (_, chain), (anchor, _, role) in zip(projections, sides, strict=True)
     ]
-    width_slots = [slot for slot in (_shape_slot(merge, -1),) if slot is not None]
-    for slot in head_slots + width_slots:
-        expected = heads if slot in head_slots else width
-        if slot.value != expected:
-            raise Unmatched(
-                slot.reshape, f"its shape element {slot.position} is {slot.value}, not {expected}"
-            )
+    value_layout = layouts[2]
+    heads, head_dim = value_layout.heads, value_layout.head_dim
+    positions = set()
+    for layout, (anchor, index, role) in zip(layouts, sides, strict=True):
+        dims = shapes.get(input_of(anchor, index), ())
+        # Keys reach the scores MatMul transposed: [.., head size, seq].
+        size_at = Factor(dims[-1] if role == "key" else 1, head_dim) if dims else None
+        if (layout.heads, layout.head_dim) != (heads, head_dim) or layout.head_dim_factor != size_at:
+            raise Unmatched(anchor, f"the {role} side does not reach it as [.., heads, seq, head size]")
+        positions.add(layout.batch_position(dims))
+    if len(positions) != 1:
+        raise Unmatched(scores[0], "query, key and value carry their heads on different axes")
+    merge, output = _merge_chain(context)
+    merge_slots = merge_heads(merge, context, value_layout, shapes)
+    if output.weight.shape[0] != width:
+        raise Unmatched(output.matmul, f"the output projection does not take the {width} merged features")
+    slots = [slot for layout in layouts for slot in layout.slots] + merge_slots
     entry, residual = _residual(output.output)
-    return AttentionBlock(
-        query, key, value, output, heads, head_dim, context, head_slots, width_slots, entry, residual
-    )
+    (query, _), (key, _), (value, _) = projections
+    return AttentionBlock(query, key, value, output, heads, head_dim, context, slots, entry, residual)
+
+
+def _data_consumers(value: ir.Value) -> list[ir.Node]:
+    """The nodes that read ``value``'s data (a Shape reads only its dims, which follow any pruning)."""
+    return [node for node in value.consumers() if node.op_type not in ("Shape", "Size")]
 
 
 def _consumers_through(value: ir.Value, allowed: frozenset[str], limit: int = 12) -> list[ir.Node]:
@@ -360,13 +310,6 @@ def _consumers_through(value: ir.Value, allowed: frozenset[str], limit: int = 12
             else:
                 found.append(node)
     return found
-
-
-def _single_consumer(value: ir.Value, op_type: str, after: ir.Node) -> ir.Node:
-    consumers = value.consumers()
-    if len(consumers) != 1 or consumers[0].op_type != op_type:
-        raise Unmatched(after, f"its output should feed exactly one {op_type} (merging heads)")
-    return consumers[0]
 
 
 def _residual(value: ir.Value) -> tuple[ir.Value | None, ir.Node | None]:
@@ -422,10 +365,11 @@ def find_structure(model: ir.Model) -> Structure:
     """Every attention and feed-forward block of the main graph, paired into layers where they alternate."""
     structure = Structure()
     order = {node: index for index, node in enumerate(model.graph)}
+    shapes = concrete_shapes(model) if any(node.op_type == "Softmax" for node in model.graph) else {}
     for node in model.graph:
         if node.op_type == "Softmax":
             try:
-                structure.attention.append(_match_attention(node))
+                structure.attention.append(_match_attention(node, shapes))
             except Unmatched as exc:
                 structure.problems.append(str(exc))
         elif node.op_type == "MatMul" and (block := _match_feed_forward(node)) is not None:
@@ -451,7 +395,12 @@ def _pair_layers(structure: Structure, order: dict[ir.Node, int]) -> list[Layer]
             return []
         exit_value = ffn.residual.outputs[0]
         users = exit_value.consumers()
-        if len(users) == 1 and users[0].op_type == "LayerNormalization":
+        # Post-LN (BERT): the layer ends in its LayerNormalization, as its entry came out of the previous
+        # one. Pre-LN (ViT): the stream between layers is the residual sum, and a LayerNormalization after
+        # the last layer is the model's final one, not the layer's.
+        entry = attn.entry.producer()
+        post_norm = entry is not None and entry.op_type == "LayerNormalization"
+        if post_norm and len(users) == 1 and users[0].op_type == "LayerNormalization":
             exit_value = users[0].outputs[0]
         layers.append(Layer(attn.layer, attn, ffn, attn.entry, exit_value))
     return layers

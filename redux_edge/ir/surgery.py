@@ -11,7 +11,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from redux_edge.ir.blocks import Linear, ShapeSlot, const_array
+from redux_edge.ir.blocks import Linear
+from redux_edge.ir.heads import ShapeSlot, const_array
 
 __all__ = [
     "bypass",

@@ -24,7 +24,6 @@ import numpy as np
 import onnx_ir as ir
 
 from redux_edge.passes.contract import CompileContext, PassOutcome, ReferenceChange, Section
-from redux_edge.preprocess import TextPreprocessor
 
 if TYPE_CHECKING:
     from torch import nn
@@ -91,6 +90,7 @@ class CompressionSection(Section):
 
     @staticmethod
     def render(section: dict, manifest: Mapping[str, Any]) -> list[str]:
+        from redux_edge.analysis.quality import quality_line
         from redux_edge.files import human_bytes
 
         lines = []
@@ -121,18 +121,7 @@ class CompressionSection(Section):
                 f"  sparsity {sparsity['pattern']} in {sparsity['sparsified']} of {sparsity['weights']} "
                 f"weights ({', '.join(masks) or 'none'} masks){packed}; {runs}"
             )
-        quality = section["quality"]
-        if quality.get("measured", True):
-            cosine, probe = quality["embedding_cosine"], quality["probe_accuracy"]
-            lines.append(
-                f"  quality  {quality['task']}, {quality['train_sentences']} train / "
-                f"{quality['test_sentences']} test: embedding cosine to dense {cosine['mean']:.3f} (min "
-                f"{cosine['min']:.3f}); linear-probe accuracy {probe['dense']:.3f} dense -> "
-                f"{probe['compressed']:.3f} ({probe['retention']:.1%} kept, before fine-tuning; the dense "
-                f"probe unchanged: {probe['dense_probe_on_compressed']:.3f})"
-            )
-        else:
-            lines.append(f"  quality  not measured: {quality['why']}")
+        lines.append(quality_line(section["quality"]))
         speed = section["speed"]
         if speed.get("measured", True):
             shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in speed["shapes"].items())
@@ -211,14 +200,10 @@ def _report(section: CompressionSection, context: CompileContext) -> dict:
             "compiled": find_structure(source.model).summary(),
         },
     }
-    texts = source.text_task
-    if texts is not None and isinstance(source.preprocessor, TextPreprocessor):
-        from redux_edge.analysis.quality import text_quality
+    from redux_edge.analysis.quality import quality_report
 
-        with context.step("measuring quality on Rotten Tomatoes (embedding cosine, linear probe)"):
-            report["quality"] = text_quality(dense, source.model, source.preprocessor, texts)
-    else:
-        report["quality"] = {"measured": False, "why": "the model card names no task data"}
+    with context.step("measuring quality, dense vs compressed"):
+        report["quality"] = quality_report(dense, source.model, source)
     if not section.plan:
         report["speed"] = {
             "measured": False,
@@ -236,7 +221,7 @@ _SPEED_BLOCKS, _SPEED_CALLS = 4, 10
 
 def _speed_vs_dense(context: CompileContext, dense: ir.Model) -> dict:
     """p50 latency of the dense and the compressed artifact in one process, same inputs and threads;
-    text models at batch 1, sequence 128."""
+    at the model's static shape, else batch 1 (text: sequence 128)."""
     from redux_edge.frontend.source import fit_inputs
     from redux_edge.runtime.session import open_artifact
 
@@ -245,10 +230,16 @@ def _speed_vs_dense(context: CompileContext, dense: ir.Model) -> dict:
     if not runs or backend.static_shapes:
         why = why if not runs else "static-shape artifact: compare with tools/bench.py"
         return {"measured": False, "why": why}
+    text = source.preprocessor is not None and source.preprocessor.kind == "text"
     shapes = {}
-    if source.preprocessor is not None and source.preprocessor.kind == "text":
-        shapes = {name: [1, 128] for name in source.inputs}
-    feeds = fit_inputs({name: array[:1] for name, array in source.inputs.items()}, shapes)
+    for value in dense.graph.inputs:
+        name, sample = str(value.name), source.inputs[str(value.name)]
+        # A static dimension is what the model takes; otherwise batch 1 and, for text, sequence 128.
+        shapes[name] = [
+            dim if isinstance(dim, int) else 1 if axis == 0 else 128 if text else sample.shape[axis]
+            for axis, dim in enumerate(value.shape or sample.shape)
+        ]
+    feeds = fit_inputs({name: array[: shapes[name][0]] for name, array in source.inputs.items()}, shapes)
     entry = manifest["backend"]
     threads = entry["session"]["threads"]
     assert context.stage is not None

@@ -51,7 +51,6 @@ class PruneHeadsPass(UnitPruningPass):
             bias = None if projection.bias is None else projection.bias[columns]
             replace_linear(graph, projection, projection.weight[:, columns], bias)
         replace_linear(graph, block.output, block.output.weight[columns], block.output.bias)
-        for slot in block.head_slots:
-            replace_shape_slot(graph, slot, len(kept))
-        for slot in block.width_slots:
-            replace_shape_slot(graph, slot, len(kept) * block.head_dim)
+        for slot in block.shape_slots:
+            # The element holds the heads times other dims (batch, head size): only the head count changes.
+            replace_shape_slot(graph, slot, slot.value // block.heads * len(kept))

@@ -134,6 +134,8 @@ class ProtectionSection(Section):
 
     @staticmethod
     def render(section: dict, manifest: Mapping[str, Any]) -> list[str]:
+        from redux_edge.analysis.quality import quality_line
+
         seed = str(section["seed"]) if section["seed"] >= 0 else "none (fresh draws every run)"
         lines = [
             f"  protect  mac-prune on '{section['input']}': {section['critical_pixels']} of "
@@ -141,16 +143,7 @@ class ProtectionSection(Section):
             f"p={section['drop']} per inference; expected keep rate {section['expected_keep_rate']:.2f}; "
             f"seed {seed}"
         ]
-        quality = section["quality"]
-        if quality.get("measured", True):
-            accuracy = quality["accuracy"]
-            lines.append(
-                f"  quality  {quality['task']}, {quality['test_images']} images: accuracy "
-                f"{accuracy['original']:.4f} -> {accuracy['changed']:.4f} "
-                f"({quality['points_lost']:.2f} points lost)"
-            )
-        else:
-            lines.append(f"  quality  not measured: {quality['why']}")
+        lines.append(quality_line(section["quality"]))
         if kernel := section.get("kernel"):
             checked = (
                 f"built with gcc and integer-exact on {kernel['samples']} samples"

@@ -89,9 +89,12 @@ class StructuralPass(RecipePass):
 
     def require_blocks(self, blocks: list, problems: list[str], kind: str) -> list:
         if problems:
+            article = "an" if kind[0] in "aeiou" else "a"
             raise UserError(
-                f"{self.name} cannot follow a {kind} block, {problems[0]}; the model is left unchanged",
-                "export with torch.onnx.export(dynamo=True); docs/ARCHITECTURE.md shows the matched pattern",
+                f"{self.name} cannot follow {article} {kind} block, {problems[0]}; "
+                "the model is left unchanged",
+                "the BERT, DistilBERT, RoBERTa and ViT layouts are followed (README: Your own model); "
+                "compile without this pass",
             )
         if not blocks:
             raise UserError(

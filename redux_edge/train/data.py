@@ -99,8 +99,12 @@ class DistillTask:
             entry.preprocessor, texts, recipe.optim.global_batch, recipe.data.max_length, recipe.optim.seed
         )
         self.dense = entry.module
-        self.teacher = token_states_teacher(entry.module)
+        self.teacher = self.teacher_of(entry.module)
         self.device = torch.device("cpu")
+
+    def teacher_of(self, module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The distillation target of a batch: here the zoo encoder's token states."""
+        return token_states_teacher(module)
 
     def to(self, device: torch.device) -> None:
         self.device = device

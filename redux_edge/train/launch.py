@@ -46,6 +46,15 @@ def train(
             "the deepspeed engine is not wired in this release",
             "use the default torch engine: --zero 1 (ZeroRedundancyOptimizer) or --zero 2/3 (FSDP2)",
         )
+    if Path(recipe.model).is_dir():
+        from redux_edge.frontend.huggingface import check_directory
+
+        check_directory(Path(recipe.model))
+        if recipe.task != "recover":
+            raise UserError(
+                f"the {recipe.task} task trains zoo models; a Hugging Face directory trains with recover",
+                "use models/minilm-l6/train-recover.toml with --model DIR",
+            )
     if recipe.task == "recover" and not (plan or recipe.options.get("plan")):
         raise UserError("recover needs the plan of the pruned model", "pass --plan <bundle>/manifest.json")
     if nnodes > 1 and not rdzv_endpoint:

@@ -99,6 +99,9 @@ def _section(document: dict, name: str, kind: type, path: Path):
 def _override(document: dict, assignment: str) -> None:
     key, sep, raw = assignment.partition("=")
     section, dot, name = key.partition(".")
+    if sep and key == "model":  # the one top-level key worth overriding: train another model
+        document["model"] = raw
+        return
     if not sep or not dot:
         raise UserError(
             f"cannot read --set {assignment}", "write --set section.key=value, e.g. optim.steps=10"

@@ -115,7 +115,8 @@ class RecoverTask(DistillTask):
 def compile_recipe(plan_file: Path, plan: dict) -> str:
     """A compile recipe that removes exactly the plan's units (it names the plan by absolute path)."""
     lines = ["# Written by `redux-edge train`: removes exactly the units of the plan beside it.", ""]
-    for name, key in (("drop-layers", "layers"), ("prune-heads", "heads"), ("prune-ffn", "ffn")):
+    # Layers last: a plan may name heads or neurons of a layer it also drops (a compile that pruned first).
+    for name, key in (("prune-heads", "heads"), ("prune-ffn", "ffn"), ("drop-layers", "layers")):
         if plan.get(key):
             lines += [
                 "[[passes]]",

@@ -39,6 +39,11 @@ def _task(recipe: TrainRecipe):
     from redux_edge.train.tasks import AdapterTask, MaskTask
 
     tasks = {"shrp": ShrpTask, "recover": RecoverTask, "maskllm": MaskTask, "adapters": AdapterTask}
+    if Path(recipe.model).is_dir():
+        from redux_edge.frontend.huggingface import load_directory
+        from redux_edge.train.recover_directory import DirectoryRecoverTask
+
+        return DirectoryRecoverTask(load_directory(Path(recipe.model)), recipe)
     entry = zoo.load_model(recipe.model)
     if entry.architecture.get("family") != "bert":
         raise UserError(f"training tasks take BERT-family zoo models, not {recipe.model}", "use minilm-l6")

@@ -1,0 +1,129 @@
+"""A ``torch.export`` program saved with ``torch.export.save`` (``.pt2``) as a source, vetted before torch
+reads it.
+
+``torch.export.load`` can unpickle: payloads marked ``use_pickle``, custom (``custom_obj_``) and opaque
+(``opaque_obj_``) objects among the constants, the legacy archive layouts, and the sample inputs (read
+with ``torch.load(weights_only=True)``, then, if that fails, again with ``weights_only=False``); an
+AOTInductor package even loads a shared library. The archive is untrusted, so its index is read first and
+anything but the pickle-free layout is refused: every weight and constant a raw tensor payload described
+in JSON, no compiled artifacts, and sample inputs that load here with ``weights_only=True`` (so torch's own
+first attempt succeeds and its fallback never runs). Only then does torch load it. The program is
+translated to ONNX with its own dynamic dims, and its module is the reference.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from redux_edge.errors import UserError
+from redux_edge.frontend.source import Source, check_feeds, fit_inputs
+from redux_edge.frontend.torch import export_module, run_module
+from redux_edge.passes.contract import Step, no_progress
+from redux_edge.preprocess import read_inputs
+
+__all__ = ["pt2_source"]
+
+_HINT = "save the program with torch.export.save from plain tensors (no custom objects), or export to ONNX"
+_COMPILED = ("data/aotinductor/", "data/executorch/", "data/mtia", "xl_model_weights/")
+
+
+def _refuse(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a .pt2 redux-edge loads: {why}", _HINT)
+
+
+def _payloads(archive: zipfile.ZipFile, name: str, path: Path) -> dict:
+    try:
+        return json.loads(archive.read(name))["config"]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise _refuse(path, f"{PurePosixPath(name).name} is missing or not JSON") from exc
+
+
+def vet_archive(path: Path) -> None:
+    """Refuse an archive whose loading could unpickle or run code (see the module's docstring)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise _refuse(path, f"not a zip archive ({exc})") from exc
+    with archive:
+        names = archive.namelist()
+        roots = {PurePosixPath(name).parts[0] for name in names if PurePosixPath(name).parts}
+        if len(roots) != 1 or any(".." in PurePosixPath(n).parts or n.startswith("/") for n in names):
+            raise _refuse(path, "its files do not sit in one archive folder")
+        root = roots.pop() + "/"
+        inside = {name[len(root) :] for name in names}
+        if "archive_format" not in inside or archive.read(root + "archive_format").strip() != b"pt2":
+            raise _refuse(path, "no pt2 archive_format (a legacy layout, which loads with pickle)")
+        models = sorted(name for name in inside if name.startswith("models/") and name.endswith(".json"))
+        if models != ["models/model.json"]:
+            raise _refuse(path, f"it holds the programs {models}, not one 'model'")
+        if compiled := sorted(name for name in inside if name.startswith(_COMPILED)):
+            raise _refuse(path, f"it carries compiled code ({compiled[0]})")
+        if {"data/weights/model.pt", "data/constants/model.pt"} & inside:
+            raise _refuse(path, "its weights are in the legacy pickled file")
+        weights = _payloads(archive, root + "data/weights/model_weights_config.json", path)
+        constants = _payloads(archive, root + "data/constants/model_constants_config.json", path)
+        for fqn, payload in {**weights, **constants}.items():
+            if payload.get("use_pickle") or not str(payload.get("path_name", "")).startswith(
+                ("weight_", "tensor_")
+            ):
+                raise _refuse(path, f"'{fqn}' is stored as a pickled object")
+        try:
+            torch.load(io.BytesIO(archive.read(root + "data/sample_inputs/model.pt")), weights_only=True)
+        except Exception as exc:  # torch.load raises many types for what it refuses
+            raise _refuse(path, "its sample inputs are not plain tensors") from exc
+
+
+def pt2_source(
+    path: Path,
+    shapes: dict[str, list[int]] | None = None,
+    inputs_file: Path | None = None,
+    step: Step = no_progress,
+) -> Source:
+    vet_archive(path)
+    with step(f"loading {path.name} with torch.export.load (vetted: no pickles)"):
+        try:
+            program = torch.export.load(path)
+        except Exception as exc:  # the deserializer raises many types for a damaged archive
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise _refuse(path, f"torch cannot read it ({first_line})") from exc
+    placeholders = {
+        node.name: node.meta.get("val")
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
+    }
+    names = list(placeholders)
+    args, kwargs = program.example_inputs or ((), {})
+    if inputs_file is not None:
+        inputs = read_inputs(inputs_file, names, None)
+    elif args and not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        inputs = {name: arg.detach().numpy() for name, arg in zip(names, args, strict=True)}
+    else:
+        raise UserError(
+            f"{path} has no tensor sample inputs", "give --inputs FILE.npz with one array per input"
+        )
+    inputs = fit_inputs({name: np.asarray(array) for name, array in inputs.items()}, shapes or {})
+    reference = run_module(program.module(), inputs)
+    outputs = ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
+    with step(f"exporting {path.name} with torch.onnx (dynamo)"):
+        try:
+            exported = export_module(program, inputs, {}, outputs)
+        except Exception as exc:  # the exporter raises its own types for what it cannot translate
+            first_line = str(exc).strip().splitlines()[0]
+            raise UserError(
+                f"torch.onnx.export cannot translate {path}: {first_line}", "--debug shows why"
+            ) from exc
+    check_feeds(exported, inputs)
+    return Source(
+        name=path.stem,
+        origin={"pt2": str(path)},
+        model=exported,
+        inputs=inputs,
+        reference_outputs=reference,
+        reference_kind="pytorch (torch.export program)",
+    )
