@@ -148,3 +148,24 @@ def test_a_directory_recovers_after_pruning_and_compiles_with_the_written_recipe
         == json.loads((pruned / "manifest.json").read_text())["compression"]["plan"]
     )
     assert manifest["verify"]["reference"].startswith("pytorch (transformers)")
+
+
+@pytest.mark.slow
+def test_a_directory_trains_shrp_routing_into_a_head_plan_the_compile_applies(cli, tmp_path):
+    folder = _family_directory(tmp_path, "distilbert")
+    recipes = Path(__file__).parents[1] / "models" / "minilm-l6"
+    out = tmp_path / "shrp"
+    trained = cli(
+        "train", recipes / "train-shrp.toml", "--model", folder, "-o", out,
+        "--set", "optim.steps=4", "--set", "data.sentences=128",
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    assert {layer: len(heads) for layer, heads in plan["heads"].items()} == {"0": 2, "1": 2}
+    compiled = cli(
+        "compile", "-m", folder, "--recipe", out / "recipe.toml", "-o", tmp_path / "routed", "--json"
+    )
+    assert compiled.exit_code == 0, compiled.stderr
+    assert json.loads(compiled.stdout)["metrics"]["structure"]["heads_per_layer"] == {"0": 2, "1": 2}
+    refused = cli("train", recipes / "train-maskllm.toml", "--model", folder, "-o", tmp_path / "out")
+    assert_clean_user_error(refused, tmp_path, message="trains zoo models")

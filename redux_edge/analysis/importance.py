@@ -165,7 +165,7 @@ def _require(calibration: Feeds | None, pass_name: str) -> Feeds:
     if not calibration:
         raise UserError(
             f"{pass_name} with calibration importance needs calibration inputs",
-            "compile a zoo model, or give --inputs with real samples",
+            "give --calibration-data with real samples (or compile a zoo model)",
         )
     return calibration
 

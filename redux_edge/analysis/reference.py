@@ -31,7 +31,7 @@ from redux_edge.ir.blocks import find_structure
 from redux_edge.ir.surgery import bypass, head_columns, new_initializer, replace_linear
 from redux_edge.ir.weights import find_weights
 
-__all__ = ["masked", "masked_graph", "transformer_layers"]
+__all__ = ["masked", "masked_graph", "output_projection", "transformer_layers"]
 
 _LAYER_LISTS = ("encoder.layer", "transformer.layer", "layers")
 _OUTPUT_PROJECTIONS = ("attention.output.dense", "attention.out_lin", "attention.o_proj")
@@ -51,6 +51,11 @@ def transformer_layers(module: nn.Module) -> nn.ModuleList:
     layers = _find(module, _LAYER_LISTS, nested=True)
     assert isinstance(layers, nn.ModuleList), "the layer list of the BERT-family layout"
     return layers
+
+
+def output_projection(layer: nn.Module) -> nn.Module:
+    """A transformer layer's attention output projection (its input: the heads' contexts)."""
+    return _find(layer, _OUTPUT_PROJECTIONS)
 
 
 def _zero_columns(indices: torch.Tensor):
@@ -79,7 +84,7 @@ def masked(module: nn.Module, plan: dict, head_dim: int, weights: dict | None = 
         layers: Any = transformer_layers(module) if plan else []
         for layer, heads in plan.get("heads", {}).items():
             columns = torch.from_numpy(head_columns(heads, head_dim))
-            target = _find(layers[int(layer)], _OUTPUT_PROJECTIONS)
+            target = output_projection(layers[int(layer)])
             handles.append(target.register_forward_pre_hook(_zero_columns(columns)))
         for layer, neurons in plan.get("ffn", {}).items():
             target = _find(layers[int(layer)], _FFN_DOWN)

@@ -101,7 +101,10 @@ def _probe_inputs(model: ir.Model) -> Iterator[None]:
     try:
         yield
     finally:
-        del model.graph.inputs[len(original_shapes) :]
+        # clear() and extend(), not del: the graph's input list keeps each value's graph-input mark.
+        inputs = list(model.graph.inputs[: len(original_shapes)])
+        model.graph.inputs.clear()
+        model.graph.inputs.extend(inputs)
         for value, shape in zip(model.graph.inputs, original_shapes, strict=True):
             value.shape = shape
         for value, tensor in tensors.items():

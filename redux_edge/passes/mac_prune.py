@@ -267,14 +267,15 @@ class MacPrunePass(RecipePass):
             )
 
     def prepare(self, context: CompileContext) -> None:
-        """Real images for the pixel map: the card's task data (calibration split), else the user's."""
+        """Real images for the pixel map: --calibration-data, else the card's task data (calibration split),
+        else the verification inputs."""
         if self.keep_top == 0:
             return
         calibration = context.source.calibration(_PIXEL_CALIBRATION)
         if calibration.synthetic:
             raise UserError(
                 "mac-prune --mac-keep-top needs real images to choose the pixels always kept",
-                "give --inputs with calibration images (.npz), or --mac-keep-top 0 for random masking only",
+                "give --calibration-data with real images, or --mac-keep-top 0 for random masking only",
             )
         self.calibration, self.calibrated_on = calibration.feeds, calibration.described
 
@@ -294,7 +295,7 @@ class MacPrunePass(RecipePass):
             if self.calibration is None or image.name not in self.calibration:
                 raise UserError(
                     "mac-prune --mac-keep-top needs calibration images for the pixel map",
-                    "compile a zoo image model, or give --inputs with real images",
+                    "compile a zoo image model, or give --calibration-data with real images",
                 )
             from redux_edge.analysis.pixels import occlusion_importance
 

@@ -50,10 +50,11 @@ def train(
         from redux_edge.frontend.huggingface import check_directory
 
         check_directory(Path(recipe.model))
-        if recipe.task != "recover":
+        if recipe.task not in ("recover", "shrp"):
             raise UserError(
-                f"the {recipe.task} task trains zoo models; a Hugging Face directory trains with recover",
-                "use models/minilm-l6/train-recover.toml with --model DIR",
+                f"the {recipe.task} task trains zoo models; a Hugging Face directory trains with recover "
+                "or shrp",
+                "use models/minilm-l6/train-recover.toml or train-shrp.toml with --model DIR",
             )
     if recipe.task == "recover" and not (plan or recipe.options.get("plan")):
         raise UserError("recover needs the plan of the pruned model", "pass --plan <bundle>/manifest.json")

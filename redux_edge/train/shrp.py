@@ -16,6 +16,7 @@ deterministic pruning decision that replaces routing at deployment.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -29,7 +30,7 @@ from redux_edge.train.data import DistillTask, sentence_distance
 from redux_edge.train.recover import compile_recipe
 from redux_edge.zoo.bert import BertSentenceEncoder, Layer, TokenStates
 
-__all__ = ["ShrpTask"]
+__all__ = ["Options", "Routed", "ShrpTask"]
 
 
 @dataclass
@@ -71,41 +72,51 @@ class _Expander(nn.Module):
         return states + self.up(nn.functional.gelu(self.down(states)))
 
 
-class _Routed(nn.Module):
-    """The frozen encoder with routers (and expanders) hooked into its layers; forward returns the loss."""
+class Routed(nn.Module):
+    """A frozen model with routers (and expanders) hooked into its layers; forward returns the loss.
 
-    def __init__(self, encoder: BertSentenceEncoder, options: Options, seed: int) -> None:
+    ``states`` computes what is distilled from (ids, mask); ``layers`` are its transformer layers and
+    ``projections`` each layer's attention output projection, whose input (the heads' contexts) the gates
+    scale; ``distance`` compares ``states``'s output with the dense model's."""
+
+    def __init__(
+        self,
+        states: nn.Module,
+        layers: Sequence[nn.Module],
+        projections: Sequence[nn.Module],
+        size: tuple[int, int],
+        options: Options,
+        seed: int,
+        distance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = sentence_distance,
+    ) -> None:
         super().__init__()
-        config = encoder.config
-        self.heads = config.num_heads
-        self.head_dim = config.hidden_size // config.num_heads
-        keep = config.num_heads - round(options.fraction * config.num_heads)
+        hidden, self.heads = size
+        self.head_dim = hidden // self.heads
+        keep = self.heads - round(options.fraction * self.heads)
         generator = torch.Generator().manual_seed(seed)
-        self.states = TokenStates(encoder)
+        self.states, self.distance = states, distance
         self.states.requires_grad_(False)
-        self.routers = nn.ModuleList(
-            _Router(config.hidden_size, config.num_heads, keep, generator) for _ in encoder.encoder.layer
-        )
+        self.routers = nn.ModuleList(_Router(hidden, self.heads, keep, generator) for _ in layers)
         self.expanders = nn.ModuleList(
-            _Expander(config.hidden_size, options.expander) for _ in encoder.encoder.layer if options.expander
+            _Expander(hidden, options.expander) for _ in layers if options.expander
         )
         # Usage on this rank's real tokens: Top-1 counts and summed shares, per layer and head.
         self.top1 = torch.zeros(len(self.routers), self.heads)
         self.share = torch.zeros(len(self.routers), self.heads)
         self.tokens = torch.zeros(())
-        layers = cast(list[Layer], list(encoder.encoder.layer))
         routers = cast(list[_Router], list(self.routers))
         expanders = cast(list[_Expander], list(self.expanders))
-        for index, (layer, router) in enumerate(zip(layers, routers, strict=True)):
-            layer.register_forward_pre_hook(self._remember(router))
-            layer.attention.output.dense.register_forward_pre_hook(self._route(index, router))
+        for index, (layer, projection, router) in enumerate(zip(layers, projections, routers, strict=True)):
+            layer.register_forward_pre_hook(self._remember(router), with_kwargs=True)
+            projection.register_forward_pre_hook(self._route(index, router))
             if options.expander:
-                layer.attention.register_forward_hook(self._expand(expanders[index]))
+                attention = cast(Layer, layer).attention
+                attention.register_forward_hook(self._expand(expanders[index]))
 
     @staticmethod
     def _remember(router: _Router):
-        def hook(_: nn.Module, args: tuple) -> None:
-            router.tokens = args[0]
+        def hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            router.tokens = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
 
         return hook
 
@@ -138,7 +149,7 @@ class _Routed(nn.Module):
         for router in self.routers:
             router.mask = attention_mask
         self.tokens += attention_mask.sum()
-        return sentence_distance(self.states(input_ids, attention_mask), teacher, attention_mask)
+        return self.distance(self.states(input_ids, attention_mask), teacher, attention_mask)
 
 
 class ShrpTask(DistillTask):
@@ -147,15 +158,22 @@ class ShrpTask(DistillTask):
         self.options = Options(**recipe.options)
         if not 0.0 < self.options.fraction < 1.0:
             raise UserError(f"shrp fraction {self.options.fraction} is not in (0, 1)", "e.g. fraction = 0.5")
+        self.module = self.routed(entry, recipe.optim.seed)
+
+    def routed(self, entry, seed: int) -> Routed:
+        """The zoo encoder, frozen, with its routers; ``blocks``: its layers."""
         encoder = BertSentenceEncoder(entry.module.config)
         encoder.load_state_dict(entry.module.state_dict())
-        self.module = _Routed(encoder, self.options, recipe.optim.seed)
-        self.blocks = list(encoder.encoder.layer)
+        layers = list(encoder.encoder.layer)
+        self.blocks = layers
+        projections = [cast(Layer, layer).attention.output.dense for layer in layers]
+        size = (encoder.config.hidden_size, encoder.config.num_heads)
+        return Routed(TokenStates(encoder), layers, projections, size, self.options, seed)
 
     def usage(self) -> dict[str, torch.Tensor]:
         """This rank's usage counters (the worker sums them over ranks before ``finish``)."""
         routed = self.module
-        assert isinstance(routed, _Routed)
+        assert isinstance(routed, Routed)
         return {"top1": routed.top1, "share": routed.share, "tokens": routed.tokens}
 
     def finish(self, state: dict[str, torch.Tensor], out: Path, usage: dict[str, torch.Tensor]) -> dict:

@@ -41,9 +41,10 @@ def _task(recipe: TrainRecipe):
     tasks = {"shrp": ShrpTask, "recover": RecoverTask, "maskllm": MaskTask, "adapters": AdapterTask}
     if Path(recipe.model).is_dir():
         from redux_edge.frontend.huggingface import load_directory
-        from redux_edge.train.recover_directory import DirectoryRecoverTask
+        from redux_edge.train.directory import DirectoryRecoverTask, DirectoryShrpTask
 
-        return DirectoryRecoverTask(load_directory(Path(recipe.model)), recipe)
+        directory_tasks = {"recover": DirectoryRecoverTask, "shrp": DirectoryShrpTask}
+        return directory_tasks[recipe.task](load_directory(Path(recipe.model)), recipe)
     entry = zoo.load_model(recipe.model)
     if entry.architecture.get("family") != "bert":
         raise UserError(f"training tasks take BERT-family zoo models, not {recipe.model}", "use minilm-l6")
