@@ -261,3 +261,24 @@ def test_an_unsupported_architecture_compiles_plain_and_the_structural_passes_sa
             if "heads" in flag
             else "cannot follow a transformer layer block",
         )
+
+
+@pytest.mark.slow
+def test_a_raw_torchscript_export_prunes_without_the_cleanup_first(modules, tmp_path):
+    """A recipe that prunes before any clean-up: TorchScript's Identity-wrapped parameters and Concat-built
+    shapes are followed as the exporter wrote them."""
+    from redux_edge.recipe import recipe_from_dict
+
+    family = FAMILIES["bert"]
+    wrapped = _Text(modules["bert"]).eval()
+    onnx_file = tmp_path / "model.onnx"
+    _export(wrapped, family, dynamo=False, static=False, path=onnx_file)
+    passes = [
+        {"pass": "prune-heads", "fraction": 0.5},
+        {"pass": "prune-ffn", "fraction": 0.5},
+        {"pass": "cleanup"},
+    ]
+    recipe = recipe_from_dict({"name": "prune-first", "passes": passes}, "test")
+    bundle = api.compile_model(str(onnx_file), "host", recipe, tmp_path / "bundle")
+    assert bundle.manifest["metrics"]["structure"]["heads_per_layer"] == {"0": 2, "1": 2}
+    assert bundle.manifest["metrics"]["structure"]["ffn_width_per_layer"] == {"0": 64, "1": 64}

@@ -65,6 +65,9 @@ def input_of(node: ir.Node, index: int) -> ir.Value:
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
+    # TorchScript exports pass shared parameters through Identity nodes; the cleanup pass folds them.
+    while value is not None and (producer := value.producer()) is not None and producer.op_type == "Identity":
+        value = producer.inputs[0]
     if value is None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
@@ -176,13 +179,14 @@ class ShapeSlot:
     offset: int = 0
 
 
-def _static_length(value: ir.Value) -> int | None:
+def _static_length(value: ir.Value, shapes: Shapes) -> int | None:
     array = const_array(value)
     if array is not None:
         return int(array.size)
     if value.shape is not None and len(value.shape) == 1 and isinstance(value.shape[0], int):
         return value.shape[0]
-    return None
+    inferred = shapes.get(value)
+    return inferred[0] if inferred is not None and len(inferred) == 1 else None
 
 
 def _reads_shape_at_run_time(value: ir.Value, limit: int = 16) -> bool:
@@ -201,7 +205,7 @@ def _reads_shape_at_run_time(value: ir.Value, limit: int = 16) -> bool:
     return not stack
 
 
-def _shape_slot(reshape: ir.Node, position: int) -> ShapeSlot | None:
+def _shape_slot(reshape: ir.Node, position: int, shapes: Shapes) -> ShapeSlot | None:
     """Where element ``position`` of the Reshape's target shape is set; None where it follows by itself."""
     shape = input_of(reshape, 1)
     copies_zero = not reshape.attributes.get_int("allowzero", 0)
@@ -217,7 +221,7 @@ def _shape_slot(reshape: ir.Node, position: int) -> ShapeSlot | None:
     offset = 0
     for index in range(len(producer.inputs)):
         piece = input_of(producer, index)
-        length = _static_length(piece)
+        length = _static_length(piece, shapes)
         if length is None:
             raise Unmatched(reshape, f"piece {index} of its target shape has no static length")
         if offset <= position < offset + length:
@@ -262,7 +266,7 @@ def _follow(
         axis = _axis_of(after, tracked)
         if axis is None:
             raise Unmatched(node, "it spreads the heads over several axes")
-        slot = _shape_slot(node, axis)
+        slot = _shape_slot(node, axis, shapes)
         if slot is not None:
             if slot.value != after[axis]:
                 raise Unmatched(
@@ -330,7 +334,7 @@ def _after_split(
     axis = inner[0] - 1
     heads, head_dim = dims[axis], dims[axis + 1]
     head, size = Factor(width.stride * head_dim, heads), Factor(width.stride, head_dim)
-    if (slot := _shape_slot(split, axis)) is not None:
+    if (slot := _shape_slot(split, axis, shapes)) is not None:
         slots.append(slot)
     for node in chain[index + 1 :]:
         head, size = _follow(node, [head, size], shapes, slots, head)
