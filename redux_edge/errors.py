@@ -8,7 +8,7 @@ redux-edge and exits 1, with a traceback only under ``--debug``.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "VerificationError"]
+__all__ = ["UserError", "VerificationError", "first_line"]
 
 
 class UserError(Exception):
@@ -25,3 +25,10 @@ class UserError(Exception):
 
 class VerificationError(UserError):
     """A compiled artifact computes something other than its reference, beyond tolerance."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception message (the rest is its traceback or detail), or the
+    exception's type where it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

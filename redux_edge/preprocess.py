@@ -17,7 +17,14 @@ import numpy as np
 
 from redux_edge.errors import UserError
 
-__all__ = ["ImagePreprocessor", "Preprocessor", "TextPreprocessor", "from_manifest", "read_inputs"]
+__all__ = [
+    "ImagePreprocessor",
+    "Preprocessor",
+    "TextPreprocessor",
+    "from_manifest",
+    "read_arrays",
+    "read_inputs",
+]
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,7 @@ def from_manifest(spec: dict | None, bundle_dir: Path) -> Preprocessor | None:
     return ImagePreprocessor(spec["size"], mean, std, spec["input"], spec.get("channels", 1))
 
 
-def _read_numpy(path: Path) -> dict[str, np.ndarray]:
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
     """Arrays of a .npy ({"": array}) or .npz file, never unpickling: an input file is untrusted."""
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -159,7 +166,7 @@ def read_inputs(
         raise UserError(f"input file {path} does not exist", "give a .npz, .npy, text or image file")
     suffix = path.suffix.lower()
     if suffix in (".npz", ".npy"):
-        arrays = _read_numpy(path)
+        arrays = read_arrays(path)
         if suffix == ".npy":
             if len(input_names) != 1:
                 raise UserError(

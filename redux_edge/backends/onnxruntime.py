@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnxscript.rewriter import ort_fusions
 
 from redux_edge.backends.base import CpuBackend
-from redux_edge.errors import UserError
+from redux_edge.errors import UserError, first_line
 from redux_edge.targets import Target
 
 __all__ = ["OnnxRuntimeBackend"]
@@ -50,12 +50,12 @@ class OnnxRuntimeBackend(CpuBackend):
         except Exception as exc:  # ORT raises its own pybind types (Fail, NotImplemented, InvalidGraph)
             # A fusion rule that misreads a graph (onnxscript's Gemm rewrite on GPT-2's Conv1D, for one)
             # must not cost the model: the graph as given, with ONNX Runtime's own optimiser only.
-            fusions, skipped = {}, {"fusions_skipped": f"the fused graph does not load: {_first_line(exc)}"}
+            fusions, skipped = {}, {"fusions_skipped": f"the fused graph does not load: {first_line(exc)}"}
             try:
                 _save_optimized(ir.load(str(model_file)), artifact_dir)
             except Exception as plain_exc:  # as above
                 raise UserError(
-                    f"ONNX Runtime cannot run this model: {_first_line(plain_exc)}", "--debug for details"
+                    f"ONNX Runtime cannot run this model: {first_line(plain_exc)}", "--debug for details"
                 ) from plain_exc
         return {
             "name": self.name,
@@ -86,7 +86,3 @@ def _save_optimized(model: ir.Model, artifact_dir: Path) -> None:
         ort.InferenceSession(str(unoptimized), session, providers=_PROVIDERS)
     finally:
         unoptimized.unlink()
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0]

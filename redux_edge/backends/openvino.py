@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from redux_edge.backends.base import CpuBackend
-from redux_edge.errors import UserError
+from redux_edge.errors import UserError, first_line
 from redux_edge.targets import Target
 
 __all__ = ["OpenVinoBackend"]
@@ -44,9 +44,8 @@ class OpenVinoBackend(CpuBackend):
         try:
             converted = ov.convert_model(str(model_file))
         except Exception as exc:  # OpenVINO's frontend raises its own OpConversionFailure and RuntimeError
-            first_line = str(exc).strip().splitlines()[0]
             raise UserError(
-                f"OpenVINO cannot convert this model: {first_line}", "--debug for details"
+                f"OpenVINO cannot convert this model: {first_line(exc)}", "--debug for details"
             ) from exc
         ov.save_model(converted, str(artifact_dir / "model.xml"), compress_to_fp16=precision == "fp16")
         return {

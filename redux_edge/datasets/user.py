@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from redux_edge.errors import UserError
+from redux_edge.preprocess import read_arrays
 
 if TYPE_CHECKING:
     from redux_edge.preprocess import ImagePreprocessor
@@ -80,11 +80,12 @@ def _rows(path: Path) -> list[dict]:
 
 def _label_ids(values: list[object], classes: dict[str, str] | None, path: Path) -> np.ndarray:
     """Class indices for labels given as indices or names; checked against the model's classes."""
-    names = {str(name): int(index) for index, name in (classes or {}).items()}
-    if classes is None:
-        names = {name: index for index, name in enumerate(sorted({str(v) for v in values}))}
-        if all(str(v).lstrip("-").isdigit() for v in values):
-            names = {}
+    if classes is not None:
+        names = {str(name): int(index) for index, name in classes.items()}
+    elif all(str(v).strip().lstrip("-").isdigit() for v in values):
+        names = {}  # indices already
+    else:
+        names = {name: index for index, name in enumerate(sorted({str(v).strip() for v in values}))}
     ids = []
     for value in values:
         text = str(value).strip()
@@ -148,7 +149,7 @@ def read_images(
         )
     if path.suffix.lower() != ".npz":
         raise UserError(f"{path} is not an image folder or an .npz", f"give {_FORMATS}")
-    arrays = _npz(path)
+    arrays = read_arrays(path)
     images: np.ndarray | None = arrays.get("images")
     if images is None or images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise UserError(
@@ -170,7 +171,7 @@ def read_feeds(path: Path, input_names: list[str], labels_required: bool) -> Use
         raise UserError(
             f"{path}: this model has no text or image reader", f"give an .npz with {input_names} and labels"
         )
-    arrays = _npz(path)
+    arrays = read_arrays(path)
     if missing := [name for name in input_names if name not in arrays]:
         raise UserError(f"{path} lacks the model's inputs {missing}", f"save {input_names} and labels")
     feeds = {name: arrays[name] for name in input_names}
@@ -181,11 +182,3 @@ def read_feeds(path: Path, input_names: list[str], labels_required: bool) -> Use
         raise UserError(f"{path}: its arrays hold different numbers of samples", "one row per sample in each")
     ids = None if labels is None else _label_ids(labels.tolist(), None, path)
     return UserData(f"{len(next(iter(feeds.values())))} samples of {path.name}", feeds=feeds, labels=ids)
-
-
-def _npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read {path}: {exc}", "save plain arrays with numpy.savez") from exc

@@ -5,11 +5,10 @@ Supported: the BERT family (``bert``, ``distilbert``, ``roberta``) and ViT (``vi
 and sentence-transformers directories (``modules.json``: mean or CLS pooling and normalisation become part
 of the graph, as for the zoo's MiniLM). The directory is untrusted: weights must be safetensors (pickled
 ``.bin``/``.pt`` files are never loaded), a config that asks for remote code is refused, and nothing is
-downloaded. Text is read by
-the directory's ``tokenizer.json``, images by its ``preprocessor_config.json`` settings. Unless ``--inputs``
-names samples, a text model is verified on Rotten Tomatoes sentences and a vision model on Fashion-MNIST
-images (brought to its size and channels); a bare text encoder is evaluated on the Rotten Tomatoes task
-data as the zoo's text model is, any model on the user's ``--eval-data``.
+downloaded. Text is read by the directory's ``tokenizer.json``, images by its ``preprocessor_config.json``
+settings. Unless ``--inputs`` names samples, a text model is verified on Rotten Tomatoes sentences and a
+vision model on Fashion-MNIST images (brought to its size and channels); a bare text encoder is evaluated
+on the Rotten Tomatoes task data as the zoo's text model is, any model on the user's ``--eval-data``.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from redux_edge.errors import UserError
+from redux_edge.errors import UserError, first_line
 from redux_edge.frontend.source import Source, check_feeds, fit_inputs
 from redux_edge.frontend.torch import export_module, run_module
 from redux_edge.passes.contract import Step, no_progress
@@ -169,9 +168,8 @@ def load_directory(folder: Path, step: Step = no_progress) -> Directory:
         try:
             loaded = auto.from_pretrained(folder, **options).eval()
         except (OSError, ValueError) as exc:
-            first_line = str(exc).strip().splitlines()[0]
             raise UserError(
-                f"transformers cannot load {folder}: {first_line}", "--debug for details"
+                f"transformers cannot load {folder}: {first_line(exc)}", "--debug for details"
             ) from exc
     output = "logits" if head else ("sentence_embedding" if sentence else "last_hidden_state")
     module: nn.Module

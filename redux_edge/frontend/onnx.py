@@ -21,7 +21,7 @@ import onnx.helper
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from redux_edge.errors import UserError
+from redux_edge.errors import UserError, first_line
 from redux_edge.frontend.source import Source, check_feeds, fit_inputs, run_onnx_file, synthetic_inputs
 from redux_edge.passes.contract import Step, no_progress
 from redux_edge.preprocess import read_inputs
@@ -50,8 +50,7 @@ def load_onnx(path: Path) -> ir.Model:
     try:
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.shape_inference.InferenceError) as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise UserError(f"{path} fails the ONNX checker: {first_line}", "re-export the model") from exc
+        raise UserError(f"{path} fails the ONNX checker: {first_line(exc)}", "re-export the model") from exc
     _check_operators(proto, path)
     model = ir.load(str(path))
     # Weights in external files (torch's dynamo exporter writes model.onnx + model.onnx.data) are read

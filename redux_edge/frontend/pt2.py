@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from redux_edge.errors import UserError
+from redux_edge.errors import UserError, first_line
 from redux_edge.frontend.source import Source, check_feeds, fit_inputs
 from redux_edge.frontend.torch import export_module, run_module
 from redux_edge.passes.contract import Step, no_progress
@@ -90,8 +90,7 @@ def pt2_source(
         try:
             program = torch.export.load(path)
         except Exception as exc:  # the deserializer raises many types for a damaged archive
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise _refuse(path, f"torch cannot read it ({first_line})") from exc
+            raise _refuse(path, f"torch cannot read it ({first_line(exc)})") from exc
     placeholders = {
         node.name: node.meta.get("val")
         for node in program.graph.nodes
@@ -114,9 +113,8 @@ def pt2_source(
         try:
             exported = export_module(program, inputs, {}, outputs)
         except Exception as exc:  # the exporter raises its own types for what it cannot translate
-            first_line = str(exc).strip().splitlines()[0]
             raise UserError(
-                f"torch.onnx.export cannot translate {path}: {first_line}", "--debug shows why"
+                f"torch.onnx.export cannot translate {path}: {first_line(exc)}", "--debug shows why"
             ) from exc
     check_feeds(exported, inputs)
     return Source(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from redux_edge.errors import UserError
+from redux_edge.errors import UserError, first_line
 from redux_edge.preprocess import ImagePreprocessor, Preprocessor, TextPreprocessor
 
 if TYPE_CHECKING:
@@ -274,8 +274,9 @@ def _runtime_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except Exception as exc:  # ORT raises its own pybind types (Fail, NotImplemented, InvalidArgument)
-        first_line = str(exc).strip().splitlines()[0]
-        raise UserError(f"ONNX Runtime cannot run {path.name}: {first_line}", "--debug for details") from exc
+        raise UserError(
+            f"ONNX Runtime cannot run {path.name}: {first_line(exc)}", "--debug for details"
+        ) from exc
 
 
 def fit_inputs(inputs: Feeds, shapes: dict[str, list[int]]) -> Feeds:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from redux_edge.errors import UserError
+from redux_edge.errors import UserError, first_line
 from redux_edge.frontend.source import Source, check_feeds, fit_inputs
 from redux_edge.passes.contract import Step, no_progress
 from redux_edge.preprocess import read_inputs
@@ -140,9 +140,8 @@ def module_source(
     try:
         exported = export_module(module, inputs, axes, names)
     except Exception as exc:  # torch.export raises its own types for what it cannot trace
-        first_line = str(exc).strip().splitlines()[0]
         raise UserError(
-            f"torch.onnx.export (dynamo) cannot export this module: {first_line}",
+            f"torch.onnx.export (dynamo) cannot export this module: {first_line(exc)}",
             "make the module torch.export-able (--debug shows the exporter's report)",
         ) from exc
     check_feeds(exported, inputs)

@@ -89,12 +89,11 @@ def _probe_inputs(model: ir.Model) -> Iterator[None]:
                 for dim in value.shape
             ]
             value.shape = ir.Shape(dims)
-    detached = [
-        value
+    tensors = {
+        value: value.const_value
         for value in model.graph.initializers.values()
         if value.const_value is not None and value.const_value.nbytes > _KEPT_INITIALIZER_BYTES
-    ]
-    tensors = {value: value.const_value for value in detached if value.const_value is not None}
+    }
     for value, tensor in tensors.items():
         value.shape, value.dtype = ir.Shape([int(dim) for dim in tensor.shape.numpy()]), tensor.dtype
         model.graph.initializers.pop(str(value.name))
@@ -362,9 +361,8 @@ def merge_heads(
         for node in chain:
             head, size = _follow(node, [head, size], shapes, slots, head)
     last = chain[-1] if chain else context
-    merged = _dims(last.outputs[0], last, shapes)
-    if (head, size) != (Factor(layout.head_dim, layout.heads), Factor(1, layout.head_dim)) or merged[
-        -1
-    ] != layout.heads * layout.head_dim:
+    merged_width = _dims(last.outputs[0], last, shapes)[-1]
+    expected = (Factor(layout.head_dim, layout.heads), Factor(1, layout.head_dim))
+    if (head, size) != expected or merged_width != layout.heads * layout.head_dim:
         raise Unmatched(last, "it does not merge the heads into the last axis as [heads, head size]")
     return slots
