@@ -136,7 +136,8 @@ def bench(
 
 
 def target_status() -> list[dict]:
-    """Every target with, per backend it lists, whether that backend can build and run for it here."""
+    """Every target with, per backend it lists, whether that backend can build and run for it here and
+    the precisions it computes for it (float precisions and what ``--quantize`` can make)."""
     from redux_edge.targets import available_targets
 
     known = BACKENDS
@@ -154,6 +155,7 @@ def target_status() -> list[dict]:
                         "runs_here": False,
                         "build_note": "not in this version",
                         "run_note": "not in this version",
+                        "precisions": [],
                     }
                 )
                 continue
@@ -170,6 +172,7 @@ def target_status() -> list[dict]:
                     "runs_here": runs,
                     "build_note": build_note,
                     "run_note": run_note,
+                    "precisions": backend.precisions_for(target),
                 }
             )
         rows.append({**target.to_json(), "description": target.description, "backend_status": statuses})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +23,11 @@ from redux_edge.backends import Backend, select_backend
 from redux_edge.errors import UserError
 from redux_edge.files import save_arrays
 from redux_edge.frontend import load_source
-from redux_edge.frontend.source import Source, input_specs, run_onnx_file
+from redux_edge.frontend.source import Reference, Source, input_specs, run_onnx_file
 from redux_edge.ir.cost import model_cost
 from redux_edge.ir.surgery import copy_model
 from redux_edge.ir.verify import Tolerance, compare, require_match
-from redux_edge.passes.contract import CompileContext, PassOutcome, Section, Step, no_progress
+from redux_edge.passes.contract import CompileContext, PassOutcome, Rebase, Section, Step, no_progress
 from redux_edge.recipe import Recipe
 from redux_edge.targets import Target, load_target
 
@@ -58,23 +59,27 @@ def compile_model(
     ``dla_core``); see each backend's ``lower``.
     """
     target = load_target(target_name)
-    backend = select_backend(target, backend_name)
+    backend = select_backend(target, backend_name, recipe.passes)
     options = {**(backend_options or {})}
     options["precision"] = options.get("precision") or backend.default_precision
     if options["precision"] not in backend.precisions:
         raise UserError(
             f"the {backend.name} backend has no precision '{options['precision']}'",
-            f"choose one of: {', '.join(backend.precisions)}",
+            f"choose one of: {', '.join(backend.precisions)}; for INT8: --quantize int8",
         )
-    tolerance = tolerance or Tolerance.for_precision(options["precision"])
+    if why := backend.precision_refusal(options["precision"], target):
+        raise UserError(why, "choose another --precision, --backend or --target")
     bundles.check_destination(out, force)
     source = model if isinstance(model, Source) else load_source(model, shapes, inputs_file, step, weights)
     source.use_data(eval_data, calibration_data)
     options["shapes"] = {name: list(array.shape) for name, array in source.inputs.items()} | (shapes or {})
     original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
-    context = CompileContext(source, target, backend, options, tolerance, recipe.passes, step)
+    exact = tolerance or Tolerance.for_precision("fp32")
+    context = CompileContext(source, target, backend, options, exact, recipe.passes, step)
     for configured in recipe.passes:
         configured.check(context)
+    # A pass may have chosen the precision the backend computes in (quantize): the artifact is held to it.
+    context.tolerance = tolerance or Tolerance.for_precision(options.get("quantized") or options["precision"])
     pass_log, outcomes = _run_passes(context)
     context.sections = _sections(outcomes)
     for section in context.sections:
@@ -83,8 +88,10 @@ def compile_model(
         for key, value in section.backend_options().items():
             options.setdefault(key, value)
     changes = [change for section in context.sections if (change := section.reference()) is not None]
-    with step("running the reference" + "".join(change.describes for change in changes)):
-        reference = source.reference(changes, context.dense)
+    rebase = next((change for change in changes if isinstance(change, Rebase)), None)
+    exact_changes = [change for change in changes if change is not rebase]
+    with step("running the reference" + "".join(change.describes for change in exact_changes)):
+        reference = source.reference(exact_changes, context.dense)
         reference.warm()
     random = [name for section in context.sections for name in section.random_outputs(source.output_names)]
     names = source.output_names
@@ -92,9 +99,7 @@ def compile_model(
         context.stage = stage
         ir.save(source.model, str(stage / "model.onnx"))
         with step("verifying the transformed IR"):
-            ir_outputs = run_onnx_file(stage / "model.onnx", source.inputs)
-            ir_report = compare(reference.expected(ir_outputs), ir_outputs, names)
-            require_match(ir_report, tolerance, "the transformed IR (model.onnx)")
+            ir_outputs, ir_report, expected, rebased = _verify_ir(stage, source, reference, rebase, exact)
         with step(f"lowering with {backend.name} for {target.name}"):
             backend_entry = backend.lower(stage / "model.onnx", target, stage / "artifact", options)
         staged: dict = {}
@@ -105,6 +110,8 @@ def compile_model(
         _write_runner(stage, source, sample_count)
         manifest = _manifest(context, backend_entry, recipe, pass_log, original_cost, ir_report)
         manifest["verify"]["reference"] = reference.kind
+        if rebased is not None:
+            manifest["verify"]["rebased"] = rebased
         if random:
             manifest["verify"]["random_outputs"] = random
         manifest |= staged
@@ -113,12 +120,14 @@ def compile_model(
         with step("verifying the artifact"):
             outputs, how = _run_artifact(backend, target, stage, source.inputs, options["shapes"])
             if outputs is not None:
-                checks = [(reference.expected(outputs), "artifact"), (ir_outputs, "artifact_vs_onnxruntime")]
-                if random:
-                    checks.pop()  # two sessions draw differently
+                checks = [(expected(outputs), "artifact"), (ir_outputs, "artifact_vs_onnxruntime")]
+                if random or rebase is not None:
+                    checks.pop()  # two sessions draw differently; a rebased reference is model.onnx itself
                 for expected_outputs, check in checks:
                     manifest["verify"][check] = compare(expected_outputs, outputs, names)
-                    require_match(manifest["verify"][check], tolerance, f"the {backend.name} artifact")
+                    require_match(
+                        manifest["verify"][check], context.tolerance, f"the {backend.name} artifact"
+                    )
             manifest["verify"]["artifact_run"] = how
         context.verified_outputs = outputs if outputs is not None else ir_outputs
         for section in context.sections:
@@ -131,6 +140,32 @@ def compile_model(
             manifest |= section.report(context)
         bundles.write_manifest(stage, manifest)
     return bundles.load_bundle(out)
+
+
+def _verify_ir(
+    stage: Path, source: Source, reference: Reference, rebase: Rebase | None, exact: Tolerance
+) -> tuple[list[np.ndarray], dict, Callable[[list[np.ndarray]], list[np.ndarray]], dict | None]:
+    """Check ``model.onnx`` against the reference, or with a rebasing pass the model before it. Returns
+    model.onnx's outputs, the report, what the artifact's outputs must equal, and the manifest's entry
+    for a rebase (how far the pass moved the outputs)."""
+    names = source.output_names
+    ir_outputs = run_onnx_file(stage / "model.onnx", source.inputs)
+    if rebase is None:
+        report = compare(reference.expected(ir_outputs), ir_outputs, names)
+        require_match(report, exact, "the transformed IR (model.onnx)")
+        return ir_outputs, report, reference.expected, None
+    with tempfile.TemporaryDirectory(prefix="redux-edge-before-") as scratch:
+        ir.save(rebase.before, str(Path(scratch) / "before.onnx"))
+        before_outputs = run_onnx_file(Path(scratch) / "before.onnx", source.inputs)
+    report = compare(reference.expected(before_outputs), before_outputs, names)
+    require_match(report, exact, "the IR before" + rebase.describes)
+    rebased = {
+        "ir_checked": "the model before" + rebase.describes,
+        "exact_tolerance": exact.to_json(),
+        "artifact_reference": "onnxruntime (optimisations off) on model.onnx",
+        "shift": compare(before_outputs, ir_outputs, names),
+    }
+    return ir_outputs, report, lambda _: ir_outputs, rebased
 
 
 def _run_passes(context: CompileContext) -> tuple[list[dict], list[PassOutcome]]:

@@ -32,6 +32,14 @@ _REQUIRED = {
 _OPTIONAL = {"gpu_compute_capability", "dla_cores", "runtime"}
 
 
+# LLVM feature names and the names Linux's /proc/cpuinfo gives the same feature on aarch64.
+_ALIASES = {"dotprod": ("asimddp",), "fullfp16": ("asimdhp", "fphp")}
+
+
+def _spelling(feature: str) -> str:
+    return feature.lower().replace("_", "").replace("-", "")
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -58,6 +66,12 @@ class Target:
             description=recorded.get("description", ""),
             **{k: v for k, v in fields.items() if k != "description"},
         )
+
+    def has(self, feature: str) -> bool:
+        """Whether the CPU has ``feature``, by any of its spellings: target files use LLVM's names
+        (``avx512vnni``, ``dotprod``), ``/proc/cpuinfo`` the kernel's (``avx512_vnni``, ``asimddp``)."""
+        wanted = {_spelling(feature), *(_spelling(a) for a in _ALIASES.get(_spelling(feature), ()))}
+        return any(_spelling(have) in wanted for have in self.cpu_features)
 
     def to_json(self) -> dict:
         return {

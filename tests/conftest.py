@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,21 @@ def mnist_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "mnist"
     api.compile_model("mnist-cnn", "host", load_recipe(None), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def held_out_csv(tmp_path_factory) -> Path:
+    """96 held-out Rotten Tomatoes sentences with labels: a user's --eval-data, small enough to be quick."""
+    from redux_edge.datasets import rotten_tomatoes
+
+    data = rotten_tomatoes.load()
+    path = tmp_path_factory.mktemp("eval") / "held_out.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        rows = zip(data.test_texts[:96], data.test_labels[:96], strict=True)
+        writer.writerows([text, int(label)] for text, label in rows)
+    return path
 
 
 def make_mlp_onnx(path: Path, hidden: int = 16) -> Path:

@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import assert_clean_user_error
 
 from redux_edge import api, zoo
+from redux_edge.backends import BACKENDS
 from redux_edge.errors import UserError
 from redux_edge.recipe import load_recipe
 from redux_edge.runtime.backend_tensorrt import EngineBuildError, check_sparse_tactics, parse_trtexec_log
 from redux_edge.runtime.session import BundleSession
+from redux_edge.targets import load_target
 
 DATA = Path(__file__).parent / "data"
 SENTENCES = [
@@ -69,11 +72,19 @@ def test_openvino_matches_onnxruntime_on_real_sentences(openvino_bundle):
     assert manifest["verify"]["artifact_vs_onnxruntime"]["sentence_embedding"]["min_cosine"] >= 0.9999
 
 
-def test_openvino_precision_is_an_explicit_recorded_choice(tmp_path_factory):
+def test_openvino_precision_is_an_explicit_recorded_choice(tmp_path_factory, cli, tmp_path):
+    # A CPU without bf16 would compute f32 under a bf16 hint: refused where the target lacks it.
+    result = cli(
+        "compile", "--model", "mnist-cnn", "--target", "x86-64-avx2", "--backend", "openvino",
+        "--precision", "bf16", "-o", tmp_path / "out",
+    )  # fmt: skip
+    assert_clean_user_error(result, tmp_path, message="openvino computes bf16 only with avx512_bf16")
+    if BACKENDS["openvino"].precision_refusal("bf16", load_target("host")):
+        pytest.skip("this CPU has no bf16 (AVX512-BF16 or AMX)")
     bundle = _compile(
         tmp_path_factory,
         "ov-bf16",
-        "x86-64-avx2",
+        "host",
         model="mnist-cnn",
         backend_name="openvino",
         backend_options={"precision": "bf16"},

@@ -100,6 +100,27 @@ def test_recover_writes_what_compile_reads(runs):
     assert len([name for name in weights if name.startswith("encoder.layer.4.")]) == 16  # kept, to be dropped
 
 
+@pytest.mark.slow
+def test_a_recovered_model_compiles_pruned_and_quantized(runs, tmp_path, held_out_csv):
+    from redux_edge.api import compile_model
+    from redux_edge.recipe import load_recipe, passes_from_flags
+
+    out = runs["single"]["out"]
+    recipe = load_recipe(out / "recipe.toml").extended(passes_from_flags({"quantize": "int8"}))
+    bundle = compile_model(
+        "minilm-l6",
+        "host",
+        recipe,
+        tmp_path / "b",
+        weights=out / "weights.safetensors",
+        eval_data=held_out_csv,
+    )
+    assert bundle.manifest["compression"]["plan"] == PLAN
+    section = bundle.manifest["quantization"]
+    assert section["quantized_weights"] == 25 and section["quality"]["embedding_cosine"]["mean"] >= 0.97
+    assert "weights.safetensors" in bundle.manifest["model"]["weights"]
+
+
 def test_killed_run_resumes_from_its_checkpoint(runs, plan_file, tmp_path):
     out = tmp_path / "resumed"
     command = [

@@ -17,6 +17,8 @@ Both models run through ONNX Runtime; the artifact was verified against the same
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -39,14 +41,21 @@ __all__ = [
 
 _BATCH = 64
 
+# What quality is measured on: an ONNX model (run by ONNX Runtime), or a built artifact's run(feeds).
+Runnable = ir.Model | Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def _runner(model: Runnable) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    return in_memory_runner(model) if isinstance(model, ir.Model) else model
+
 
 def image_accuracy(
-    original: ir.Model, changed: ir.Model, preprocessor: ImagePreprocessor, data: Images, batch: int = 500
+    original: Runnable, changed: Runnable, preprocessor: ImagePreprocessor, data: Images, batch: int = 500
 ) -> dict:
     """Top-1 accuracy of both models (first output: logits) on ``data``'s test split."""
     accuracy = {}
     for label, model in (("dense", original), ("compressed", changed)):
-        run = in_memory_runner(model)
+        run = _runner(model)
         predicted = np.concatenate(
             [
                 run(preprocessor.pixels(data.test_images[start : start + batch]))[0].argmax(axis=1)
@@ -62,26 +71,26 @@ def image_accuracy(
     }
 
 
-def quality_line(quality: dict) -> str:
-    """The report's line for any of the quality dictionaries above."""
+def quality_line(quality: dict, labels: tuple[str, str] = ("dense", "compressed")) -> str:
+    """The report's line for any of the quality dictionaries above; ``labels`` name the two models."""
     if not quality.get("measured", True):
         return f"  quality  not measured: {quality['why']}"
     if "accuracy" in quality:
         accuracy = quality["accuracy"]
         return (
             f"  quality  {quality['task']}, {quality['samples']} samples: accuracy from the model's logits "
-            f"{accuracy['dense']:.4f} dense -> {accuracy['compressed']:.4f} ({quality['points_lost']:.2f} "
-            "points lost)"
+            f"{accuracy['dense']:.4f} {labels[0]} -> {accuracy['compressed']:.4f} "
+            f"({quality['points_lost']:.2f} points lost)"
         )
     cosine, probe = quality["embedding_cosine"], quality["probe_accuracy"]
     line = (
-        f"  quality  {quality['task']}: embedding cosine to dense {cosine['mean']:.3f} "
-        f"(min {cosine['min']:.3f})"
+        f"  quality  {quality['task']}: embedding cosine to {labels[0]} {cosine['mean']:.4f} "
+        f"(min {cosine['min']:.4f})"
     )
     if not probe.get("measured", True):
         return f"{line}; {probe['why']}"
     line += (
-        f"; linear-probe accuracy {probe['dense']:.3f} dense -> {probe['compressed']:.3f} "
+        f"; linear-probe accuracy {probe['dense']:.3f} {labels[0]} -> {probe['compressed']:.3f} "
         f"({probe['retention']:.1%} kept, before fine-tuning"
     )
     if "dense_probe_on_compressed" in probe:
@@ -89,9 +98,9 @@ def quality_line(quality: dict) -> str:
     return line + ")"
 
 
-def embed(model: ir.Model, preprocessor: TextPreprocessor, texts: list[str], batch: int = 64) -> np.ndarray:
+def embed(model: Runnable, preprocessor: TextPreprocessor, texts: list[str], batch: int = 64) -> np.ndarray:
     """Sentence embeddings (the first output; token states are mean-pooled over the attention mask)."""
-    run = in_memory_runner(model)
+    run = _runner(model)
     # Sorting by length keeps padding, and so time, small; the result is put back in the caller's order.
     order = np.argsort([len(text) for text in texts], kind="stable")
     parts = []
@@ -123,7 +132,7 @@ def probe_accuracy(
 
 
 def text_quality(
-    dense: ir.Model, compressed: ir.Model, preprocessor: TextPreprocessor, data: Sentiment
+    dense: Runnable, compressed: Runnable, preprocessor: TextPreprocessor, data: Sentiment
 ) -> dict:
     dense_train, dense_test = (embed(dense, preprocessor, t) for t in (data.train_texts, data.test_texts))
     small_train, small_test = (
@@ -151,7 +160,7 @@ def text_quality(
     }
 
 
-def quality_report(dense: ir.Model, compressed: ir.Model, source: Source) -> dict:
+def quality_report(dense: Runnable, compressed: Runnable, source: Source) -> dict:
     """Quality of ``compressed`` against ``dense`` on the user's evaluation data, else the card's task."""
     data = source.eval_data
     if data is not None:
@@ -169,9 +178,9 @@ def quality_report(dense: ir.Model, compressed: ir.Model, source: Source) -> dic
     return {"measured": False, "why": "no task data: give --eval-data FILE (labelled texts, images or .npz)"}
 
 
-def _run_all(model: ir.Model, source: Source, data: UserData) -> list[tuple[np.ndarray, dict]]:
+def _run_all(model: Runnable, source: Source, data: UserData) -> list[tuple[np.ndarray, dict]]:
     """(first output, feeds) per batch of the data."""
-    run = in_memory_runner(model)
+    run = _runner(model)
     batches = []
     for start in range(0, len(data), _BATCH):
         feeds = source.feeds_of(data, slice(start, start + _BATCH))

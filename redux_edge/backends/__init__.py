@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from redux_edge.backends.base import Backend
 from redux_edge.backends.onnxruntime import OnnxRuntimeBackend
 from redux_edge.backends.openvino import OpenVinoBackend
@@ -12,6 +15,9 @@ from redux_edge.backends.tensorrt import TensorRtBackend
 from redux_edge.backends.tvm import TvmBackend
 from redux_edge.errors import UserError
 from redux_edge.targets import Target
+
+if TYPE_CHECKING:
+    from redux_edge.passes.contract import RecipePass
 
 __all__ = ["BACKENDS", "Backend", "backends_with", "select_backend"]
 
@@ -26,8 +32,20 @@ def backends_with(capability: str) -> list[Backend]:
     return [backend for backend in BACKENDS.values() if getattr(backend, capability)]
 
 
-def select_backend(target: Target, requested: str | None) -> Backend:
-    """The backend to use for ``target``; raises UserError naming what is missing and how to get it."""
+def select_backend(target: Target, requested: str | None, passes: Sequence[RecipePass] = ()) -> Backend:
+    """The backend to use for ``target``: the one asked for, else the target's first that the recipe's
+    passes can work with; raises UserError naming what is missing and how to get it."""
+    if requested is None and _objections(BACKENDS.get(target.backends[0]), target, passes):
+        # The first backend cannot serve this recipe: the next one of the target's that builds here can.
+        reasons = []
+        for backend in [BACKENDS[name] for name in target.backends if name in BACKENDS]:
+            if not (objections := _objections(backend, target, passes)) and backend.can_build_here()[0]:
+                return _checked(target, backend, requested)
+            reasons.append(objections[0] if objections else backend.can_build_here()[1])
+        raise UserError(
+            f"no backend of target {target.name} can run this recipe: {'; '.join(reasons)}",
+            "choose another --target or change the recipe (`redux-edge targets` lists the precisions)",
+        )
     name = requested or target.backends[0]
     if name not in BACKENDS:
         if requested is not None:
@@ -43,7 +61,27 @@ def select_backend(target: Target, requested: str | None) -> Backend:
         raise UserError(
             f"target {target.name} needs the {name} backend, which this version does not have", hint
         )
-    backend = BACKENDS[name]
+    backend = _checked(target, BACKENDS[name], requested)
+    if objections := _objections(backend, target, passes):
+        serving = [
+            other
+            for other in target.backends
+            if other in BACKENDS and not _objections(BACKENDS[other], target, passes)
+        ]
+        raise UserError(
+            objections[0],
+            f"use --backend {serving[0]}" if serving else "choose another --target or change the recipe",
+        )
+    return backend
+
+
+def _objections(backend: Backend | None, target: Target, passes: Sequence[RecipePass]) -> list[str]:
+    if backend is None:
+        return []
+    return [why for configured in passes if (why := configured.refuses(backend, target))]
+
+
+def _checked(target: Target, backend: Backend, requested: str | None) -> Backend:
     backend.check_target(target)
     if requested is not None and requested not in target.backends:
         raise UserError(
@@ -53,6 +91,6 @@ def select_backend(target: Target, requested: str | None) -> Backend:
     buildable, why = backend.can_build_here()
     if not buildable:
         raise UserError(
-            f"the {name} backend cannot build here: {why}", "install it, or choose another --backend"
+            f"the {backend.name} backend cannot build here: {why}", "install it, or choose another --backend"
         )
     return backend

@@ -23,7 +23,7 @@ from redux_edge.passes.contract import Flag
 from redux_edge.runtime.session import BundleSession
 from redux_edge.targets import Target
 
-__all__ = ["Backend", "CpuBackend", "Emulation"]
+__all__ = ["Backend", "CpuBackend", "Emulation", "quantized_onnx_operators"]
 
 # A runner for an artifact that cannot run here but can be checked another way, and how it runs.
 Emulation = tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None, str]
@@ -31,8 +31,20 @@ Emulation = tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None, st
 
 class Backend:
     name: ClassVar[str]
+    # The precisions the backend computes a float graph in (``--precision``).
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     default_precision: ClassVar[str] = "fp32"
+    # What the quantize pass can make of a model for this backend, by precision: "integer" (the pass
+    # rewrites the graph into QDQ or dynamic INT8 operators and the backend runs integer kernels),
+    # "dequantized" (the backend imports that graph but computes the dequantized values in fp32: the
+    # same numbers, no speed), "runtime" (the graph stays fp32; the backend computes at that precision).
+    quantized: ClassVar[dict[str, str]] = {}
+    # CPU features a precision needs, by architecture (any one of them), where the backend would
+    # otherwise fall back to fp32 without saying so; an architecture not listed cannot have it.
+    precision_features: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {}
+    # INT8 must be symmetric and signed, weights float behind their own Q/DQ pair (TensorRT's explicit
+    # quantization); otherwise the target's CPU decides the form.
+    symmetric_int8: ClassVar[bool] = False
     static_shapes: ClassVar[bool] = False
     # ONNX Runtime's SessionOptions.add_initializer: adapter packs swapped when a session opens.
     swaps_initializers: ClassVar[bool] = False
@@ -49,6 +61,35 @@ class Backend:
     def options_from_flags(self, values: Mapping[str, Any]) -> dict:
         """Lowering options from this backend's ``compile`` flags."""
         return {flag.parameter: values[flag.dest] for flag in self.flags if flag.given(values)}
+
+    def precision_refusal(self, precision: str, target: Target) -> str:
+        """Why the backend cannot compute ``precision`` (``--precision`` or ``--quantize``) for
+        ``target``; empty when it can."""
+        if precision not in self.precisions and precision not in self.quantized:
+            known = ", ".join(sorted({*self.precisions, *self.quantized}))
+            return f"the {self.name} backend has no precision '{precision}' (it has {known})"
+        needs = self.precision_features.get(precision)
+        if needs is None:
+            return ""
+        features = needs.get(target.arch, ())
+        if not features:
+            return f"the {self.name} backend computes {precision} on no {target.arch} CPU"
+        if not any(target.has(feature) for feature in features):
+            return (
+                f"{self.name} computes {precision} only with {' or '.join(features)}, "
+                f"which target {target.name} does not list"
+            )
+        return ""
+
+    def precisions_for(self, target: Target) -> list[str]:
+        """Every precision the backend can compute for ``target`` (``redux-edge targets``)."""
+        known = dict.fromkeys([*self.precisions, *self.quantized])
+        return [precision for precision in known if not self.precision_refusal(precision, target)]
+
+    def quantized_operators(self, stage: Path, entry: dict) -> dict[str, int]:
+        """Operators of the built artifact in ``stage`` that compute in integer or half precision, by
+        kind: the evidence that a precision is real. Empty where the artifact cannot be read here."""
+        return {}
 
     def can_build_here(self) -> tuple[bool, str]:
         """Whether this machine can lower for the backend, and why not."""
@@ -93,3 +134,16 @@ class CpuBackend(Backend):
         if target.arch != platform.machine():
             return False, f"{target.arch} code"
         return True, "this CPU"
+
+
+def quantized_onnx_operators(onnx_file: Path) -> dict[str, int]:
+    """The integer-arithmetic and quantize/dequantize operators of an ONNX file, by type (ONNX's QDQ
+    and integer operators, ONNX Runtime's fused ``com.microsoft`` ones)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(onnx_file), load_external_data=False).graph.node:
+        op = node.op_type
+        if "Integer" in op or "quantize" in op.lower() or op.startswith(("QLinear", "QGemm", "QAttention")):
+            counts[op] = counts.get(op, 0) + 1
+    return counts

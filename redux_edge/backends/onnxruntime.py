@@ -18,7 +18,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnxscript.rewriter import ort_fusions
 
-from redux_edge.backends.base import CpuBackend
+from redux_edge.backends.base import CpuBackend, quantized_onnx_operators
 from redux_edge.errors import UserError, first_line
 from redux_edge.targets import Target
 
@@ -32,6 +32,9 @@ _GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", *_PROVID
 
 class OnnxRuntimeBackend(CpuBackend):
     name = "onnxruntime"
+    # Its CPU kernels for QDQ (fused to QLinear*/MatMulIntegerToFloat) and dynamic INT8 (MLAS); it has
+    # no bf16 kernels on CPUs, and fp16 ones only on ARM.
+    quantized: ClassVar[dict[str, str]] = {"int8": "integer", "int8-dynamic": "integer"}
     swaps_initializers = True
     runs_random_ops = True
     device_runtime = "onnxruntime"
@@ -73,6 +76,9 @@ class OnnxRuntimeBackend(CpuBackend):
                 "inter_op_num_threads": 1,
             },
         }
+
+    def quantized_operators(self, stage: Path, entry: dict) -> dict[str, int]:
+        return quantized_onnx_operators(stage / entry["artifact"])
 
 
 def _save_optimized(model: ir.Model, artifact_dir: Path) -> None:

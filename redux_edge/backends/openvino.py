@@ -26,6 +26,20 @@ _INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
 class OpenVinoBackend(CpuBackend):
     name = "openvino"
     precisions = tuple(_INFERENCE_PRECISION)
+    # The ONNX frontend reads QDQ (as FakeQuantize) and dynamic INT8 graphs; the CPU plugin's
+    # low-precision transformations run them on integer kernels.
+    quantized: ClassVar[dict[str, str]] = {
+        "int8": "integer",
+        "int8-dynamic": "integer",
+        "fp16": "runtime",
+        "bf16": "runtime",
+    }
+    # The CPU plugin computes bf16 and f16 only where the CPU has them, f32 otherwise (OpenVINO's
+    # precision-control guide).
+    precision_features: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {
+        "bf16": {"x86_64": ("avx512_bf16", "amx_bf16")},
+        "fp16": {"x86_64": ("avx512_fp16", "amx_fp16"), "aarch64": ("fullfp16",)},
+    }
     device_runtime = "openvino"
     device_modules: ClassVar[dict[str, str]] = {"openvino": "openvino"}
 
@@ -59,3 +73,20 @@ class OpenVinoBackend(CpuBackend):
                 "threads": options.get("threads") or 0,
             },
         }
+
+    def quantized_operators(self, stage: Path, entry: dict) -> dict[str, int]:
+        """The compiled model's operators by the precision the CPU plugin runs them in (i8, u8, bf16,
+        f16), as ``runtimePrecision`` reports it."""
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(
+            str(stage / entry["artifact"]),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": entry["session"]["inference_precision"]},
+        )
+        counts: dict[str, int] = {}
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            precision = op.get_rt_info()["runtimePrecision"].astype(str)
+            if precision in ("i8", "u8", "bf16", "f16"):
+                counts[precision] = counts.get(precision, 0) + 1
+        return counts

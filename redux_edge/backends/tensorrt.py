@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnxscript.optimizer
 import onnxscript.version_converter
 
-from redux_edge.backends.base import Backend, Emulation
+from redux_edge.backends.base import Backend, Emulation, quantized_onnx_operators
 from redux_edge.errors import UserError
 from redux_edge.files import file_digest
 from redux_edge.passes.contract import Flag
@@ -88,9 +88,12 @@ def _local_engine_build() -> bool:
 
 class TensorRtBackend(Backend):
     name = "tensorrt"
-    # int8 needs calibration data or a quantized (QDQ) graph, which no pass produces yet
     precisions = ("fp16", "fp32")
     default_precision = "fp16"
+    # INT8 as explicit quantization: the quantize pass's QDQ graph, built with --int8 (and --fp16 for
+    # the layers left in float, TensorRT's advice for QDQ networks).
+    quantized: ClassVar[dict[str, str]] = {"int8": "integer", "fp16": "runtime"}
+    symmetric_int8 = True
     static_shapes = True
     builds_on_device = True
     device_runtime = "trtexec"
@@ -138,12 +141,14 @@ class TensorRtBackend(Backend):
         ir.save(model, str(onnx_file))
         (artifact_dir / "support.json").write_text(json.dumps(report, indent=2) + "\n")
         sparsity = options.get("sparsity") == "2:4"
+        int8 = options.get("quantized") == "int8"
         argv = [
             "trtexec",
             "--onnx=artifact/model.trt.onnx",
             "--saveEngine={engine}",
             "--verbose",
             *_PRECISION_FLAGS[options["precision"]],
+            *(["--int8"] if int8 else []),
         ]
         if sparsity:
             argv.append("--sparsity=enable")
@@ -155,6 +160,7 @@ class TensorRtBackend(Backend):
         suffix = "".join(
             [
                 f"-{options['precision']}",
+                "-int8" if int8 else "",
                 "-sparse" if sparsity else "",
                 f"-dla{dla_core}" if dla_core is not None else "",
             ]
@@ -178,6 +184,9 @@ class TensorRtBackend(Backend):
             "session": {"threads": 0, "input_order": [v.name for v in model.graph.inputs]},
             "static_shapes": {name: list(shape) for name, shape in options["shapes"].items()},
         }
+
+    def quantized_operators(self, stage: Path, entry: dict) -> dict[str, int]:
+        return quantized_onnx_operators(stage / entry["artifact"])
 
     def emulate(self, stage: Path, target: Target) -> Emulation:
         """The TensorRT-ready ONNX through ONNX Runtime: checks the opset conversion, not TensorRT."""

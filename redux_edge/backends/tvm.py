@@ -65,6 +65,9 @@ def tvm_target(target: Target) -> dict:
 
 class TvmBackend(CpuBackend):
     name = "tvm"
+    # Relax's ONNX importer reads QuantizeLinear/DequantizeLinear and the dynamic INT8 operators, and its
+    # default pipeline computes the dequantized values in fp32.
+    quantized: ClassVar[dict[str, str]] = {"int8": "dequantized", "int8-dynamic": "dequantized"}
     static_shapes = True
     device_runtime = "tvm"
     device_modules: ClassVar[dict[str, str]] = {"tvm": "apache-tvm"}

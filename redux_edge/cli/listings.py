@@ -15,14 +15,14 @@ __all__ = ["models", "passes", "targets"]
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
 def targets(as_json: bool) -> None:
-    """List deployment targets and, per backend, whether it can build and run here."""
+    """List deployment targets and, per backend, its precisions and whether it can build and run here."""
     from redux_edge import api
 
     rows = api.target_status()
     if as_json:
         emit_json(rows)
         return
-    table = Table("target", "arch / cpu", "gpu", "backend", "builds here", "runs here")
+    table = Table("target", "arch / cpu", "gpu", "backend", "precisions", "builds here", "runs here")
     for row in rows:
         for index, backend in enumerate(row["backend_status"]):
             first = index == 0
@@ -37,6 +37,7 @@ def targets(as_json: bool) -> None:
                 if first
                 else "",
                 backend["backend"],
+                " ".join(backend["precisions"]) or "-",
                 "yes" if backend["builds_here"] else f"no: {backend['build_note']}",
                 "yes" if backend["runs_here"] else f"no: {backend['run_note']}",
             )

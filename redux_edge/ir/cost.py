@@ -26,13 +26,22 @@ def model_cost(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> dic
     params = 0
     weight_bytes = 0
     for initializer in model.graph.initializers.values():
-        # Integer initializers are shapes, axes and indices, not learned weights.
+        # Integer initializers are shapes, axes and indices, not learned weights, unless they are the
+        # stored values of quantized weights.
         tensor = initializer.const_value
-        if tensor is None or not tensor.dtype.is_floating_point():
+        if tensor is None or not (tensor.dtype.is_floating_point() or _quantized_weight(initializer)):
             continue
         params += math.prod(tensor.shape.numpy())
         weight_bytes += tensor.nbytes
     return {"params": int(params), "weight_bytes": int(weight_bytes), "macs": _macs(model, input_shapes)}
+
+
+# Where an integer tensor is a quantized weight: (operator, input position).
+_QUANTIZED_WEIGHT_USES = {("DequantizeLinear", 0), ("MatMulInteger", 1), ("ConvInteger", 1)}
+
+
+def _quantized_weight(value: ir.Value) -> bool:
+    return any((node.op_type, index) in _QUANTIZED_WEIGHT_USES for node, index in value.uses())
 
 
 def _macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> int:
@@ -74,7 +83,7 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int:
     if not out or None in out:
         return 0
     out_size = int(np.prod(out))
-    if node.op_type == "MatMul":
+    if node.op_type in ("MatMul", "MatMulInteger"):
         a = shapes.get(node.input[0])
         return out_size * a[-1] if a and a[-1] else 0
     if node.op_type == "Gemm":
@@ -83,7 +92,7 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int:
         if not a or None in a:
             return 0
         return out_size * (a[0] if trans_a else a[1])
-    if node.op_type == "Conv":
+    if node.op_type in ("Conv", "ConvInteger"):
         w = shapes.get(node.input[1])
         return out_size * int(np.prod(w[1:])) if w and None not in w else 0
     return 0

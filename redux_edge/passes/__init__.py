@@ -16,6 +16,7 @@ from redux_edge.passes.ffn_prune import PruneFfnPass
 from redux_edge.passes.head_prune import PruneHeadsPass
 from redux_edge.passes.layer_drop import DropLayersPass
 from redux_edge.passes.mac_prune import MacPrunePass
+from redux_edge.passes.quantize import QuantizePass
 from redux_edge.passes.sparsity import SparsityPass
 
 __all__ = ["PASSES", "RecipePass", "build_pass", "register_pass"]
@@ -37,6 +38,7 @@ for _builtin in (
     SparsityPass,
     AdaptersPass,
     MacPrunePass,
+    QuantizePass,
 ):
     register_pass(_builtin)
 

@@ -28,7 +28,7 @@ from redux_edge.passes.contract import CompileContext, PassOutcome, ReferenceCha
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["CompressionSection", "UnitsRemoved", "WeightsMasked"]
+__all__ = ["CompressionSection", "UnitsRemoved", "WeightsMasked", "speed_against"]
 
 
 class CompressionSection(Section):
@@ -212,16 +212,17 @@ def _report(section: CompressionSection, context: CompileContext) -> dict:
         }
         return report
     with context.step("timing dense vs compressed through the same backend"):
-        report["speed"] = _speed_vs_dense(context, dense)
+        report["speed"] = speed_against(context, dense)
     return report
 
 
 _SPEED_BLOCKS, _SPEED_CALLS = 4, 10
 
 
-def _speed_vs_dense(context: CompileContext, dense: ir.Model) -> dict:
-    """p50 latency of the dense and the compressed artifact in one process, same inputs and threads;
-    at the model's static shape, else batch 1 (text: sequence 128)."""
+def speed_against(context: CompileContext, dense: ir.Model, options: dict | None = None) -> dict:
+    """p50 latency of ``dense`` (lowered with ``options``, default the compile's) and the compiled
+    artifact in one process, same inputs and threads; at the model's static shape, else batch 1 (text:
+    sequence 128)."""
     from redux_edge.frontend.source import fit_inputs
     from redux_edge.runtime.session import open_artifact
 
@@ -245,8 +246,9 @@ def _speed_vs_dense(context: CompileContext, dense: ir.Model) -> dict:
     assert context.stage is not None
     with tempfile.TemporaryDirectory() as scratch:
         ir.save(dense, str(Path(scratch) / "model.onnx"))
+        artifact = Path(scratch) / "artifact"
         dense_entry = backend.lower(
-            Path(scratch) / "model.onnx", context.target, Path(scratch) / "artifact", context.options
+            Path(scratch) / "model.onnx", context.target, artifact, options or context.options
         )
         sessions = {
             "dense": open_artifact(Path(scratch), dense_entry, threads, source.output_names),

@@ -43,6 +43,7 @@ __all__ = [
     "CompileContext",
     "Flag",
     "PassOutcome",
+    "Rebase",
     "RecipePass",
     "ReferenceChange",
     "Section",
@@ -132,6 +133,11 @@ class RecipePass(ir.passes.InPlacePass):
         for flag in given:
             parameters |= flag.parameters(values[flag.dest])
         return [configure(cls, parameters)]
+
+    def refuses(self, backend: Backend, target: Target) -> str:
+        """Why this pass cannot work with ``backend`` for ``target`` (empty: it can). The pipeline asks
+        before it chooses the backend, so a target's next backend serves when its first one cannot."""
+        return ""
 
     def check(self, context: CompileContext) -> None:
         """Refuse (UserError) a recipe, backend or target this pass cannot work with."""
@@ -241,6 +247,19 @@ class ReferenceChange:
     def per_run(self, feeds: Feeds, run_outputs: list[np.ndarray]) -> tuple[Feeds, list[np.ndarray]]:
         """The feeds the reference takes for a run that gave ``run_outputs``, and outputs to append."""
         return feeds, []
+
+
+class Rebase(ReferenceChange):
+    """The change of a pass that alters numerics on purpose (quantization): no reference computes what
+    it computes, so the model before it (``before``) is checked against the reference of the changes
+    that came earlier, and from then on ONNX Runtime running the changed model is the reference that the
+    artifact must equal. Its section reports what the change cost in quality."""
+
+    def __init__(self, before: ir.Model, describes: str) -> None:
+        self.before, self.describes = before, describes
+
+    def applies_to_module(self, architecture: dict) -> bool:
+        return False
 
 
 class Section:

@@ -30,8 +30,15 @@ class Tolerance:
 
     @classmethod
     def for_precision(cls, precision: str) -> Tolerance:
-        """fp32 artifacts must agree closely; half-precision ones carry ~3 significant digits."""
-        return cls() if precision == "fp32" else cls(min_cosine=0.999, atol=5e-2)
+        """fp32 artifacts must agree closely; half-precision ones carry ~3 significant digits. INT8
+        artifacts are held to ONNX Runtime running the same quantized model: integer kernels and the
+        reference's dequantized arithmetic round differently, and a rounding flip upstream moves a value
+        by one quantization step downstream, so they agree to the size of that noise, not to fp32."""
+        if precision == "fp32":
+            return cls()
+        if precision.startswith("int8"):
+            return cls(min_cosine=0.98, atol=0.25)
+        return cls(min_cosine=0.999, atol=5e-2)
 
 
 def compare(reference: list[np.ndarray], actual: list[np.ndarray], names: list[str]) -> dict:
