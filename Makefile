@@ -34,7 +34,7 @@ system-packages:
 	else echo "note: the aarch64, MACPruning and SSH checks need: sudo apt-get install $(APT_PACKAGES)"; fi
 
 demo: $(STAMP)
-	$(BIN)/redux-edge compile --model minilm-l6 --target host -o build/demo/minilm --force
+	$(BIN)/redux-edge compile --model minilm-l6 --target host --precision auto -o build/demo/minilm --force
 
 test: $(STAMP) system-packages
 	$(BIN)/ruff check redux_edge tests tools

@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from redux_edge import bundle as bundles
 from redux_edge.backends import Backend, select_backend
+from redux_edge.backends.measured import fastest
 from redux_edge.errors import UserError
 from redux_edge.files import save_arrays
 from redux_edge.frontend import load_source
@@ -62,16 +63,18 @@ def compile_model(
     backend = select_backend(target, backend_name, recipe.passes)
     options = {**(backend_options or {})}
     options["precision"] = options.get("precision") or backend.default_precision
-    if options["precision"] not in backend.precisions:
-        raise UserError(
-            f"the {backend.name} backend has no precision '{options['precision']}'",
-            f"choose one of: {', '.join(backend.precisions)}; for INT8: --quantize int8",
-        )
-    if why := backend.precision_refusal(options["precision"], target):
-        raise UserError(why, "choose another --precision, --backend or --target")
+    measured = options["precision"] == "auto"
+    if not measured:
+        _check_precision(backend, target, options["precision"])
     bundles.check_destination(out, force)
     source = model if isinstance(model, Source) else load_source(model, shapes, inputs_file, step, weights)
     source.use_data(eval_data, calibration_data)
+    choice = None
+    if measured:
+        with step("timing the target's backends and precisions (--precision auto)"):
+            backend, options["precision"], choice = fastest(
+                source, target, recipe.passes, options, backend_name
+            )
     options["shapes"] = {name: list(array.shape) for name, array in source.inputs.items()} | (shapes or {})
     original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
     exact = tolerance or Tolerance.for_precision("fp32")
@@ -102,6 +105,8 @@ def compile_model(
             ir_outputs, ir_report, expected, rebased = _verify_ir(stage, source, reference, rebase, exact)
         with step(f"lowering with {backend.name} for {target.name}"):
             backend_entry = backend.lower(stage / "model.onnx", target, stage / "artifact", options)
+            if choice is not None:
+                backend_entry["choice"] = choice
         staged: dict = {}
         for section in context.sections:
             staged |= section.stage(context)
@@ -140,6 +145,16 @@ def compile_model(
             manifest |= section.report(context)
         bundles.write_manifest(stage, manifest)
     return bundles.load_bundle(out)
+
+
+def _check_precision(backend: Backend, target: Target, precision: str) -> None:
+    if precision not in backend.precisions:
+        raise UserError(
+            f"the {backend.name} backend has no precision '{precision}'",
+            f"choose one of: {', '.join(backend.precisions)}, or auto; for INT8: --quantize int8",
+        )
+    if why := backend.precision_refusal(precision, target):
+        raise UserError(why, "choose another --precision, --backend or --target")
 
 
 def _verify_ir(

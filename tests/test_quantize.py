@@ -224,3 +224,22 @@ def test_a_quality_gate_that_is_not_met_fails_the_compile_and_writes_nothing(cli
         "--eval-data", held_out_csv, "-o", tmp_path / "out",
     )  # fmt: skip
     assert_clean_user_error(result, tmp_path, message="is below the --min-quality 0.999 asked for")
+
+
+def test_precision_auto_times_the_backends_here_and_keeps_the_fastest(tmp_path):
+    out = tmp_path / "auto"
+    api.compile_model("mnist-cnn", "host", load_recipe(None), out, backend_options={"precision": "auto"})
+    manifest = json.loads((out / "manifest.json").read_text())
+    choice = manifest["backend"]["choice"]
+    timed = {entry["candidate"]: entry for entry in choice["candidates"]}
+    assert {"onnxruntime fp32", "openvino fp32"} <= set(timed)
+    assert [entry["backend"] for entry in choice["not_timed"]] == ["tvm"]  # static shapes
+    kept = {name: entry["p50_ms"] for name, entry in timed.items() if entry["kept"]}
+    assert choice["chosen"] == min(kept, key=kept.__getitem__)
+    assert f"{manifest['backend']['name']} {manifest['backend']['precision']}" == choice["chosen"]
+    other = tmp_path / "avx2"
+    api.compile_model(
+        "mnist-cnn", "x86-64-avx2", load_recipe(None), other, backend_options={"precision": "auto"}
+    )
+    backend = json.loads((other / "manifest.json").read_text())["backend"]
+    assert backend["name"] == "onnxruntime" and backend["choice"]["measured"] is False

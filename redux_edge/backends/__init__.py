@@ -19,7 +19,7 @@ from redux_edge.targets import Target
 if TYPE_CHECKING:
     from redux_edge.passes.contract import RecipePass
 
-__all__ = ["BACKENDS", "Backend", "backends_with", "select_backend"]
+__all__ = ["BACKENDS", "Backend", "backends_with", "objections", "select_backend"]
 
 BACKENDS: dict[str, Backend] = {
     backend.name: backend
@@ -35,13 +35,13 @@ def backends_with(capability: str) -> list[Backend]:
 def select_backend(target: Target, requested: str | None, passes: Sequence[RecipePass] = ()) -> Backend:
     """The backend to use for ``target``: the one asked for, else the target's first that the recipe's
     passes can work with; raises UserError naming what is missing and how to get it."""
-    if requested is None and _objections(BACKENDS.get(target.backends[0]), target, passes):
+    if requested is None and objections(BACKENDS.get(target.backends[0]), target, passes):
         # The first backend cannot serve this recipe: the next one of the target's that builds here can.
         reasons = []
         for backend in [BACKENDS[name] for name in target.backends if name in BACKENDS]:
-            if not (objections := _objections(backend, target, passes)) and backend.can_build_here()[0]:
+            if not (refusals := objections(backend, target, passes)) and backend.can_build_here()[0]:
                 return _checked(target, backend, requested)
-            reasons.append(objections[0] if objections else backend.can_build_here()[1])
+            reasons.append(refusals[0] if refusals else backend.can_build_here()[1])
         raise UserError(
             f"no backend of target {target.name} can run this recipe: {'; '.join(reasons)}",
             "choose another --target or change the recipe (`redux-edge targets` lists the precisions)",
@@ -62,20 +62,21 @@ def select_backend(target: Target, requested: str | None, passes: Sequence[Recip
             f"target {target.name} needs the {name} backend, which this version does not have", hint
         )
     backend = _checked(target, BACKENDS[name], requested)
-    if objections := _objections(backend, target, passes):
+    if refusals := objections(backend, target, passes):
         serving = [
             other
             for other in target.backends
-            if other in BACKENDS and not _objections(BACKENDS[other], target, passes)
+            if other in BACKENDS and not objections(BACKENDS[other], target, passes)
         ]
         raise UserError(
-            objections[0],
+            refusals[0],
             f"use --backend {serving[0]}" if serving else "choose another --target or change the recipe",
         )
     return backend
 
 
-def _objections(backend: Backend | None, target: Target, passes: Sequence[RecipePass]) -> list[str]:
+def objections(backend: Backend | None, target: Target, passes: Sequence[RecipePass]) -> list[str]:
+    """Why the recipe's passes cannot work with ``backend`` for ``target`` (empty: they can)."""
     if backend is None:
         return []
     return [why for configured in passes if (why := configured.refuses(backend, target))]

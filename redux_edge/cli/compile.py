@@ -98,7 +98,11 @@ class _CompileCommand(click.Command):
     help="Zoo models: parameters to use instead of the package's (.safetensors, e.g. from `train recover`).",
 )
 @click.option("--threads", type=int, help="Threads recorded for the device (default: all cores).")
-@click.option("--precision", help="fp32, fp16 or bf16 where the backend has it [fp32; TensorRT: fp16].")
+@click.option(
+    "--precision",
+    help="fp32, fp16 or bf16 where the backend and CPU have it [fp32; TensorRT: fp16]; auto: time the "
+    "target's backends and precisions here and take the fastest that matches fp32.",
+)
 @click.option(
     "--tolerance-cosine", type=float, help="Minimum cosine vs the reference [0.9999; 0.999 below fp32]."
 )

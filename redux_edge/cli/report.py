@@ -35,6 +35,12 @@ def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
         out.print("  fusions  " + ", ".join(f"{name} x{count}" for name, count in fusions.items()))
     if skipped := recorded["backend"].get("fusions_skipped"):
         out.print(f"  fusions  none: {skipped}")
+    if (choice := recorded["backend"].get("choice")) and choice["measured"]:
+        timed = ", ".join(
+            f"{c['candidate']} {c['p50_ms']:.1f} ms" if c["kept"] else f"{c['candidate']} (diverges)"
+            for c in choice["candidates"]
+        )
+        out.print(f"  chosen   {choice['chosen']} by --precision auto, p50 at {choice['shapes']}: {timed}")
     table = Table("metric", "original", "compiled", title=f"cost at {manifest['metrics']['at_shapes']}")
     table.add_row("parameters", f"{original['params']:,}", f"{compiled['params']:,}")
     table.add_row(

@@ -40,6 +40,9 @@ from redux_edge.runtime.adapter_pack import read_adapter_pack
 if TYPE_CHECKING:
     from torch import nn
 
+    from redux_edge.backends.base import Backend
+    from redux_edge.targets import Target
+
 __all__ = ["AdaptersPass"]
 
 logger = logging.getLogger(__name__)
@@ -60,20 +63,12 @@ class AdaptersSection(Section):
         self.outcome = outcome
 
     def check(self, context: CompileContext) -> None:
-        from redux_edge.backends import backends_with
-
         if context.source.module is None:
             raise UserError(*_NEEDS_THE_MODULE)
         if any(section is not self and section.reference() for section in context.sections):
             raise UserError(
                 "adapters with structural or sparsity passes in one compile are not supported",
                 "adapters are trained on the dense model: compile them without pruning or sparsity",
-            )
-        if not self.outcome.merge and not context.backend.swaps_initializers:
-            able = " or ".join(backend.name for backend in backends_with("swaps_initializers"))
-            raise UserError(
-                f"swappable adapter packs need the {able} backend, not {context.backend.name}",
-                "merge one pack (merge = true, --merge-adapters) for this backend",
             )
 
     def reference(self) -> ReferenceChange:
@@ -200,6 +195,17 @@ class AdaptersPass(RecipePass):
 
     packs: list[str] = parameter([], "adapter pack files from train-adapter; the first is the default task")
     merge: bool = parameter(False, "merge the one pack into the weights instead of swappable branches")
+
+    def refuses(self, backend: Backend, target: Target) -> str:
+        from redux_edge.backends import backends_with
+
+        if self.merge or backend.swaps_initializers:
+            return ""
+        able = " or ".join(other.name for other in backends_with("swaps_initializers"))
+        return (
+            f"swappable adapter packs need the {able} backend, not {backend.name} "
+            "(or merge one pack: --merge-adapters)"
+        )
 
     def __post_init__(self) -> None:
         """Check the parameters and read the packs when the recipe is built, before any model work."""

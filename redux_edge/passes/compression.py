@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,14 +215,10 @@ def _report(section: CompressionSection, context: CompileContext) -> dict:
     return report
 
 
-_SPEED_BLOCKS, _SPEED_CALLS = 4, 10
-
-
 def speed_against(context: CompileContext, dense: ir.Model, options: dict | None = None) -> dict:
     """p50 latency of ``dense`` (lowered with ``options``, default the compile's) and the compiled
-    artifact in one process, same inputs and threads; at the model's static shape, else batch 1 (text:
-    sequence 128)."""
-    from redux_edge.frontend.source import fit_inputs
+    artifact in one process, same inputs and threads (``analysis/speed.py``)."""
+    from redux_edge.analysis.speed import BLOCKS, CALLS, alternating_p50, timing_feeds
     from redux_edge.runtime.session import open_artifact
 
     backend, source, manifest = context.backend, context.source, context.manifest
@@ -231,16 +226,7 @@ def speed_against(context: CompileContext, dense: ir.Model, options: dict | None
     if not runs or backend.static_shapes:
         why = why if not runs else "static-shape artifact: compare with tools/bench.py"
         return {"measured": False, "why": why}
-    text = source.preprocessor is not None and source.preprocessor.kind == "text"
-    shapes = {}
-    for value in dense.graph.inputs:
-        name, sample = str(value.name), source.inputs[str(value.name)]
-        # A static dimension is what the model takes; otherwise batch 1 and, for text, sequence 128.
-        shapes[name] = [
-            dim if isinstance(dim, int) else 1 if axis == 0 else 128 if text else sample.shape[axis]
-            for axis, dim in enumerate(value.shape or sample.shape)
-        ]
-    feeds = fit_inputs({name: array[: shapes[name][0]] for name, array in source.inputs.items()}, shapes)
+    feeds = timing_feeds(dense, source)
     entry = manifest["backend"]
     threads = entry["session"]["threads"]
     assert context.stage is not None
@@ -250,28 +236,19 @@ def speed_against(context: CompileContext, dense: ir.Model, options: dict | None
         dense_entry = backend.lower(
             Path(scratch) / "model.onnx", context.target, artifact, options or context.options
         )
-        sessions = {
-            "dense": open_artifact(Path(scratch), dense_entry, threads, source.output_names),
-            "compressed": open_artifact(
-                context.stage, entry, threads, source.output_names, manifest.get("storage")
-            ),
-        }
-        seconds: dict[str, list[float]] = {name: [] for name in sessions}
-        # Blocks of consecutive calls in alternating order, as tools/bench.py measures: one by one
-        # interleaving would let each ONNX Runtime session's spinning threads slow the other's calls.
-        for block in range(_SPEED_BLOCKS):
-            for name in list(sessions)[:: 1 if block % 2 == 0 else -1]:
-                run_once = sessions[name]
-                run_once(feeds)
-                for _ in range(_SPEED_CALLS):
-                    started = time.perf_counter()
-                    run_once(feeds)
-                    seconds[name].append(time.perf_counter() - started)
-    p50 = {name: float(np.median(values) * 1000.0) for name, values in seconds.items()}
+        p50 = alternating_p50(
+            {
+                "dense": open_artifact(Path(scratch), dense_entry, threads, source.output_names),
+                "compressed": open_artifact(
+                    context.stage, entry, threads, source.output_names, manifest.get("storage")
+                ),
+            },
+            feeds,
+        )
     return {
         "shapes": {name: list(array.shape) for name, array in feeds.items()},
         "threads": threads or "all cores",
-        "calls": _SPEED_BLOCKS * _SPEED_CALLS,
+        "calls": BLOCKS * CALLS,
         "dense_p50_ms": p50["dense"],
         "compressed_p50_ms": p50["compressed"],
         "speedup": p50["dense"] / p50["compressed"],

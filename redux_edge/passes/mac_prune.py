@@ -36,6 +36,9 @@ from redux_edge.passes.contract import (
 if TYPE_CHECKING:
     from torch import nn
 
+    from redux_edge.backends.base import Backend
+    from redux_edge.targets import Target
+
 __all__ = ["KEEP_OUTPUT", "MacPrunePass"]
 
 KEEP_OUTPUT = "pixel_keep"
@@ -250,20 +253,23 @@ class MacPrunePass(RecipePass):
         self.calibration: dict[str, np.ndarray] | None = None
         self.calibrated_on: str | None = None
 
-    def check(self, context: CompileContext) -> None:
+    def refuses(self, backend: Backend, target: Target) -> str:
         from redux_edge.backends import backends_with
 
+        if backend.runs_random_ops:
+            return ""
+        able = " or ".join(other.name for other in backends_with("runs_random_ops"))
+        return (
+            f"mac-prune bundles use the {able} backend, not {backend.name} (the masks are drawn by ONNX "
+            "RandomUniformLike; for microcontrollers use --emit-c)"
+        )
+
+    def check(self, context: CompileContext) -> None:
         others = [p.name for p in context.passes if p is not self and not p.exact]
         if others:
             raise UserError(
                 f"mac-prune runs in a compile of its own, not with {', '.join(others)}",
                 "compile the compressed model first, then protect its model.onnx in a second compile",
-            )
-        if not context.backend.runs_random_ops:
-            able = " or ".join(backend.name for backend in backends_with("runs_random_ops"))
-            raise UserError(
-                f"mac-prune bundles use the {able} backend, not {context.backend.name}",
-                "the masks are drawn by ONNX RandomUniformLike; for microcontrollers use --emit-c",
             )
 
     def prepare(self, context: CompileContext) -> None:

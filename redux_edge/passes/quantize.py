@@ -224,9 +224,7 @@ class QuantizePass(RecipePass):
 
     def call(self, model: ir.Model) -> Quantized:
         if self.computes == "runtime":
-            return Quantized(
-                model, False, self.precision, self.computes, None, [], [], None, "", None, self.min_quality
-            )
+            return Quantized(model, False, self.precision, self.computes, min_quality=self.min_quality)
         assert self.scheme is not None, "prepare() chose the scheme"
         before = copy_model(model)
         chosen, in_float = self._choose(model)
@@ -251,18 +249,19 @@ class QuantizePass(RecipePass):
         # An in-place pass returns the model it was given: it takes the quantized graph.
         model.graph = quantized_model.graph
         logger.info("quantize %s: %d weights, %d in float", self.precision, len(chosen), len(in_float))
+        static = self.precision == "int8"
         return Quantized(
             model,
             True,
             self.precision,
             self.computes,
-            self.scheme,
-            [weight.name for weight in chosen],
-            in_float,
-            before,
-            self.calibrated_on if self.precision == "int8" else "",
-            self.method if self.precision == "int8" else None,
-            self.min_quality,
+            scheme=self.scheme,
+            quantized=[weight.name for weight in chosen],
+            in_float=in_float,
+            before=before,
+            calibrated_on=self.calibrated_on if static else "",
+            method=self.method if static else None,
+            min_quality=self.min_quality,
         )
 
     def _choose(self, model: ir.Model) -> tuple[list, list[dict]]:
@@ -412,6 +411,12 @@ class QuantizationSection(Section):
                 report["quality"] = {"measured": False, "why": f"the artifact cannot run here: {why}"}
         report["retention"] = _retention(report["quality"])
         report["min_quality"] = outcome.min_quality
+        if report["retention"] is None and outcome.min_quality > 0:
+            raise UserError(
+                "quantize: --min-quality cannot be checked: quality was not measured "
+                f"({report['quality'].get('why', 'no task data')})",
+                "give --eval-data, or drop --min-quality",
+            )
         if report["retention"] is not None and report["retention"] < outcome.min_quality:
             raise UserError(
                 f"quantize: quality retention {report['retention']:.4f} is below the --min-quality "
@@ -488,12 +493,12 @@ class Quantized(PassOutcome):
 
     precision: str
     computes: str
-    scheme: Scheme | None
-    quantized: list[str]
-    in_float: list[dict]
-    before: ir.Model | None
-    calibrated_on: str
-    method: str | None
+    scheme: Scheme | None = None
+    quantized: list[str] = dataclasses.field(default_factory=list)
+    in_float: list[dict] = dataclasses.field(default_factory=list)
+    before: ir.Model | None = None
+    calibrated_on: str = ""
+    method: str | None = None
     min_quality: float = 0.0
 
     section = QuantizationSection
