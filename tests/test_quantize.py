@@ -243,3 +243,16 @@ def test_precision_auto_times_the_backends_here_and_keeps_the_fastest(tmp_path):
     )
     backend = json.loads((other / "manifest.json").read_text())["backend"]
     assert backend["name"] == "onnxruntime" and backend["choice"]["measured"] is False
+
+
+@pytest.mark.slow
+def test_int8_stacks_on_2_4_for_orins_sparse_tensor_cores(tmp_path, held_out_csv):
+    recipe = load_recipe(None).extended(passes_from_flags({"sparsity": "2:4", "quantize": "int8"}))
+    out = tmp_path / "orin"
+    api.compile_model("minilm-l6", "jetson-orin-nano", recipe, out, eval_data=held_out_csv)
+    manifest = json.loads((out / "manifest.json").read_text())
+    argv = manifest["backend"]["engine_build"]["argv"]
+    assert {"--int8", "--fp16", "--sparsity=enable"} <= set(argv)
+    # The float weights behind their Q/DQ pairs keep the 2:4 pattern, so they are still stored packed.
+    assert manifest["storage"]["packed_to_dense"] < 0.6
+    assert manifest["verify"]["ir"]["sentence_embedding"]["min_cosine"] >= 0.9999  # masks, before INT8
