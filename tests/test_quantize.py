@@ -148,6 +148,16 @@ def test_avx2_without_vnni_gets_seven_bit_weights_in_the_graph(tmp_path):
     assert scheme["reduce_range"] is True and "VPMADDUBSW" in scheme["why"]
 
 
+def test_arm64_with_dot_product_gets_signed_activations_in_the_graph(tmp_path):
+    for target, dtype in (("arm64-cortex-a76", np.int8), ("arm64-cortex-a72", np.uint8)):
+        out = tmp_path / target
+        api.compile_model("mnist-cnn", target, _recipe("int8"), out, backend_name="onnxruntime")
+        model = onnx.load(str(out / "model.onnx"))
+        arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        zero_points = [arrays[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert zero_points and all(z.dtype == dtype for z in zero_points), target
+
+
 def test_tensorrt_gets_symmetric_qdq_it_parses_and_builds_with_int8(tmp_path):
     out = tmp_path / "orin"
     api.compile_model("mnist-cnn", "jetson-orin-nano", _recipe("int8"), out)
