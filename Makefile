@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt tools/fet
 	touch $(STAMP)
 
 # Installs the Debian packages when they are missing and we are root (as in CI); otherwise says what to do.
+# The demo needs them too: the README's arm64 examples cross-compile right after it.
 system-packages:
 	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null \
 		&& command -v gcc >/dev/null && command -v arm-none-eabi-gcc >/dev/null \
@@ -33,7 +34,7 @@ system-packages:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	else echo "note: the aarch64, MACPruning and SSH checks need: sudo apt-get install $(APT_PACKAGES)"; fi
 
-demo: $(STAMP)
+demo: $(STAMP) system-packages
 	$(BIN)/redux-edge compile --model minilm-l6 --target host --precision auto -o build/demo/minilm --force
 
 test: $(STAMP) system-packages

@@ -121,6 +121,13 @@ def test_sparse_bundle_is_verified_against_torch_and_reports_quality(sparse_bund
     assert report["speed"]["measured"] is False  # no CPU speed-up is claimed
 
 
+def test_the_cost_table_counts_the_non_zero_parameters_of_a_2_4_model(sparse_bundle):
+    compiled = sparse_bundle.manifest["metrics"]["compiled"]
+    sparsified = 6 * (4 * 384 * 384 + 2 * 384 * 1536)  # every projection weight of the 6 layers
+    assert compiled["params"] - compiled["nonzero_params"] >= sparsified // 2
+    assert sparse_bundle.manifest["metrics"]["original"]["nonzero_params"] > compiled["nonzero_params"]
+
+
 def test_every_sparsified_weight_in_the_saved_model_is_two_of_four(sparse_bundle, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(sparse_bundle.path, copy)

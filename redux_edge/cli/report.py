@@ -43,6 +43,13 @@ def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
         out.print(f"  chosen   {choice['chosen']} by --precision auto, p50 at {choice['shapes']}: {timed}")
     table = Table("metric", "original", "compiled", title=f"cost at {manifest['metrics']['at_shapes']}")
     table.add_row("parameters", f"{original['params']:,}", f"{compiled['params']:,}")
+    if "nonzero_params" in compiled and compiled["nonzero_params"] != compiled["params"]:
+        # Bundles from before the count was recorded lack it.
+        table.add_row(
+            "non-zero parameters",
+            f"{original.get('nonzero_params', original['params']):,}",
+            f"{compiled['nonzero_params']:,}",
+        )
     table.add_row(
         "weight bytes", human_bytes(original["weight_bytes"]), human_bytes(compiled["weight_bytes"])
     )

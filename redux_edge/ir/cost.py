@@ -23,17 +23,26 @@ _SHAPE_CONSTANT_LIMIT = 1024
 
 
 def model_cost(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> dict:
-    params = 0
-    weight_bytes = 0
+    """Parameters (and how many are non-zero: 2:4 and pruned weights), their bytes, and MACs."""
+    params = nonzero = weight_bytes = 0
     for initializer in model.graph.initializers.values():
         # Integer initializers are shapes, axes and indices, not learned weights, unless they are the
-        # stored values of quantized weights.
+        # stored values of quantized weights; a 0-d tensor is a constant of the arithmetic (an epsilon,
+        # a scale), not a parameter.
         tensor = initializer.const_value
         if tensor is None or not (tensor.dtype.is_floating_point() or _quantized_weight(initializer)):
             continue
+        if not tensor.shape.dims:
+            continue
         params += math.prod(tensor.shape.numpy())
+        nonzero += int(np.count_nonzero(tensor.numpy()))
         weight_bytes += tensor.nbytes
-    return {"params": int(params), "weight_bytes": int(weight_bytes), "macs": _macs(model, input_shapes)}
+    return {
+        "params": int(params),
+        "nonzero_params": nonzero,
+        "weight_bytes": int(weight_bytes),
+        "macs": _macs(model, input_shapes),
+    }
 
 
 # Where an integer tensor is a quantized weight: (operator, input position).
