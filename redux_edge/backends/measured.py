@@ -43,14 +43,8 @@ def fastest(
         return first, first.default_precision, {"measured": False, "why": "not this machine: not timed"}
     candidates, rejected = [], []
     for backend in [BACKENDS[name] for name in names if name in BACKENDS]:
-        why = (
-            objections(backend, target, passes)[:1]
-            or ([] if backend.can_build_here()[0] else [backend.can_build_here()[1]])
-            or ([] if backend.can_run_here(target)[0] else [backend.can_run_here(target)[1]])
-            or (["static input shapes: compare it with tools/bench.py"] if backend.static_shapes else [])
-        )
-        if why:
-            rejected.append({"backend": backend.name, "why": why[0]})
+        if why := _not_timed(backend, target, passes):
+            rejected.append({"backend": backend.name, "why": why})
             continue
         candidates += [
             (backend, precision)
@@ -100,3 +94,13 @@ def fastest(
             "why": f"the fastest p50 of the candidates that match the fp32 reference ({p50[winner]:.2f} ms)",
         },
     )
+
+
+def _not_timed(backend: Backend, target: Target, passes: Sequence[RecipePass]) -> str:
+    """Why ``backend`` is no candidate here (empty: it is one)."""
+    if refusals := objections(backend, target, passes):
+        return refusals[0]
+    for able, why in (backend.can_build_here(), backend.can_run_here(target)):
+        if not able:
+            return why
+    return "static input shapes: compare it with tools/bench.py" if backend.static_shapes else ""

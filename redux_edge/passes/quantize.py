@@ -426,9 +426,6 @@ class QuantizationSection(Section):
             )
         with context.step("timing fp32 vs quantized through the same backend"):
             float_options = {**context.options, "precision": "fp32", "quantized": None}
-            fallback = context.backend.default_precision
-            if float_options["precision"] not in context.backend.precisions:
-                float_options["precision"] = fallback
             report["speed"] = speed_against(context, before, float_options)
         return {self.key: report}
 
