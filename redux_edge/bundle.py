@@ -3,7 +3,8 @@
 Layout: ``manifest.json``, ``model.onnx`` (the transformed IR, the portable fallback), ``artifact/``
 (the backend's output), ``runner/run.pyz`` (the runner package as a zipapp) and ``runner/run.py`` (what
 starts it), ``sample/{inputs,outputs}.npz`` (the health check) and optionally ``preprocess/``. The manifest
-lists every other file with its sha256 and size.
+lists every other file with its sha256 and size. Every ``.onnx`` file is a standard one (weights inline
+or in standard external data), so stock tools open it; a device receives only ``device_files``.
 
 A bundle is built in a hidden sibling directory and renamed into place, so a failed compile leaves
 nothing behind and readers never see half a bundle; an existing bundle is replaced only with
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import posixpath
 import shutil
 import tempfile
 import zipfile
@@ -26,12 +28,13 @@ from pathlib import Path
 from redux_edge import runtime
 from redux_edge.errors import UserError
 from redux_edge.files import file_digest
-from redux_edge.manifest import FORMAT_VERSION, Manifest, validate
+from redux_edge.manifest import FORMAT_VERSION, FileEntry, Manifest, validate
 
 __all__ = [
     "FORMAT_VERSION",
     "Bundle",
     "check_destination",
+    "device_files",
     "file_digest",
     "load_bundle",
     "staging",
@@ -41,6 +44,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+IR = "model.onnx"
 _TOOLCHAIN = ("torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime")
 
 
@@ -64,6 +68,20 @@ class Bundle:
             elif file_digest(path) != entry["sha256"]:
                 problems.append(f"{relative}: sha256 differs from the manifest")
         return problems
+
+
+def device_files(manifest: Manifest, with_ir: bool = False) -> dict[str, FileEntry]:
+    """The listed files a device stores: what its runner reads. Not the portable IR (``model.onnx`` and its
+    weights) unless ``with_ir``, and N:M weights as their packed file, not its dense external-data twin."""
+    packed = manifest.get("storage", {}).get("packed_files", {})
+    dense_twins = {
+        posixpath.join(posixpath.dirname(relative), index["dense"]) for relative, index in packed.items()
+    }
+    return {
+        relative: entry
+        for relative, entry in manifest["files"].items()
+        if relative not in dense_twins and (with_ir or not (relative == IR or relative.startswith(IR + ".")))
+    }
 
 
 def check_destination(out: Path, force: bool) -> None:

@@ -1,9 +1,11 @@
-"""Bundle storage of N:M-sparse weights: kept values plus their positions, expanded when loaded.
+"""Bundle storage of N:M-sparse weights: standard ONNX external data in the bundle, packed on the device.
 
-Every ONNX file of a sparse bundle keeps its N:M weights as standard ONNX external data that points at a
-dense file (``model.onnx.data``) which the bundle does not ship; it ships ``model.onnx.packed`` instead:
-per group of M weights along the reduction axis, the N kept values (float32) and their positions
-(ceil(log2 M) bits each, so 2:4 takes 8.5 of 16 bytes). The runner expands them into ONNX Runtime's session
+Every ONNX file of a sparse bundle keeps its N:M weights as standard ONNX external data in a dense file
+(``model.onnx.data``), so that ``onnx``, ONNX Runtime, TensorRT's parser and Netron open the bundle's files
+as they are. Beside it the bundle holds ``model.onnx.packed``: per group of M weights along the reduction
+axis, the N kept values (float32) and their positions (ceil(log2 M) bits each, so 2:4 takes 8.5 of 16
+bytes). Flash sends and the device stores the packed file instead of the dense one
+(``redux_edge.bundle.device_files``); the runner expands it into ONNX Runtime's session
 (``add_external_initializers``) without writing anything, or writes the dense file for tools that read
 ONNX files (``runner/run.py --expand``; TensorRT's engine build does it first). The index lives in the
 manifest, under ``storage``.
@@ -28,11 +30,10 @@ _PACKED_SUFFIX, _DENSE_SUFFIX = ".packed", ".data"
 def _reduction_axis(node: onnx.NodeProto, rank: int) -> int | None:
     """The reduction axis of the weight input (index 1) of ``node`` as stored, None for other ops."""
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type in ("MatMul", "FusedMatMul") and rank == 2:
+    # ONNX Runtime's artifacts hold its fused forms (FusedConv, FusedGemm, FusedMatMul).
+    if node.op_type in ("MatMul", "FusedMatMul", "Gemm", "FusedGemm") and rank == 2:
         return 1 if attributes.get("transB", 0) else 0
-    if node.op_type == "Gemm" and rank == 2:
-        return 1 if attributes.get("transB", 0) else 0
-    if node.op_type == "Conv" and rank >= 3 and attributes.get("group", 1) == 1:
+    if node.op_type in ("Conv", "FusedConv") and rank >= 3 and attributes.get("group", 1) == 1:
         return 1
     return None
 
@@ -68,13 +69,15 @@ def pack_model_file(path: Path, n: int, m: int, min_bytes: int = 4096) -> dict |
     """Rewrite the ONNX file ``path`` with its N:M float32 weights packed; the index, None if none."""
     model = onnx.load(str(path))
     dense_name, packed_name = path.name + _DENSE_SUFFIX, path.name + _PACKED_SUFFIX
-    tensors, dense_offset, chunks, packed_offset = {}, 0, [], 0
+    tensors, dense_offset, dense_chunks, chunks, packed_offset = {}, 0, [], [], 0
     axes = _weight_axes(model.graph)
     for initializer in model.graph.initializer:
         axis = axes.get(initializer.name)
         if axis is None or initializer.data_type != onnx.TensorProto.FLOAT:
             continue
-        array = numpy_helper.to_array(initializer)
+        # Masked weights hold -0.0 where a negative weight was zeroed; +0.0 is what unpacking restores, so
+        # the dense file is the packed file's exact expansion (same bytes, same results).
+        array = numpy_helper.to_array(initializer) + np.float32(0)
         packed = _pack(array, axis, n, m) if array.nbytes >= min_bytes else None
         if packed is None:
             continue
@@ -90,6 +93,7 @@ def pack_model_file(path: Path, n: int, m: int, min_bytes: int = 4096) -> dict |
             "positions_bytes": int(positions.size),
         }
         chunks += [values.tobytes(), positions.tobytes()]
+        dense_chunks.append(array.tobytes())
         packed_offset += values.nbytes + positions.size
         initializer.ClearField("raw_data")
         initializer.ClearField("float_data")
@@ -102,6 +106,7 @@ def pack_model_file(path: Path, n: int, m: int, min_bytes: int = 4096) -> dict |
     if not tensors:
         return None
     (path.parent / packed_name).write_bytes(b"".join(chunks))
+    (path.parent / dense_name).write_bytes(b"".join(dense_chunks))
     onnx.save(model, str(path))
     return {"pattern": f"{n}:{m}", "packed": packed_name, "dense": dense_name, "tensors": tensors}
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import assert_clean_user_error
 
-from redux_edge.bundle import load_bundle, write_manifest
+from redux_edge.bundle import device_files, load_bundle, write_manifest
 from redux_edge.deploy.devices import Device, load_registry
 from redux_edge.deploy.flash import release_id
 
@@ -156,7 +156,8 @@ def test_flash_then_profile_over_ssh(cli, registry, mnist_bundle, tmp_path):
     assert row["ok"] and row["release"] == release and row["health"]["healthy"]
     assert row["health"]["max_abs"] == 0.0
     assert _current(root) == release
-    assert sorted(row["uploaded"]) == sorted([*load_bundle(mnist_bundle).manifest["files"], "manifest.json"])
+    sent = [*device_files(load_bundle(mnist_bundle).manifest), "manifest.json"]
+    assert sorted(row["uploaded"]) == sorted(sent) and "model.onnx" not in sent
 
     again = json.loads(cli("flash", mnist_bundle, "--device", "edge-1", "--json").stdout)[0]
     assert again["ok"] and again["uploaded"] == [] and again["uploaded_bytes"] == 0
@@ -212,18 +213,16 @@ def test_interrupted_upload_keeps_previous_release_and_resumes(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    # Uploads go in sorted order: artifact/model.onnx first, then model.onnx (87 MB each). Kill the
-    # client once the first is complete and the second is partly sent.
-    second = partial / "model.onnx.upload"
+    # Uploads go in sorted order: artifact/model.onnx (87 MB) first. Kill the client part way through it.
+    cut = partial / "artifact" / "model.onnx.upload"
     deadline = time.monotonic() + 120
-    while not (second.is_file() and second.stat().st_size > 4 << 20):
+    while not (cut.is_file() and cut.stat().st_size > 4 << 20):
         assert flashing_process.poll() is None, "the flash ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.005)
     flashing_process.send_signal(signal.SIGKILL)
     flashing_process.wait()
-    assert (partial / "artifact" / "model.onnx").is_file()
-    assert not (partial / "model.onnx").exists()
+    assert not (partial / "artifact" / "model.onnx").exists()
     assert _current(root) == first
     check = subprocess.run(
         [sys.executable, str(root / "current" / "runner" / "run.py"), "--check"],
@@ -235,11 +234,13 @@ def test_interrupted_upload_keeps_previous_release_and_resumes(
     result = cli("flash", minilm_bundle, "--device", "edge-1", "--json")
     assert result.exit_code == 0, result.stderr
     (row,) = json.loads(result.stdout)
-    assert "artifact/model.onnx" in row["reused"] and "artifact/model.onnx" not in row["uploaded"]
-    assert row["resumed"]["model.onnx"] > 4 << 20  # only the rest of the cut file was sent
-    total = sum(entry["bytes"] for entry in load_bundle(minilm_bundle).manifest["files"].values())
-    assert row["uploaded_bytes"] < total - (87 << 20)
-    assert "runner/run.py" in row["reused"]  # the same file as in the first release: copied on the device
+    assert row["resumed"]["artifact/model.onnx"] > 4 << 20  # only the rest of the cut file was sent
+    assert row["uploaded_bytes"] < row["release_bytes"] - (4 << 20)
+    # The same file as in the first release: hard-linked on the device, not sent.
+    assert "runner/run.py" in row["reused"]
+    assert (root / "releases" / first / "runner" / "run.py").stat().st_ino == (
+        root / "releases" / row["release"] / "runner" / "run.py"
+    ).stat().st_ino
     assert _current(root) == row["release"] and row["health"]["healthy"]
     assert not partial.exists()
 

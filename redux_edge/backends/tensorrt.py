@@ -2,11 +2,13 @@
 
 TensorRT engines are specific to the GPU, the TensorRT release and the precision, so they are built on
 the device (NVIDIA's deployment guidance for Jetson); what is made here is everything that build needs.
-The ONNX is given static shapes and converted to the newest opset the target's TensorRT parses (the
-onnxscript version converter), then every node is checked against onnx-tensorrt's operator support
-matrix for that release (``tensorrt_support.toml``); an unsupported node fails the compile. The build
-is a ``trtexec`` command line (``--fp16``, ``--sparsity=enable`` for 2:4 bundles, ``--useDLACore`` with
-``--allowGPUFallback`` on targets with DLA) that the bundle's runner runs on the device
+The ONNX is given static shapes; operators the target's parser rejects that the ONNX spec defines by
+older ones (LayerNormalization, Gelu: ``ir/decompose.py``) are rewritten as those; the model is brought
+to the newest opset that parser reads (``ir/opset.py``), then every node is checked against
+onnx-tensorrt's operator support matrix for that release (``tensorrt_support.toml``): a node still
+unsupported fails the compile. The build is a ``trtexec`` command line (``--fp16``, ``--sparsity=enable``
+for 2:4 bundles, ``--useDLACore`` with ``--allowGPUFallback`` on targets with DLA) that the bundle's
+runner runs on the device
 (``runner/run.py --build-engine``), keeping the log and failing when 2:4 was asked for and no layer took
 a sparse tactic. Where ``tensorrt`` and a GPU are present, the same runner call builds it here.
 """
@@ -22,12 +24,14 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common
 import onnxscript.optimizer
-import onnxscript.version_converter
 
 from redux_edge.backends.base import Backend, Emulation, quantized_onnx_operators
 from redux_edge.errors import UserError
 from redux_edge.files import file_digest
+from redux_edge.ir.decompose import decompose
+from redux_edge.ir.opset import convert_opset
 from redux_edge.passes.contract import Flag
 from redux_edge.runtime.backend_tensorrt import build_engine
 from redux_edge.runtime.packed import add_packed_weights
@@ -58,6 +62,10 @@ def support_report(model: ir.Model, tensorrt_version: str) -> dict:
     table = _SUPPORT[_release_line(tensorrt_version)]
     opset = model.opset_imports.get("", 0)
     unsupported = []
+    if opset > table["max_opset"]:
+        unsupported.append(
+            {"node": "(model)", "op": f"opset {opset}", "why": f"needs opset > {table['max_opset']}"}
+        )
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.domain not in ("", "ai.onnx"):
             why = f"custom domain {node.domain}"
@@ -67,7 +75,7 @@ def support_report(model: ir.Model, tensorrt_version: str) -> dict:
             why = f"needs opset > {table['max_opset']}"
         else:
             continue
-        unsupported.append({"node": node.name, "op": node.op_type, "why": why})
+        unsupported.append({"node": node.name or node.op_type, "op": node.op_type, "why": why})
     return {
         "tensorrt": tensorrt_version,
         "opset": opset,
@@ -123,11 +131,14 @@ class TensorRtBackend(Backend):
         model = ir.load(str(model_file))
         for value in model.graph.inputs:
             value.shape = ir.Shape(options["shapes"][value.name])
-        max_opset = _SUPPORT[_release_line(version)]["max_opset"]
-        if model.opset_imports.get("", 0) > max_opset:
-            onnxscript.version_converter.convert_version(model, max_opset, fallback=True)
         onnxscript.optimizer.optimize(model)
-        report = support_report(model, version)
+        # Operators the parser rejects become their definitions first: the older opsets lack them.
+        decomposed = decompose(
+            model, {entry["op"] for entry in support_report(model, version)["unsupported"]}
+        )
+        rewritten = convert_opset(model, _SUPPORT[_release_line(version)]["max_opset"])
+        onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
+        report = support_report(model, version) | {"decomposed": decomposed, "opset_rewritten": rewritten}
         if report["unsupported"]:
             logger.debug("nodes TensorRT %s cannot parse: %s", version, report["unsupported"])
             first = report["unsupported"][0]
@@ -171,7 +182,10 @@ class TensorRtBackend(Backend):
             "version": version,
             "artifact": "artifact/model.trt.onnx",
             "precision": options["precision"],
-            "support": {k: report[k] for k in ("tensorrt", "opset", "max_opset", "nodes")}
+            "support": {
+                k: report[k]
+                for k in ("tensorrt", "opset", "max_opset", "nodes", "decomposed", "opset_rewritten")
+            }
             | {"unsupported": 0},
             "engine_build": {
                 "argv": argv,

@@ -35,6 +35,7 @@ def devices() -> None:
 @click.option("--key", help="Private key file (default: the ssh-agent's keys).")
 @click.option("--known-hosts", help="known_hosts file that holds the device's host key [~/.ssh/known_hosts].")
 @click.option("--python", default="python3", show_default=True, help="Python on the device.")
+@click.option("--storage-limit", help="Most the root may hold, e.g. 2GiB (default: its free space).")
 @click.option("--group", "groups", multiple=True, help="Add the device to this group (repeatable).")
 @click.option("--replace", is_flag=True, help="Replace a device of the same name.")
 @DEVICES_OPTION
@@ -46,6 +47,7 @@ def devices_add(
     key: str | None,
     known_hosts: str | None,
     python: str,
+    storage_limit: str | None,
     groups: tuple[str, ...],
     replace: bool,
     registry_path: Path | None,
@@ -54,7 +56,8 @@ def devices_add(
     from redux_edge.deploy.devices import Device, load_registry
 
     registry = load_registry(registry_path)
-    registry.add(Device(name, target, address, root, key, known_hosts, python), list(groups), replace)
+    device = Device(name, target, address, root, key, known_hosts, python, storage_limit)
+    registry.add(device, list(groups), replace)
     registry.save()
     out.print(f"registered {name} in {registry.path}")
 
@@ -122,21 +125,30 @@ def devices_check(name: str, bundle: Path | None, registry_path: Path | None, as
     if facts["jetpack"] or facts["trtexec"]:
         out.print(f"  jetpack  {facts['jetpack'] or 'none'}; trtexec {facts['trtexec'] or 'none'}")
     out.print(f"  current  {facts['current'] or 'nothing flashed'} ({len(facts['releases'])} release(s))")
+    space = facts["storage"]
+    releases = ", ".join(f"{r} {human_bytes(size)}" for r, size in space["releases"].items()) or "none"
+    limit = f", limit {human_bytes(space['limit'])}" if space["limit"] is not None else ""
+    out.print(
+        f"  storage  {human_bytes(space['used'])} used (hard links once){limit}, "
+        f"{human_bytes(space['free'])} free; releases: {releases}"
+    )
     for warning in report["warnings"]:
         err.print(f"[yellow]warning:[/] {warning}")
 
 
 def _flash_table(results: list) -> Table:
-    table = Table("device", "status", "release", "previous", "uploaded", "reused", "health", "s")
+    table = Table("device", "status", "release", "previous", "sent", "stored", "health", "s")
+    table.columns[0].no_wrap = True
     verdicts = {None: "", True: "passed", False: "failed"}
     for result in results:
+        free = "" if result.free_bytes is None else f", {human_bytes(result.free_bytes)} free"
         table.add_row(
             result.device,
             "[green]ok[/]" if result.ok else "[red]failed[/]",
             result.release or "",
             result.previous or "",
             f"{len(result.uploaded)} ({human_bytes(result.uploaded_bytes)})",
-            str(len(result.reused)),
+            f"{human_bytes(result.release_bytes)}{free}" if result.release_bytes else "",
             verdicts[(result.health or {}).get("healthy")],
             f"{result.seconds:.1f}",
         )
@@ -149,6 +161,7 @@ def _flash_table(results: list) -> Table:
 @click.option("--group", help="Registered group: its devices are flashed concurrently.")
 @click.option("--keep", default=3, show_default=True, help="Releases kept on each device.")
 @click.option("--any-target", is_flag=True, help="Flash even when the device's target differs.")
+@click.option("--with-ir", is_flag=True, help="Also store the portable model.onnx, which no runner reads.")
 @DEVICES_OPTION
 @click.option("--json", "as_json", is_flag=True)
 def flash(
@@ -157,6 +170,7 @@ def flash(
     group: str | None,
     keep: int,
     any_target: bool,
+    with_ir: bool,
     registry_path: Path | None,
     as_json: bool,
 ) -> None:
@@ -181,6 +195,7 @@ def flash(
             keep,
             any_target,
             progress=lambda name, message: status.update(f"{name}: {message}"),
+            with_ir=with_ir,
         )
     if as_json:
         emit_json([dataclasses.asdict(result) | {"ok": result.ok} for result in results])

@@ -4,7 +4,8 @@ Nothing is installed on a device for flashing: every call sends this file on std
 arguments as separate, quoted argv words, and reads one JSON object back from stdout. A device root
 holds::
 
-    releases/<id>/           a verified bundle (immutable once renamed from <id>.partial)
+    releases/<id>/           a verified bundle (immutable once renamed from <id>.partial); files that
+                             another release holds with the same sha256 are hard links to it
     releases/<id>.partial/   an upload in progress (kept across interrupted uploads, resumed by sha256)
     current -> releases/<id> the live release: a relative symlink, swapped by rename(2), so atomic
     history.json             releases in order of activation (rollback walks it back)
@@ -31,8 +32,17 @@ from pathlib import Path
 _RELEASE = re.compile(r"^[0-9a-f]{8,64}$")
 
 
+# Room a flash leaves free on the device's file system, for the device's own logs and the runner's
+# temporary files: a release that fits only by filling the disk would break the device.
+RESERVE_BYTES = 16 << 20
+
+
 class AgentError(Exception):
-    """Something the host should report as this device's failure, in one line."""
+    """Something the host should report as this device's failure, in one line, and how to fix it."""
+
+    def __init__(self, message: str, hint: str = "see redux-edge devices check") -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 def _digest(path: Path) -> str:
@@ -88,6 +98,36 @@ def _manifest_files(release_dir: Path) -> dict:
         return {}
 
 
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+def storage(root: Path, limit: int | None = None) -> dict:
+    """Bytes the device root uses (a hard-linked file once), per release, and what a release may add."""
+    seen: set[tuple[int, int]] = set()
+    used = 0
+    per_release: dict[str, int] = {}
+    for path in root.rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        status = path.stat()
+        if (status.st_dev, status.st_ino) not in seen:
+            seen.add((status.st_dev, status.st_ino))
+            used += status.st_size
+        parts = path.relative_to(root).parts
+        if len(parts) > 2 and parts[0] == "releases":
+            per_release[parts[1]] = per_release.get(parts[1], 0) + status.st_size
+    free = shutil.disk_usage(root).free
+    available = free - RESERVE_BYTES if limit is None else min(free - RESERVE_BYTES, limit - used)
+    return {
+        "free": free,
+        "used": used,
+        "limit": limit,
+        "available": max(available, 0),
+        "releases": per_release,
+    }
+
+
 def state(root: Path) -> dict:
     return {
         "root": str(root),
@@ -97,8 +137,9 @@ def state(root: Path) -> dict:
     }
 
 
-def info(root: Path, modules: dict) -> dict:
-    """What the device is; ``modules`` maps the Python modules to look for to their distributions."""
+def info(root: Path, modules: dict, limit: int | None) -> dict:
+    """What the device is; ``modules`` maps the Python modules to look for to their distributions,
+    ``limit`` is the room the device's registry entry gives redux-edge (None: the file system's)."""
     import importlib.metadata
     import importlib.util
 
@@ -129,6 +170,7 @@ def info(root: Path, modules: dict) -> dict:
         "trtexec": shutil.which("trtexec") or _jetson_trtexec(),
         "tegrastats": shutil.which("tegrastats"),
         "jetpack": tegra.read_text().splitlines()[0] if tegra.is_file() else None,
+        "storage": storage(root, limit),
         **state(root),
     }
 
@@ -139,27 +181,36 @@ def _jetson_trtexec() -> str | None:
     return str(path) if path.is_file() else None
 
 
-def prepare(root: Path, release: str, wanted: dict[str, str]) -> dict:
+def _link_or_copy(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` as ``target`` (True), or copy it where the file system has no hard links."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+        return True
+    except OSError:
+        shutil.copyfile(source, target)
+        return False
+
+
+def prepare(root: Path, release: str, wanted: dict[str, dict], limit: int | None) -> dict:
     """Make ``<release>.partial`` hold every wanted file it can without an upload: files already there
-    with the right sha256 stay, files another release holds are copied; the rest are listed as missing."""
+    with the right sha256 stay, files another release holds are hard-linked; the rest are listed as
+    missing. A release whose missing files would not fit is refused before anything is written."""
     final = _release_dir(root, release)
     if final.is_dir():
-        return {"complete": True, "path": str(final), "missing": [], "copied": [], "present": sorted(wanted)}
+        return {"complete": True, "path": str(final), "missing": [], "linked": [], "present": sorted(wanted)}
     partial = _release_dir(root, release, partial=True)
-    partial.mkdir(parents=True, exist_ok=True)
     elsewhere: dict[str, Path] = {}
     for other in _releases(root):
         for relative, entry in _manifest_files(root / "releases" / other).items():
             elsewhere.setdefault(entry["sha256"], root / "releases" / other / relative)
-    present, copied, missing = [], [], []
-    for relative, sha256 in sorted(wanted.items()):
+    present, shared, missing = [], {}, []
+    for relative, entry in sorted(wanted.items()):
         path = _inside(partial, relative)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file() and _digest(path) == sha256:
+        if path.is_file() and _digest(path) == entry["sha256"]:
             present.append(relative)
-        elif sha256 in elsewhere and elsewhere[sha256].is_file():
-            shutil.copyfile(elsewhere[sha256], path)
-            copied.append(relative)
+        elif entry["sha256"] in elsewhere and elsewhere[entry["sha256"]].is_file():
+            shared[relative] = elsewhere[entry["sha256"]]
         else:
             missing.append(relative)
     # An upload cut short leaves <file>.upload: its length and digest let the host send only the rest.
@@ -168,24 +219,45 @@ def prepare(root: Path, release: str, wanted: dict[str, str]) -> dict:
         upload = Path(f"{_inside(partial, relative)}.upload")
         if upload.is_file():
             started[relative] = {"bytes": upload.stat().st_size, "sha256": _digest(upload)}
+    needed = sum(wanted[r]["bytes"] - started.get(r, {"bytes": 0})["bytes"] for r in missing)
+    room = storage(root, limit)
+    if needed > room["available"]:
+        limited = f", {_mib(room['used'])} used of its limit {_mib(limit)}" if limit is not None else ""
+        raise AgentError(
+            f"the release needs {_mib(needed)} more, the device has {_mib(room['free'])} free{limited} "
+            f"(and keeps {_mib(RESERVE_BYTES)} spare); nothing was changed on the device",
+            "free space on the device, flash with a lower --keep to hold fewer releases, "
+            "or raise storage_limit in devices.toml",
+        )
+    linked: list[str] = []
+    copied: list[str] = []
+    for relative, source in shared.items():
+        path = _inside(partial, relative)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (linked if _link_or_copy(source, path) else copied).append(relative)
+    for relative in missing:
+        _inside(partial, relative).parent.mkdir(parents=True, exist_ok=True)
     return {
         "complete": False,
         "path": str(partial),
         "missing": missing,
+        "linked": linked,
         "copied": copied,
         "present": present,
         "started": started,
+        "needed": needed,
+        "free": room["free"],
     }
 
 
-def verify(root: Path, release: str, wanted: dict[str, str]) -> dict:
+def verify(root: Path, release: str, wanted: dict[str, dict]) -> dict:
     """sha256 of every wanted file in the release (or its partial upload); the files that differ."""
     folder = _staged(root, release)
     bad = {}
-    for relative, sha256 in sorted(wanted.items()):
+    for relative, entry in sorted(wanted.items()):
         path = _inside(folder, relative)
         got = _digest(path) if path.is_file() else "missing"
-        if got != sha256:
+        if got != entry["sha256"]:
             bad[relative] = got
     return {"path": str(folder), "bad": bad}
 
@@ -248,7 +320,7 @@ def prune(root: Path, keep: int) -> dict:
     removed = [release for release in _releases(root) if release not in kept]
     for release in removed:
         shutil.rmtree(_release_dir(root, release))
-    return {"removed": removed}
+    return {"removed": removed, "free": shutil.disk_usage(root).free}
 
 
 def run_runner(root: Path, release: str, arguments: list[str], timeout: float) -> dict:
@@ -281,7 +353,7 @@ def build_engine(root: Path, release: str, timeout: float) -> dict:
     if cache.is_dir():
         engines.mkdir(exist_ok=True)
         for built in cache.iterdir():
-            shutil.copyfile(built, engines / built.name)
+            _link_or_copy(built, engines / built.name)
         return {"key": key, "cached": True, "log": [str(p) for p in cache.glob("*.log")]}
     completed = subprocess.run(
         [sys.executable, str(folder / "runner" / "run.py"), "--bundle", str(folder), "--build-engine"],
@@ -325,8 +397,8 @@ def _run_text(argv: list[str]) -> str:
 
 _VERBS = {
     "state": lambda root, args: state(root),
-    "info": lambda root, args: info(root, json.loads(args[0])),
-    "prepare": lambda root, args: prepare(root, args[0], json.loads(args[1])),
+    "info": lambda root, args: info(root, json.loads(args[0]), json.loads(args[1])),
+    "prepare": lambda root, args: prepare(root, args[0], json.loads(args[1]), json.loads(args[2])),
     "verify": lambda root, args: verify(root, args[0], json.loads(args[1])),
     "activate": lambda root, args: activate(root, args[0], json.loads(args[1])),
     "switch": lambda root, args: switch(root, args[0], args[1]),
@@ -344,7 +416,10 @@ def main(argv: list[str]) -> int:
         with (root / ".lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             result = _VERBS[verb](root.resolve(), args)
-    except (AgentError, OSError, subprocess.SubprocessError) as exc:
+    except AgentError as exc:
+        print(json.dumps({"error": str(exc), "hint": exc.hint}))
+        return 3
+    except (OSError, subprocess.SubprocessError) as exc:
         print(json.dumps({"error": str(exc)}))
         return 3
     print(json.dumps(result))

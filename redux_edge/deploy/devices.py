@@ -9,6 +9,7 @@ One table per device under ``[devices.<name>]`` and one list per group under ``[
     key = "~/.ssh/redux_ed25519"             # omitted: the ssh-agent's keys
     known_hosts = "~/.ssh/known_hosts"       # host keys are always checked
     python = "python3"                       # the interpreter that runs the agent and the runner
+    storage_limit = "2 GiB"                  # optional: the most the root may hold (flash refuses more)
 
     [groups]
     lab = ["orin-1", "orin-2"]
@@ -35,7 +36,9 @@ from redux_edge.targets import load_target
 __all__ = ["Device", "Registry", "default_registry_path", "load_registry"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_FIELDS = {"target", "address", "root", "key", "known_hosts", "python"}
+_FIELDS = {"target", "address", "root", "key", "known_hosts", "python", "storage_limit"}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,20 @@ class Device:
     key: str | None = None
     known_hosts: str | None = None
     python: str = "python3"
+    storage_limit: str | None = None
+
+    @property
+    def storage_limit_bytes(self) -> int | None:
+        """``storage_limit`` in bytes ("512 MiB", "2G", "1500000"), None when the file system is the limit."""
+        if self.storage_limit is None:
+            return None
+        match = _SIZE.match(str(self.storage_limit))
+        if match is None:
+            raise UserError(
+                f"device '{self.name}' has storage_limit '{self.storage_limit}'",
+                "write a size such as 512MiB or 2GiB",
+            )
+        return int(float(match.group(1)) * _UNITS[match.group(2)[:1].upper()])
 
     @property
     def is_local(self) -> bool:
@@ -176,6 +193,7 @@ def _check_device(device: Device) -> None:
     if not _NAME.match(device.name):
         raise UserError(f"bad device name '{device.name}'", "use letters, digits, '-', '_' and '.'")
     load_target(device.target)
+    device.storage_limit_bytes  # noqa: B018  (parsing it is the check)
     if device.is_local:
         return
     url = device.url

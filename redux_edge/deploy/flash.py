@@ -3,9 +3,12 @@
 The sequence per device follows the release layout of Capistrano-style deploys (``releases/<id>``, an
 atomic ``current`` symlink, keep the last K) with the checks a model needs:
 
-1. the bundle's own files are checked against its manifest here (a tampered bundle is never sent);
+1. the bundle's own files are checked against its manifest here (a tampered bundle is never sent); the
+   device gets what its runner reads (``bundle.device_files``: no portable IR unless asked, packed N:M
+   weights instead of their dense copy);
 2. ``prepare``: the device keeps files it already has (an interrupted upload's, or other releases' with
-   the same sha256) and lists the rest, which go over SFTP, each under a temporary name then renamed;
+   the same sha256, hard-linked), refuses a release that would not fit before writing anything, and
+   lists the rest, which go over SFTP, each under a temporary name then renamed;
 3. ``verify``: the device hashes every file; files that differ are sent once more, then it is a failure;
 4. TensorRT bundles build their engine on the device (cached by engine name, TensorRT version and GPU);
 5. ``activate``: ``releases/<id>.partial`` is renamed, ``current`` swapped by rename(2);
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from redux_edge.backends import BACKENDS
-from redux_edge.bundle import MANIFEST, Bundle, file_digest, load_bundle
+from redux_edge.bundle import MANIFEST, Bundle, device_files, file_digest, load_bundle
 from redux_edge.deploy.devices import Device
 from redux_edge.deploy.transport import Transport, connect
 from redux_edge.errors import UserError
@@ -49,6 +52,8 @@ class FlashResult:
     uploaded: list[str] = field(default_factory=list)
     uploaded_bytes: int = 0
     reused: list[str] = field(default_factory=list)
+    release_bytes: int = 0
+    free_bytes: int | None = None
     resumed: dict[str, int] = field(default_factory=dict)
     repaired: list[str] = field(default_factory=list)
     health: dict | None = None
@@ -97,7 +102,10 @@ class DeviceAgent:
                 "set python in devices.toml to a Python 3.8+ interpreter on the device",
             )
         if "error" in reply:
-            raise UserError(f"device {self.device.name}: {reply['error']}", "see redux-edge devices check")
+            raise UserError(
+                f"device {self.device.name}: {reply['error']}",
+                reply.get("hint", "see redux-edge devices check"),
+            )
         return reply
 
     async def runner(self, release: str, arguments: list[str], timeout: float) -> tuple[dict | None, str]:
@@ -127,8 +135,10 @@ def flash(
     keep: int = 3,
     any_target: bool = False,
     progress: Progress | None = None,
+    with_ir: bool = False,
 ) -> list[FlashResult]:
-    """Flash one bundle to every device concurrently; a failed device is a result with ``error`` set."""
+    """Flash one bundle to every device concurrently; a failed device is a result with ``error`` set.
+    ``with_ir`` also sends the portable ``model.onnx``, which no runner reads."""
     bundle = load_bundle(bundle_path)
     if problems := bundle.verify_files():
         raise UserError(
@@ -151,7 +161,9 @@ def flash(
         result = FlashResult(device.name, started=time.time())
         started = time.perf_counter()
         try:
-            await with_device(device, lambda agent: _flash_device(agent, bundle, keep, result, report))
+            await with_device(
+                device, lambda agent: _flash_device(agent, bundle, keep, with_ir, result, report)
+            )
         except UserError as exc:
             result.error = str(exc)
         result.seconds = time.perf_counter() - started
@@ -164,14 +176,21 @@ def flash(
 
 
 async def _flash_device(
-    agent: DeviceAgent, bundle: Bundle, keep: int, result: FlashResult, report: Progress
+    agent: DeviceAgent, bundle: Bundle, keep: int, with_ir: bool, result: FlashResult, report: Progress
 ) -> None:
     name = agent.device.name
     release = result.release = release_id(bundle)
-    wanted = {relative: entry["sha256"] for relative, entry in bundle.manifest["files"].items()}
-    wanted[MANIFEST] = file_digest(bundle.path / MANIFEST)
-    prepared = await agent.call("prepare", release, json.dumps(wanted))
-    result.reused = prepared["copied"] + prepared["present"]
+    wanted: dict[str, dict] = {
+        relative: {"sha256": entry["sha256"], "bytes": entry["bytes"]}
+        for relative, entry in device_files(bundle.manifest, with_ir).items()
+    }
+    manifest = bundle.path / MANIFEST
+    wanted[MANIFEST] = {"sha256": file_digest(manifest), "bytes": manifest.stat().st_size}
+    result.release_bytes = sum(entry["bytes"] for entry in wanted.values())
+    limit = json.dumps(agent.device.storage_limit_bytes)
+    prepared = await agent.call("prepare", release, json.dumps(wanted), limit)
+    result.reused = prepared["linked"] + prepared.get("copied", []) + prepared["present"]
+    result.free_bytes = prepared.get("free")
     for relative in prepared["missing"]:
         report(name, f"uploading {relative}")
         local = bundle.file(relative)
@@ -216,7 +235,8 @@ async def _flash_device(
         await agent.call("discard", release)
         back = f"rolled back to {result.previous}" if result.previous else "nothing is active"
         raise UserError(f"device {name}: health check failed ({result.health['why']}); {back}", _HINT)
-    result.removed = (await agent.call("prune", str(keep)))["removed"]
+    pruned = await agent.call("prune", str(keep))
+    result.removed, result.free_bytes = pruned["removed"], pruned["free"]
 
 
 def _resumable(local: Path, started: dict | None) -> int:

