@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static gcc gcc-arm-none-eabi dataset-fashion-mnist \
 	openssh-server openssh-client
 
-.PHONY: demo test bench system-packages clean
+.PHONY: demo test bench system-packages aarch64-board clean
 
 $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt tools/fetch_tvm_aarch64_runtime.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,14 @@ system-packages:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	else echo "note: the aarch64, MACPruning and SSH checks need: sudo apt-get install $(APT_PACKAGES)"; fi
 
+# An aarch64 user space under qemu (tools/emulated_aarch64.py): arm64 bundles' runners run on it in tests.
+aarch64-board: $(STAMP) system-packages
+	$(BIN)/python tools/emulated_aarch64.py
+
 demo: $(STAMP) system-packages
 	$(BIN)/redux-edge compile --model minilm-l6 --target host --precision auto -o build/demo/minilm --force
 
-test: $(STAMP) system-packages
+test: $(STAMP) system-packages aarch64-board
 	$(BIN)/ruff check redux_edge tests tools
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile.jetson

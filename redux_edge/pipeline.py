@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from redux_edge import bundle as bundles
-from redux_edge.backends import Backend, select_backend
+from redux_edge.backends import BACKENDS, Backend, select_backend
 from redux_edge.backends.measured import fastest
 from redux_edge.errors import UserError
 from redux_edge.files import save_arrays
@@ -62,6 +62,7 @@ def compile_model(
     target = load_target(target_name)
     backend = select_backend(target, backend_name, recipe.passes)
     options = {**(backend_options or {})}
+    _check_backend_flags(backend, options)
     options["precision"] = options.get("precision") or backend.default_precision
     measured = options["precision"] == "auto"
     if not measured:
@@ -145,6 +146,18 @@ def compile_model(
             manifest |= section.report(context)
         bundles.write_manifest(stage, manifest)
     return bundles.load_bundle(out)
+
+
+def _check_backend_flags(backend: Backend, options: dict) -> None:
+    """A flag of another backend (``--tune`` while lowering with ONNX Runtime) is refused, not ignored."""
+    for other in BACKENDS.values():
+        for flag in other.flags:
+            if flag.parameter in options and flag not in backend.flags:
+                raise UserError(
+                    f"{flag.option} is an option of the {other.name} backend, and this compile lowers "
+                    f"with {backend.name}",
+                    f"add --backend {other.name}, or drop {flag.option}",
+                )
 
 
 def _check_precision(backend: Backend, target: Target, precision: str) -> None:

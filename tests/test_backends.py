@@ -125,7 +125,7 @@ def test_bench_runs_each_backend(cli, request, fixture):
 
 
 def test_aarch64_library_runs_under_qemu_and_matches_onnxruntime(tmp_path_factory, cli):
-    bundle = _compile(tmp_path_factory, "a72", "arm64-cortex-a72")
+    bundle = _compile(tmp_path_factory, "a72", "arm64-cortex-a72", backend_name="tvm")
     library = bundle / "artifact" / "model.so"
     header = library.read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
@@ -245,6 +245,11 @@ def test_tvm_tuning_writes_a_database_that_later_compiles_reuse(tmp_path_factory
 def test_tuning_for_a_board_needs_its_rpc_tracker(tmp_path):
     with pytest.raises(UserError, match="must measure on an aarch64 board") as info:
         api.compile_model(
-            "mnist-cnn", "arm64-cortex-a72", load_recipe(None), tmp_path / "out", backend_options={"tune": 8}
+            "mnist-cnn",
+            "arm64-cortex-a72",
+            load_recipe(None),
+            tmp_path / "out",
+            backend_name="tvm",
+            backend_options={"tune": 8},
         )
     assert "--rpc-tracker" in info.value.hint

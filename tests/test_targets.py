@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
+from redux_edge import api
 from redux_edge.backends import select_backend
 from redux_edge.errors import UserError
+from redux_edge.recipe import load_recipe
 from redux_edge.targets import available_targets, load_target
 
 ALL_TARGETS = {
@@ -74,15 +76,21 @@ def test_tensorrt_for_a_target_without_gpu_names_what_is_missing():
 def test_missing_tvm_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tvm", None)  # what a machine without apache-tvm shows import
     with pytest.raises(UserError, match="apache-tvm is not installed") as info:
-        select_backend(load_target("arm64-cortex-a72"), None)
+        select_backend(load_target("arm64-cortex-a72"), "tvm")
     assert "pip install apache-tvm==" in str(info.value)
 
 
 def test_missing_cross_compiler_says_what_to_install(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UserError, match="needs aarch64-linux-gnu-g\\+\\+") as info:
-        select_backend(load_target("arm64-cortex-a72"), None)
+        select_backend(load_target("arm64-cortex-a72"), "tvm")
     assert info.value.hint == "apt-get install g++-aarch64-linux-gnu"
+
+
+@pytest.mark.parametrize("name", ["arm64-cortex-a72", "arm64-cortex-a76"])
+def test_arm64_targets_default_to_onnxruntime_as_measured(name):
+    # tools/bench_arm.py: untuned TVM is slower there; the README's "Targets" says by how much.
+    assert select_backend(load_target(name), None).name == "onnxruntime"
 
 
 def test_jetson_targets_lower_with_tensorrt():
@@ -92,3 +100,12 @@ def test_jetson_targets_lower_with_tensorrt():
 def test_backend_override_must_be_one_the_target_runs():
     with pytest.raises(UserError, match="unknown backend"):
         select_backend(load_target("host"), "coreml")
+
+
+def test_a_flag_of_another_backend_is_refused_not_ignored(tmp_path):
+    with pytest.raises(UserError, match="--tune is an option of the tvm backend") as info:
+        api.compile_model(
+            "mnist-cnn", "arm64-cortex-a72", load_recipe(None), tmp_path / "out", backend_options={"tune": 2}
+        )
+    assert info.value.hint == "add --backend tvm, or drop --tune"
+    assert not (tmp_path / "out").exists()

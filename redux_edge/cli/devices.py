@@ -124,6 +124,8 @@ def devices_check(name: str, bundle: Path | None, registry_path: Path | None, as
     out.print(f"  runtimes {runtimes}")
     if facts["jetpack"] or facts["trtexec"]:
         out.print(f"  jetpack  {facts['jetpack'] or 'none'}; trtexec {facts['trtexec'] or 'none'}")
+    if facts.get("emulated"):
+        out.print(f"  emulated {facts['emulated']}")
     out.print(f"  current  {facts['current'] or 'nothing flashed'} ({len(facts['releases'])} release(s))")
     space = facts["storage"]
     releases = ", ".join(f"{r} {human_bytes(size)}" for r, size in space["releases"].items()) or "none"
@@ -305,7 +307,10 @@ def profile_run(
         emit_json(record)
         return
     stats = record["stats"]
-    table = Table(title=f"{record['run']}: {record['model']} on {record['device']} ({record['backend']})")
+    emulated = f", EMULATED: {record['emulated']}" if record.get("emulated") else ""
+    table = Table(
+        title=f"{record['run']}: {record['model']} on {record['device']} ({record['backend']}{emulated})"
+    )
     for column in ("p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "throughput /s", "peak RSS MB"):
         table.add_column(column, justify="right")
     table.add_row(

@@ -171,6 +171,7 @@ def info(root: Path, modules: dict, limit: int | None) -> dict:
         "tegrastats": shutil.which("tegrastats"),
         "jetpack": tegra.read_text().splitlines()[0] if tegra.is_file() else None,
         "storage": storage(root, limit),
+        "emulated": os.environ.get("REDUX_EDGE_EMULATED"),
         **state(root),
     }
 

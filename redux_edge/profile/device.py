@@ -61,5 +61,6 @@ def profile_on_device(
         "latencies_ms": report.pop("latencies_ms"),
         "layers": report.pop("layers", None),
         "tegrastats": report.pop("tegrastats"),
+        "emulated": report.pop("emulated", None),
         "stats": report,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
             with Tegrastats() as tegrastats:
                 report = session.benchmark(feeds, args.warmup, args.iterations, args.duration)
             report |= {"started": started, "finished": time.time(), "tegrastats": tegrastats.summary}
+            # An emulated board says so (redux_edge/deploy/emulated.py): its times are not a board's.
+            report["emulated"] = os.environ.get("REDUX_EDGE_EMULATED")
             if args.layers:
                 report["layers"] = session.layer_times(feeds, args.layers, args.threads)
             if not args.latencies:
