@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,22 @@ def held_out_csv(tmp_path_factory) -> Path:
         rows = zip(data.test_texts[:96], data.test_labels[:96], strict=True)
         writer.writerows([text, int(label)] for text, label in rows)
     return path
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A devices.toml and a profile store of this test's own, under tmp_path."""
+    monkeypatch.setenv("REDUX_EDGE_DEVICES", str(tmp_path / "devices.toml"))
+    monkeypatch.setenv("REDUX_EDGE_PROFILES", str(tmp_path / "profiles"))
+    return tmp_path
+
+
+def add_local_device(cli, name: str, root: Path, target: str = "host", *extra: str):
+    """``devices add NAME --address local`` whose Python is this interpreter; the CLI result."""
+    return cli(
+        "devices", "add", name, "--target", target, "--address", "local", "--root", root,
+        "--python", sys.executable, *extra,
+    )  # fmt: skip
 
 
 def make_mlp_onnx(path: Path, hidden: int = 16) -> Path:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_user_error
+from conftest import add_local_device, assert_clean_user_error
 
 from redux_edge import api
 from redux_edge.bundle import load_bundle
@@ -24,22 +24,8 @@ from redux_edge.runtime.tegrastats import parse_tegrastats
 STANDIN = Path(__file__).parent / "data" / "trtexec_standin.py"
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("REDUX_EDGE_DEVICES", str(tmp_path / "devices.toml"))
-    monkeypatch.setenv("REDUX_EDGE_PROFILES", str(tmp_path / "profiles"))
-    return tmp_path
-
-
-def _add_local(cli, name: str, root: Path, target: str = "host", *extra: str):
-    return cli(
-        "devices", "add", name, "--target", target, "--address", "local", "--root", root,
-        "--python", sys.executable, *extra,
-    )  # fmt: skip
-
-
 def test_registry_round_trip(cli, env):
-    assert _add_local(cli, "bench-a", env / "a", "host", "--group", "lab").exit_code == 0
+    assert add_local_device(cli, "bench-a", env / "a", "host", "--group", "lab").exit_code == 0
     added = cli(
         "devices", "add", "orin-1", "--target", "jetson-orin-nano", "--address", "ssh://ubuntu@10.0.0.21:2222",
         "--root", "/opt/redux-edge", "--key", "~/.ssh/id_ed25519", "--group", "lab",
@@ -49,7 +35,7 @@ def test_registry_round_trip(cli, env):
     assert listed["groups"] == {"lab": ["bench-a", "orin-1"]}
     orin = next(device for device in listed["devices"] if device["name"] == "orin-1")
     assert orin["target"] == "jetson-orin-nano" and orin["python"] == "python3"
-    assert_clean_user_error(_add_local(cli, "bench-a", env / "a"), env, message="already registered")
+    assert_clean_user_error(add_local_device(cli, "bench-a", env / "a"), env, message="already registered")
     assert cli("devices", "remove", "bench-a").exit_code == 0
     assert json.loads(cli("devices", "list", "--json").stdout)["groups"] == {"lab": ["orin-1"]}
 
@@ -80,7 +66,7 @@ def test_broken_registry_and_unknown_group(cli, env, mnist_bundle):
 
 def test_local_device_flash_rollback_and_profile(cli, env, mnist_bundle):
     root = env / "device"
-    assert _add_local(cli, "here", root).exit_code == 0
+    assert add_local_device(cli, "here", root).exit_code == 0
     (first,) = json.loads(cli("flash", mnist_bundle, "--device", "here", "--json").stdout)
     assert first["ok"] and os.readlink(root / "current") == f"releases/{first['release']}"
     record = json.loads(
@@ -99,7 +85,7 @@ def test_jetson_engine_is_built_on_the_device_and_cached(cli, env, monkeypatch, 
     (tools / "trtexec").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
     root = env / "orin"
-    assert _add_local(cli, "orin", root, "jetson-orin-nano").exit_code == 0
+    assert add_local_device(cli, "orin", root, "jetson-orin-nano").exit_code == 0
 
     (row,) = json.loads(cli("flash", bundle, "--device", "orin", "--json").stdout)
     assert row["ok"], row["error"]

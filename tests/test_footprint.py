@@ -13,18 +13,12 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import assert_clean_user_error
+from conftest import add_local_device, assert_clean_user_error
 
 from redux_edge import api
 from redux_edge.bundle import device_files, load_bundle, write_manifest
 from redux_edge.passes import build_pass
 from redux_edge.recipe import load_recipe
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("REDUX_EDGE_DEVICES", str(tmp_path / "devices.toml"))
-    return tmp_path
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +29,7 @@ def sparse_cnn(tmp_path_factory) -> Path:
 
 
 def _add_local(cli, name: str, root: Path, *extra: str) -> None:
-    added = cli(
-        "devices", "add", name, "--target", "host", "--address", "local", "--root", root,
-        "--python", sys.executable, *extra,
-    )  # fmt: skip
+    added = add_local_device(cli, name, root, "host", *extra)
     assert added.exit_code == 0, added.stderr
 
 

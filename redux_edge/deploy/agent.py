@@ -99,6 +99,7 @@ def _manifest_files(release_dir: Path) -> dict:
 
 
 def _mib(size: int) -> str:
+    # Not redux_edge.files.human_bytes: this script runs alone on the device, with the standard library.
     return f"{size / (1 << 20):.1f} MiB"
 
 
@@ -199,7 +200,16 @@ def prepare(root: Path, release: str, wanted: dict[str, dict], limit: int | None
     missing. A release whose missing files would not fit is refused before anything is written."""
     final = _release_dir(root, release)
     if final.is_dir():
-        return {"complete": True, "path": str(final), "missing": [], "linked": [], "present": sorted(wanted)}
+        return {
+            "complete": True,
+            "path": str(final),
+            "missing": [],
+            "linked": [],
+            "copied": [],
+            "present": sorted(wanted),
+            "started": {},
+            "free": shutil.disk_usage(root).free,
+        }
     partial = _release_dir(root, release, partial=True)
     elsewhere: dict[str, Path] = {}
     for other in _releases(root):
@@ -246,7 +256,6 @@ def prepare(root: Path, release: str, wanted: dict[str, dict], limit: int | None
         "copied": copied,
         "present": present,
         "started": started,
-        "needed": needed,
         "free": room["free"],
     }
 

@@ -189,8 +189,8 @@ async def _flash_device(
     result.release_bytes = sum(entry["bytes"] for entry in wanted.values())
     limit = json.dumps(agent.device.storage_limit_bytes)
     prepared = await agent.call("prepare", release, json.dumps(wanted), limit)
-    result.reused = prepared["linked"] + prepared.get("copied", []) + prepared["present"]
-    result.free_bytes = prepared.get("free")
+    result.reused = prepared["linked"] + prepared["copied"] + prepared["present"]
+    result.free_bytes = prepared["free"]
     for relative in prepared["missing"]:
         report(name, f"uploading {relative}")
         local = bundle.file(relative)

@@ -93,9 +93,7 @@ def decompose(model: ir.Model, op_types: set[str]) -> dict[str, int]:
     if any(value is not None and value.dtype is None for node in wanted for value in node.inputs):
         # The formulas' constants take the input's type, so types are inferred where the model lacks them.
         onnx_ir.passes.common.ShapeInferencePass()(model)
-    for node in list(graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in op_types & DECOMPOSABLE.keys():
-            continue
+    for node in wanted:
         prefix = f"{node.name or node.op_type}_decomposed{sum(done.values())}"
         rewritten = DECOMPOSABLE[node.op_type](node, graph, opset, prefix)
         if rewritten is None:

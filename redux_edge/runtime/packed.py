@@ -40,7 +40,7 @@ def add_packed_weights(options, bundle_dir: Path, relative: str, storage: dict) 
 
     packed = storage.get("packed_files", {}).get(relative)
     folder = (bundle_dir / relative).parent
-    if not packed or (folder / file_name(packed["dense"])).is_file():
+    if not packed or _dense_on_disk(folder, packed):
         return []  # dense, or stored as standard external data, which ONNX Runtime reads itself
     weights = unpacked_weights(folder, packed)
     values = [ort.OrtValue.ortvalue_from_numpy(array) for array in weights.values()]
@@ -55,7 +55,7 @@ def expand_packed(bundle_dir: Path, storage: dict) -> list[Path]:
     for relative, index in storage.get("packed_files", {}).items():
         folder = (bundle_dir / relative).parent
         # A device holds only the files its runner reads (no portable model.onnx unless flashed with it).
-        if (folder / file_name(index["dense"])).is_file() or not (bundle_dir / relative).is_file():
+        if _dense_on_disk(folder, index) or not (bundle_dir / relative).is_file():
             continue
         dense = bytearray(sum(entry["dense_bytes"] for entry in index["tensors"].values()))
         for name, array in unpacked_weights(folder, index).items():
@@ -65,6 +65,11 @@ def expand_packed(bundle_dir: Path, storage: dict) -> list[Path]:
         target.write_bytes(bytes(dense))
         written.append(target)
     return written
+
+
+def _dense_on_disk(folder: Path, index: dict) -> bool:
+    """The packed file's dense twin is there (a bundle on the host), so nothing needs expanding."""
+    return (folder / file_name(index["dense"])).is_file()
 
 
 def file_name(name: str) -> str:
