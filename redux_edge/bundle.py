@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import posixpath
 import shutil
@@ -29,6 +30,7 @@ from redux_edge import runtime
 from redux_edge.errors import UserError
 from redux_edge.files import file_digest
 from redux_edge.manifest import FORMAT_VERSION, FileEntry, Manifest, validate
+from redux_edge.runtime.session import unlisted_files
 
 __all__ = [
     "FORMAT_VERSION",
@@ -57,8 +59,11 @@ class Bundle:
         return _inside(self.path, relative)
 
     def verify_files(self) -> list[str]:
-        """Problems with the listed files (missing, wrong size, wrong sha256); empty when all match."""
-        problems = []
+        """Problems with the files (listed ones missing, of the wrong size or sha256; files the manifest
+        does not list); empty when all match."""
+        problems = [
+            f"{relative}: not listed in the manifest" for relative in unlisted_files(self.path, self.manifest)
+        ]
         for relative, entry in self.manifest["files"].items():
             path = self.file(relative)
             if not path.is_file():
@@ -85,13 +90,27 @@ def device_files(manifest: Manifest, with_ir: bool = False) -> dict[str, FileEnt
 
 
 def check_destination(out: Path, force: bool) -> None:
-    """Fail before any work is done when ``out`` cannot become a bundle."""
+    """Fail before any work is done when ``out`` cannot become a bundle. ``force`` replaces a bundle, and
+    nothing else: a directory without a manifest, or with files the manifest does not list, is the
+    user's, and stays."""
+    if out.name in ("", ".", "..") or out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise UserError(
+            f"-o {out} is the current directory or one above it",
+            "give a bundle directory, e.g. -o build/model",
+        )
     if out.exists() and not force:
         raise UserError(f"output directory {out} already exists", "pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file, not a directory", "choose another -o")
+    if out.is_dir() and (foreign := _not_bundle_files(out)):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(
+            f"--force replaces only a redux-edge bundle, and {out} holds files that are not one's: {shown}",
+            "choose another -o, or move those files away first",
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale_staging(out.parent)
         probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)
         Path(probe).rmdir()
     except OSError as exc:
@@ -100,11 +119,63 @@ def check_destination(out: Path, force: bool) -> None:
         ) from exc
 
 
+def _not_bundle_files(folder: Path) -> list[str]:
+    """The files in ``folder`` that are not a bundle's: all of them when its manifest is missing or
+    unreadable, else those the manifest does not list (an empty folder has none)."""
+    try:
+        return unlisted_files(folder, json.loads((folder / MANIFEST).read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+# Staging and set-aside directories are named for the process that made them, so that a later compile
+# into the same folder can tell a killed compile's leftovers (its pid gone) from a running one's.
+_HOST = platform.node() or "host"
+
+
+def _owned_name(out: Path, kind: str) -> str:
+    return f".{out.name}.{kind}-{_HOST}-{os.getpid()}-"
+
+
+def _sweep_stale_staging(parent: Path) -> None:
+    """Remove what killed compiles on this host left in ``parent``: staging directories, and set-aside
+    bundles, which go back in place when their bundle is missing (killed mid-replacement)."""
+    for leftover in parent.glob(f".*.*-{_HOST}-*-*"):
+        name, kind, pid = _staging_owner(leftover.name)
+        if kind is None or _alive(pid) or not leftover.is_dir():
+            continue
+        bundle = parent / name
+        if kind == "previous" and not bundle.exists():
+            leftover.rename(bundle)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _staging_owner(name: str) -> tuple[str, str | None, int]:
+    """(bundle name, "partial" or "previous", pid) of a directory ``_owned_name`` made; kind None if not."""
+    for kind in ("partial", "previous"):
+        head, separator, tail = name[1:].rpartition(f".{kind}-{_HOST}-")
+        pid, _, _ = tail.partition("-")
+        if separator and pid.isdigit():
+            return head, kind, int(pid)
+    return name, None, 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def staging(out: Path, force: bool) -> Iterator[Path]:
     """A temporary sibling of ``out`` to build into; renamed to ``out`` when the block succeeds."""
     check_destination(out, force)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    stage = Path(tempfile.mkdtemp(prefix=_owned_name(out, "partial"), dir=out.parent))
     try:
         yield stage
         _publish(stage, out, force)
@@ -122,7 +193,7 @@ def _publish(stage: Path, out: Path, force: bool) -> None:
         return
     if not force:
         raise UserError(f"output directory {out} appeared while compiling", "pass --force to replace it")
-    previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
+    previous = Path(tempfile.mkdtemp(prefix=_owned_name(out, "previous"), dir=out.parent))
     previous.rmdir()
     out.rename(previous)
     try:
@@ -141,7 +212,7 @@ def write_manifest(stage: Path, manifest: dict) -> dict:
             "bytes": path.stat().st_size,
         }
     manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files}
-    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return manifest
 
 
@@ -183,11 +254,15 @@ the same): numpy and the backend's runtime are all it needs. See --help.\"\"\"
 
 import runpy
 import sys
+import zipfile
 from pathlib import Path
 
 archive = Path(__file__).resolve().with_name("run.pyz")
+if archive.is_symlink() or not zipfile.is_zipfile(archive):
+    print(f"error: {archive} is a link or not a zip archive: copy the bundle again", file=sys.stderr)
+    sys.exit(2)
 # Nothing but the archive is imported from this folder: a file dropped beside the runner is never run.
-sys.path[0] = str(archive)
+sys.path[0] = str(archive.resolve())
 runpy.run_path(str(archive), run_name="__main__")
 """
 

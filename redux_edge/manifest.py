@@ -91,7 +91,7 @@ def validate(document: object, where: Path) -> Manifest:
     """``document`` as a Manifest; UserError naming the first field that does not fit the schema."""
     if isinstance(document, dict) and document.get("format_version") != FORMAT_VERSION:
         raise UserError(
-            f"{where.parent} has bundle format {document.get('format_version')}, "
+            f"{where.parent} has bundle format {document.get('format_version')!r}, "
             f"this redux-edge reads {FORMAT_VERSION}",
             "recompile the bundle with this version",
         )

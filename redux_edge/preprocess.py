@@ -47,7 +47,14 @@ class TextPreprocessor:
         }
 
     def read(self, path: Path) -> dict[str, np.ndarray]:
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+                "save it as UTF-8 text, one sentence per line",
+            ) from exc
+        texts = [line.strip() for line in text.splitlines() if line.strip()]
         if not texts:
             raise UserError(f"{path} holds no text", "write one sentence per line")
         return self(texts)
@@ -152,9 +159,10 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
             return {"": loaded}
         with loaded as archive:
             return {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(
-            f"cannot read {path}: {exc}", "save plain numeric arrays with numpy.save/savez"
+            f"cannot read {path}: {exc or type(exc).__name__}",
+            "save plain numeric arrays with numpy.save/savez",
         ) from exc
 
 

@@ -57,7 +57,12 @@ class Recipe:
 DEFAULT_RECIPE = {"name": "default", "passes": [{"pass": "cleanup"}]}
 
 
-def recipe_from_dict(spec: dict, origin: str) -> Recipe:
+def recipe_from_dict(spec: object, origin: str) -> Recipe:
+    if not isinstance(spec, dict):
+        raise UserError(
+            f"the recipe in {origin} is {type(spec).__name__ if spec is not None else 'null'}, not a table",
+            'write name = "..." and [[passes]] blocks (see models/*/edge.toml)',
+        )
     if unknown := set(spec) - _RECIPE_KEYS:
         raise UserError(
             f"unknown recipe key {', '.join(sorted(unknown))} in {origin}",
@@ -83,10 +88,12 @@ def load_recipe(path: Path | None) -> Recipe:
         raise UserError(f"recipe {path} does not exist", "give a recipe .toml or a bundle's manifest.json")
     try:
         if path.suffix == ".json":
-            spec = json.loads(path.read_text())["recipe"]
+            document = json.loads(path.read_text())
+            # A bundle's manifest records its recipe; a JSON recipe file is the recipe itself.
+            spec = document.get("recipe", document) if isinstance(document, dict) else document
         else:
             spec = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(
             f"cannot read recipe {path}: {exc}", "give a recipe .toml or a manifest.json"
         ) from exc

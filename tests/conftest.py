@@ -103,6 +103,18 @@ def make_mlp_onnx(path: Path, hidden: int = 16) -> Path:
     return path
 
 
+def make_nan_onnx(path: Path) -> Path:
+    """y = Log(x) - Log(x): NaN wherever x < 0, which random sample inputs are half the time."""
+    graph = oh.make_graph(
+        [oh.make_node("Log", ["x"], ["l"]), oh.make_node("Sub", ["l", "l"], ["y"])],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])],
+    )
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), path)
+    return path
+
+
 def assert_clean_user_error(result, parent, *, message: str) -> None:
     """Exit code 2, one `error:` line with a hint, no traceback, and nothing written at parent/out."""
     assert result.exit_code == 2, result

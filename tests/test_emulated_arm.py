@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from redux_edge import api
-from redux_edge.deploy.emulated import board_python
+from redux_edge.deploy.emulated import board_python, board_rpc_tracker
 from redux_edge.recipe import load_recipe
 
 BOARD = board_python()
@@ -76,3 +76,27 @@ def test_an_arm64_bundle_flashes_to_the_emulated_board_and_is_profiled(
         cli("profile", arm_bundles["onnxruntime"], "--device", "pi", "--iterations", "5", "--json").stdout
     )
     assert record["emulated"].startswith("aarch64 under qemu-aarch64") and record["stats"]["iterations"] == 5
+
+
+def test_tvm_tunes_an_arm64_bundle_by_measuring_candidates_on_the_emulated_board(cli, tmp_path):
+    database = tmp_path / "tuning"
+    with board_rpc_tracker("cortex-a72", "emulated-a72") as tracker:
+        compiled = cli(
+            "compile", "--model", "mnist-cnn", "--target", "arm64-cortex-a72", "--backend", "tvm",
+            "--tune", "4", "--tuning-db", database, "--rpc-tracker", tracker, "--rpc-key", "emulated-a72",
+            "-o", tmp_path / "tuned",
+        )  # fmt: skip
+    assert compiled.exit_code == 0, compiled.stderr
+    tuning = json.loads((tmp_path / "tuned" / "manifest.json").read_text())["backend"]["tuning"]
+    assert tuning["trials"] == 4 and tuning["records_after"] >= 4
+    # Each record holds the candidate's run times on the board; a failed measurement would hold none.
+    records = [
+        json.loads(line) for line in (database / "database_tuning_record.json").read_text().splitlines()
+    ]
+    assert all(0 < seconds < 1 for record in records for seconds in record[1][1])
+    checked = subprocess.run(
+        [str(BOARD), str(tmp_path / "tuned" / "runner" / "run.py"), "--check"],
+        capture_output=True,
+        timeout=300,
+    )
+    assert checked.returncode == 0, checked.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from conftest import assert_clean_user_error, make_mlp_onnx
+from conftest import assert_clean_user_error, make_mlp_onnx, make_nan_onnx
 
 
 @pytest.fixture
@@ -76,7 +76,15 @@ CASES = {
     "wrong input rank": (lambda d, mlp: ["--model", mlp, "--shapes", "x:9"], "wrong input"),
     "shape of an unknown input": (lambda d, mlp: ["--model", mlp, "--shapes", "z:1x8"], "unknown inputs"),
     "unreadable shape": (lambda d, mlp: ["--model", mlp, "--shapes", "x:axb"], "cannot read shape"),
-    "diverging artifact": (lambda d, mlp: ["--model", mlp, "--tolerance-cosine", "1.5"], "diverges"),
+    "tolerance outside its range": (
+        lambda d, mlp: ["--model", mlp, "--tolerance-cosine", "1.5"],
+        "1.5 is not in the range 0<=x<=1",
+    ),
+    "negative tolerance": (
+        lambda d, mlp: ["--model", mlp, "--tolerance-atol", "-1"],
+        "not in the range x>=0",
+    ),
+    "threads below one": (lambda d, mlp: ["--model", mlp, "--threads", "0"], "not in the range 1<=x<=256"),
     "unknown option": (lambda d, mlp: ["--model", mlp, "--frobnicate"], "No such option"),
 }
 
@@ -108,19 +116,20 @@ def test_failed_forced_compile_keeps_the_previous_bundle(cli, tmp_path, mlp):
     out = tmp_path / "out"
     assert cli("compile", "--model", mlp, "-o", out).exit_code == 0
     before = (out / "manifest.json").read_text()
-    failed = cli("compile", "--model", mlp, "-o", out, "--force", "--tolerance-cosine", "1.5")
-    assert failed.exit_code == 2 and "diverges" in failed.stderr
+    # A model whose outputs are NaN fails verification while its bundle is being built.
+    failed = cli("compile", "--model", make_nan_onnx(tmp_path / "nan.onnx"), "-o", out, "--force")
+    assert failed.exit_code == 2 and "NaN/inf" in failed.stderr
     assert (out / "manifest.json").read_text() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "nan.onnx", "out"]
 
 
 def test_forced_compile_replaces_the_bundle(cli, tmp_path, mlp):
     out = tmp_path / "out"
     cli("compile", "--model", mlp, "-o", out)
-    (out / "stale.txt").write_text("old")
+    (out / "model.onnx").write_bytes(b"edited")
     result = cli("compile", "--model", mlp, "-o", out, "--force", "--json")
     assert result.exit_code == 0
-    assert not (out / "stale.txt").exists()
+    assert (out / "model.onnx").read_bytes() != b"edited"
     assert (
         json.loads(result.stdout)["files"].keys()
         == json.loads((out / "manifest.json").read_text())["files"].keys()
@@ -175,7 +184,7 @@ def test_tampered_bundle_is_detected(cli, mlp_bundle):
     with (mlp_bundle / "model.onnx").open("ab") as handle:
         handle.write(b"\0")
     inspected = cli("inspect", mlp_bundle)
-    assert inspected.exit_code == 1 and "model.onnx" in inspected.stdout
+    assert inspected.exit_code == 2 and "model.onnx" in inspected.stdout
     ran = cli("run", mlp_bundle)
     assert ran.exit_code == 2 and "damaged" in ran.stderr
 

@@ -38,6 +38,9 @@ WHEELS = {
     "apache-tvm-ffi": metadata.version("apache-tvm-ffi"),
     "ml_dtypes": metadata.version("ml_dtypes"),
     "typing_extensions": metadata.version("typing_extensions"),
+    # TVM's RPC server, through which MetaSchedule measures candidates on the board (tuning).
+    "cloudpickle": metadata.version("cloudpickle"),
+    "psutil": metadata.version("psutil"),
 }
 QEMU = "/usr/bin/qemu-aarch64-static"
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
@@ -101,8 +104,13 @@ def _binfmt() -> None:
         (BINFMT / "register").write_text(AARCH64_ELF)
 
 
+def _stamp() -> str:
+    return " ".join(f"{name}=={version}" for name, version in WHEELS.items()) + "\n"
+
+
 def main() -> int:
-    if (BOARD_DIR / ".ready").is_file() and (BINFMT / "qemu-aarch64").is_file():
+    ready = BOARD_DIR / ".ready"
+    if ready.is_file() and ready.read_text() == _stamp() and (BINFMT / "qemu-aarch64").is_file():
         return 0
     if not Path(QEMU).is_file():
         return _note("qemu-user-static is not installed")
@@ -135,7 +143,7 @@ def main() -> int:
     )
     if smoke.returncode != 0 or smoke.stdout.strip() != "aarch64":
         return _note(f"its Python does not start: {(smoke.stderr.strip().splitlines() or ['?'])[-1]}")
-    (final / ".ready").write_text(" ".join(f"{name}=={version}" for name, version in WHEELS.items()) + "\n")
+    (final / ".ready").write_text(_stamp())
     print(f"emulated aarch64 board in {final}")
     return 0
 

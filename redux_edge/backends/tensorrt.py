@@ -22,6 +22,7 @@ import tomllib
 from pathlib import Path
 from typing import ClassVar
 
+import click
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
@@ -106,7 +107,14 @@ class TensorRtBackend(Backend):
     builds_on_device = True
     device_runtime = "trtexec"
     device_modules: ClassVar[dict[str, str]] = {"tensorrt": "tensorrt"}
-    flags = (Flag("--dla-core", "TensorRT: run on this DLA core, with GPU fallback.", "dla_core", int),)
+    flags = (
+        Flag(
+            "--dla-core",
+            "TensorRT: run on this DLA core, with GPU fallback.",
+            "dla_core",
+            click.IntRange(min=0),
+        ),
+    )
 
     def can_build_here(self) -> tuple[bool, str]:
         return True, "writes the TensorRT-ready ONNX and the engine build; the engine is built on the device"

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+import click
 import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
@@ -72,7 +73,12 @@ class TvmBackend(CpuBackend):
     device_runtime = "tvm"
     device_modules: ClassVar[dict[str, str]] = {"tvm": "apache-tvm"}
     flags = (
-        Flag("--tune", "TVM: MetaSchedule trial budget (0 = reuse the database only).", "tune", int),
+        Flag(
+            "--tune",
+            "TVM: MetaSchedule trial budget (0 = reuse the database only).",
+            "tune",
+            click.IntRange(min=0),
+        ),
         Flag("--tuning-db", "TVM: tuning database directory.", "tuning_db", type="path"),
         Flag(
             "--rpc-tracker", "TVM: tune on a board through this RPC tracker.", "tracker", metavar="HOST:PORT"
@@ -135,7 +141,9 @@ class TvmBackend(CpuBackend):
             spec["num-cores"] = options.get("threads") or os.cpu_count()
         llvm = tvm.target.Target(spec)
         if tuning["trials"] > 0 or tuning["records_before"] > 0:
-            executable = self._compile_tuned(module, llvm, tuning, options)
+            cross = target.arch != platform.machine()
+            executable = self._compile_tuned(module, llvm, tuning, options, cross)
+            tuning["records_after"] = _record_count(tuning["database"])
         else:
             executable = tvm.compile(module, llvm, relax_pipeline=relax.get_default_pipeline(llvm))
         artifact_dir.mkdir(parents=True, exist_ok=True)
@@ -161,17 +169,15 @@ class TvmBackend(CpuBackend):
     def _tuning(self, target: Target, options: dict) -> dict:
         key = hashlib.sha256(json.dumps(tvm_target(target), sort_keys=True).encode()).hexdigest()[:12]
         database = Path(options.get("tuning_db") or TUNING_ROOT / f"{target.name}-{key}")
-        records = database / "database_tuning_record.json"
-        count = len(records.read_text().splitlines()) if records.is_file() else 0
         trials = options.get("tune") or 0
         if trials and target.arch != platform.machine() and not options.get("rpc"):
             raise UserError(
                 f"tuning for {target.arch} must measure on an {target.arch} board",
                 "pass --rpc-tracker HOST:PORT --rpc-key KEY of a TVM RPC tracker with the board registered",
             )
-        return {"trials": trials, "database": database, "records_before": count}
+        return {"trials": trials, "database": database, "records_before": _record_count(database)}
 
-    def _compile_tuned(self, module, llvm, tuning: dict, options: dict):
+    def _compile_tuned(self, module, llvm, tuning: dict, options: dict, cross: bool):
         from tvm.s_tir import meta_schedule as ms
         from tvm.s_tir.meta_schedule.relax_integration import (
             compile_relax,
@@ -188,6 +194,12 @@ class TvmBackend(CpuBackend):
             runner = ms.runner.LocalRunner(timeout_sec=_WORKER_TIMEOUT_S)
             if rpc := options.get("rpc"):
                 host, _, port = rpc["tracker"].rpartition(":")
+                if cross:
+                    # MetaSchedule sends a .tar that the board would link itself; boards (and the emulated
+                    # one) have no compiler, so each candidate is linked here.
+                    builder = ms.builder.LocalBuilder(
+                        timeout_sec=_WORKER_TIMEOUT_S, f_export=_export_aarch64_library
+                    )
                 runner = ms.runner.RPCRunner(
                     ms.runner.RPCConfig(host, int(port), rpc["key"], _WORKER_TIMEOUT_S)
                 )
@@ -252,6 +264,22 @@ class TvmBackend(CpuBackend):
                 return outputs
 
         return run, f"ran under {Path(qemu).name} with the aarch64 TVM runtime"
+
+
+def _record_count(database: Path) -> int:
+    """The measured schedules in a MetaSchedule database folder."""
+    records = database / "database_tuning_record.json"
+    return len(records.read_text().splitlines()) if records.is_file() else 0
+
+
+def _export_aarch64_library(module) -> str:
+    """MetaSchedule's builder export for an aarch64 board: a shared library linked by the cross compiler
+    (the only one the backend cross-compiles for, see ``check_target``)."""
+    import tvm.support.cc
+
+    path = Path(tempfile.mkdtemp()) / "candidate.so"
+    module.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(_CROSS_COMPILER))
+    return str(path)
 
 
 def _tasks_for_budget(tasks: list, trials: int) -> tuple[list, int]:

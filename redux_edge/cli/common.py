@@ -15,7 +15,24 @@ from rich.console import Console
 from redux_edge.errors import UserError
 from redux_edge.files import human_bytes
 
-__all__ = ["DEVICES_OPTION", "emit_json", "err", "human_bytes", "out", "parse_shapes", "progress"]
+__all__ = [
+    "AT_LEAST_ONE",
+    "DEVICES_OPTION",
+    "NON_NEGATIVE",
+    "THREADS",
+    "emit_json",
+    "err",
+    "human_bytes",
+    "out",
+    "parse_shapes",
+    "progress",
+]
+
+# The numbers the command line takes, checked where they come in (click prints the range on a mistake).
+AT_LEAST_ONE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+# More intra-op threads than any edge device or this machine has cores only slows a run down.
+THREADS = click.IntRange(1, 256)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -56,6 +73,11 @@ def parse_shapes(text: str | None) -> dict[str, list[int]]:
         if not sep or not name:
             raise UserError(
                 f"cannot read shape '{item}'", "write --shapes input_ids:1x128,attention_mask:1x128"
+            )
+        if any(size < 1 for size in shapes[name]):
+            raise UserError(
+                f"--shapes {item}: every dimension must be at least 1",
+                f"write --shapes {name}:" + "x".join(str(max(size, 1)) for size in shapes[name]),
             )
     return shapes
 

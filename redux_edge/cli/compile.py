@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from redux_edge.cli.common import emit_json, parse_shapes, progress
+from redux_edge.cli.common import THREADS, emit_json, parse_shapes, progress
 from redux_edge.cli.report import print_report
 from redux_edge.passes.contract import Flag
 
@@ -97,18 +97,20 @@ class _CompileCommand(click.Command):
     type=click.Path(path_type=Path),
     help="Zoo models: parameters to use instead of the package's (.safetensors, e.g. from `train recover`).",
 )
-@click.option("--threads", type=int, help="Threads recorded for the device (default: all cores).")
+@click.option("--threads", type=THREADS, help="Threads recorded for the device (default: all cores).")
 @click.option(
     "--precision",
     help="fp32, fp16 or bf16 where the backend and CPU have it [fp32; TensorRT: fp16]; auto: time the "
     "target's backends and precisions here and take the fastest that matches fp32.",
 )
 @click.option(
-    "--tolerance-cosine", type=float, help="Minimum cosine vs the reference [0.9999; 0.999 below fp32]."
+    "--tolerance-cosine",
+    type=click.FloatRange(0, 1),
+    help="Minimum cosine vs the reference [0.9999; 0.999 below fp32].",
 )
 @click.option(
     "--tolerance-atol",
-    type=float,
+    type=click.FloatRange(min=0),
     help="Maximum abs difference vs the reference, scaled by its magnitude above 1 [1e-3; 5e-2 below fp32].",
 )
 @click.option("-f", "--force", is_flag=True, help="Replace an existing bundle directory.")

@@ -7,7 +7,17 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from redux_edge.cli.common import DEVICES_OPTION, emit_json, err, human_bytes, out, progress
+from redux_edge.cli.common import (
+    AT_LEAST_ONE,
+    DEVICES_OPTION,
+    NON_NEGATIVE,
+    THREADS,
+    emit_json,
+    err,
+    human_bytes,
+    out,
+    progress,
+)
 from redux_edge.errors import UserError
 
 __all__ = ["devices", "flash", "profile", "rollback"]
@@ -161,7 +171,7 @@ def _flash_table(results: list) -> Table:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--device", help="Registered device name.")
 @click.option("--group", help="Registered group: its devices are flashed concurrently.")
-@click.option("--keep", default=3, show_default=True, help="Releases kept on each device.")
+@click.option("--keep", type=AT_LEAST_ONE, default=3, show_default=True, help="Releases kept on each device.")
 @click.option("--any-target", is_flag=True, help="Flash even when the device's target differs.")
 @click.option("--with-ir", is_flag=True, help="Also store the portable model.onnx, which no runner reads.")
 @DEVICES_OPTION
@@ -268,11 +278,21 @@ _STORE_OPTION = click.option(
 @profile.command("run")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--device", required=True, help="Registered device (the bundle must be flashed there).")
-@click.option("--warmup", default=10, show_default=True)
-@click.option("--iterations", default=100, show_default=True)
-@click.option("--duration", type=float, help="Measure for this many seconds instead of --iterations.")
-@click.option("--layer-runs", default=10, show_default=True, help="Runs of the per-layer profile (0: none).")
-@click.option("--threads", type=int, help="intra-op threads (default: as recorded in the bundle).")
+@click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True)
+@click.option("--iterations", type=AT_LEAST_ONE, default=100, show_default=True)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Measure for this many seconds instead of --iterations.",
+)
+@click.option(
+    "--layer-runs",
+    type=NON_NEGATIVE,
+    default=10,
+    show_default=True,
+    help="Runs of the per-layer profile (0: none).",
+)
+@click.option("--threads", type=THREADS, help="intra-op threads (default: as recorded in the bundle).")
 @click.option("--plot", "plot_file", type=click.Path(path_type=Path), help="Also write a latency PNG.")
 @DEVICES_OPTION
 @_STORE_OPTION

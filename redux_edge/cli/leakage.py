@@ -8,7 +8,7 @@ import click
 import numpy as np
 from rich.table import Table
 
-from redux_edge.cli.common import emit_json, out
+from redux_edge.cli.common import AT_LEAST_ONE, NON_NEGATIVE, emit_json, out
 from redux_edge.errors import UserError
 
 __all__ = ["leakage"]
@@ -31,8 +31,14 @@ def leakage() -> None:
 @leakage.command("simulate")
 @click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle with c/layer.npz.")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="ETS file.")
-@click.option("--traces", "count", default=1000, show_default=True)
-@click.option("--noise", default=1.0, show_default=True, help="Gaussian noise sigma per sample.")
+@click.option("--traces", "count", type=AT_LEAST_ONE, default=1000, show_default=True)
+@click.option(
+    "--noise",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Gaussian noise sigma per sample.",
+)
 @click.option(
     "--leak",
     type=click.Choice(["product", "accumulator"]),
@@ -40,7 +46,13 @@ def leakage() -> None:
     show_default=True,
     help="Hamming weight of the product or of the accumulator after each MAC.",
 )
-@click.option("--jitter", default=0, show_default=True, help="Up to this many idle samples before each MAC.")
+@click.option(
+    "--jitter",
+    type=NON_NEGATIVE,
+    default=0,
+    show_default=True,
+    help="Up to this many idle samples before each MAC.",
+)
 @click.option(
     "--control-flow",
     default=0.0,
@@ -94,7 +106,7 @@ def leakage_simulate(
     help="Double Strike: parse each trace by its branch samples (above THRESHOLD = MAC ran) first.",
 )
 @click.option("--checkpoints", help="Trace counts to report ranks at, e.g. 100,1000,10000.")
-@click.option("--limit", type=int, help="Use only the first N traces.")
+@click.option("--limit", type=AT_LEAST_ONE, help="Use only the first N traces.")
 @click.option("--json", "as_json", is_flag=True)
 def leakage_attack(
     traces_file: Path,

@@ -8,7 +8,9 @@ scripts), progress to stderr. A user's mistake is one line and exit code 2; a bu
 
 from __future__ import annotations
 
+import errno
 import logging
+import signal
 import sys
 
 import click
@@ -35,7 +37,13 @@ def cli(debug: bool) -> None:
     """
     # Libraries' warnings (exporter, converters) are not actionable for a user; ours are.
     logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR, format="%(name)s: %(message)s")
-    logging.getLogger("redux_edge").setLevel(logging.DEBUG if debug else logging.WARNING)
+    ours = logging.getLogger("redux_edge")
+    ours.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        # Our warnings are notes to the user (e.g. an input cast without loss), one line each.
+        note = logging.StreamHandler()
+        note.setFormatter(logging.Formatter("note: %(message)s"))
+        ours.handlers[:], ours.propagate = [note], False
 
 
 for command in (
@@ -58,6 +66,10 @@ for command in (
     cli.add_command(command)
 
 
+# Errors that are the state of the user's file systems, not a bug: full, over quota, read-only, no access.
+_FILE_SYSTEM_STATES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -78,6 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except OSError as exc:
+        if exc.errno not in _FILE_SYSTEM_STATES:
+            raise
+        # Where the code knows the file it names it (UserError above); this is the rest, e.g. a
+        # library's temporary file on a full TMPDIR.
+        if debug:
+            err.print_exception()
+        where = f" writing {exc.filename}" if exc.filename else ""
+        click.echo(
+            f"error: {exc.strerror}{where} (free space or fix permissions there, or set TMPDIR to a "
+            "file system with room)",
+            err=True,
+        )
+        return 2
     except Exception as exc:
         if debug:
             err.print_exception()
@@ -88,5 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    # As for Ctrl-C: unwind, so that staging directories and half-sent files are removed on the way out.
+    raise SystemExit(128 + signum)
+
+
 def entry_point() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(main())

@@ -8,9 +8,10 @@ import click
 import numpy as np
 from rich.table import Table
 
-from redux_edge.cli.common import emit_json, out, progress
+from redux_edge.cli.common import AT_LEAST_ONE, NON_NEGATIVE, THREADS, emit_json, out, progress
 from redux_edge.cli.report import print_report
-from redux_edge.files import save_arrays
+from redux_edge.errors import UserError
+from redux_edge.files import save_arrays, write_atomically
 from redux_edge.manifest import Manifest
 
 __all__ = ["bench", "inspect", "run"]
@@ -34,9 +35,13 @@ def run(
     """
     from redux_edge import api
 
+    if output_file is not None and output_file.is_dir():
+        raise UserError(
+            f"--output {output_file} is a directory", f"give a file: {output_file / 'outputs.npz'}"
+        )
     outputs, manifest = api.run(bundle, inputs_file, adapter)
     if output_file is not None:
-        save_arrays(output_file, outputs)
+        write_atomically(output_file, lambda partial: save_arrays(partial, outputs))
     if as_json:
         emit_json(outputs)
         return
@@ -67,9 +72,9 @@ def _task_labels(manifest: Manifest, adapter: str | None) -> list[str]:
 @click.option(
     "--inputs", "inputs_file", type=click.Path(path_type=Path), help="Inputs (default: the sample)."
 )
-@click.option("--warmup", default=10, show_default=True)
-@click.option("--iterations", default=100, show_default=True)
-@click.option("--threads", type=int, help="intra-op threads (default: as recorded in the bundle).")
+@click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True)
+@click.option("--iterations", type=AT_LEAST_ONE, default=100, show_default=True)
+@click.option("--threads", type=THREADS, help="intra-op threads (default: as recorded in the bundle).")
 @click.option("--json", "as_json", is_flag=True)
 def bench(
     bundle: Path, inputs_file: Path | None, warmup: int, iterations: int, threads: int | None, as_json: bool
@@ -104,7 +109,8 @@ def bench(
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 def inspect(bundle: Path, as_json: bool) -> None:
-    """Show BUNDLE's manifest summary and check every file's sha256. Exit code 1 when a file differs."""
+    """Show BUNDLE's manifest summary and check every file's sha256. A file that differs, is missing or is
+    not listed is a damaged bundle: the report, then exit code 2."""
     from redux_edge import api
 
     manifest, problems = api.inspect(bundle)
@@ -113,4 +119,5 @@ def inspect(bundle: Path, as_json: bool) -> None:
     else:
         print_report(bundle, manifest, problems)
     if problems:
-        raise click.exceptions.Exit(1)
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"bundle {bundle} is damaged: {problems[0]}{more}", "recompile or re-copy the bundle")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from redux_edge.cli.common import emit_json, out, progress
+from redux_edge.cli.common import AT_LEAST_ONE, NON_NEGATIVE, emit_json, out, progress
 from redux_edge.errors import UserError
 
 __all__ = ["learn_masks_command", "train_adapter_command", "train_command"]
@@ -19,9 +19,9 @@ __all__ = ["learn_masks_command", "train_adapter_command", "train_command"]
     "-o", "--output", "pack_file", required=True, type=click.Path(path_type=Path), help="Pack file."
 )
 @click.option("--bits", type=click.Choice(["1", "2", "4", "8", "32"]), default="1", show_default=True)
-@click.option("--rank", default=4, show_default=True)
-@click.option("--sentences", default=2000, show_default=True, help="Training sentences.")
-@click.option("--epochs", default=2, show_default=True)
+@click.option("--rank", type=AT_LEAST_ONE, default=4, show_default=True)
+@click.option("--sentences", type=AT_LEAST_ONE, default=2000, show_default=True, help="Training sentences.")
+@click.option("--epochs", type=AT_LEAST_ONE, default=2, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def train_adapter_command(
@@ -67,8 +67,14 @@ def train_adapter_command(
     "-o", "--output", "plan_file", required=True, type=click.Path(path_type=Path), help="Mask plan (.npz)."
 )
 @click.option("--pattern", default="2:4", show_default=True, help="N:M: at most N non-zeros in every M.")
-@click.option("--steps", default=300, show_default=True, help="Optimiser steps.")
-@click.option("--sentences", default=4096, show_default=True, help="Calibration sentences (task data).")
+@click.option("--steps", type=AT_LEAST_ONE, default=300, show_default=True, help="Optimiser steps.")
+@click.option(
+    "--sentences",
+    type=AT_LEAST_ONE,
+    default=4096,
+    show_default=True,
+    help="Calibration sentences (task data).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def learn_masks_command(
@@ -109,12 +115,30 @@ def learn_masks_command(
     show_default=True,
     help="0: DDP; 1: ZeroRedundancyOptimizer; 2/3: FSDP2 without/with resharding after forward.",
 )
-@click.option("--nproc-per-node", default=1, show_default=True, help="Processes on this node (one per GPU).")
-@click.option("--nnodes", default=1, show_default=True, help="Nodes (torchrun --nnodes).")
-@click.option("--node-rank", default=0, show_default=True, help="This node's rank (multi-node).")
+@click.option(
+    "--nproc-per-node",
+    type=AT_LEAST_ONE,
+    default=1,
+    show_default=True,
+    help="Processes on this node (one per GPU).",
+)
+@click.option("--nnodes", type=AT_LEAST_ONE, default=1, show_default=True, help="Nodes (torchrun --nnodes).")
+@click.option(
+    "--node-rank",
+    type=NON_NEGATIVE,
+    default=0,
+    show_default=True,
+    help="This node's rank (multi-node).",
+)
 @click.option("--rdzv-endpoint", help="HOST:PORT every node reaches (multi-node c10d rendezvous).")
 @click.option("--rdzv-id", default="redux-edge", show_default=True, help="Job id shared by the nodes.")
-@click.option("--max-restarts", default=0, show_default=True, help="Restart failed ranks (they resume).")
+@click.option(
+    "--max-restarts",
+    type=NON_NEGATIVE,
+    default=0,
+    show_default=True,
+    help="Restart failed ranks (they resume).",
+)
 @click.option("--engine", type=click.Choice(["torch", "deepspeed"]), default="torch", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override the recipe.")
 @click.option("--plan", help="recover: the pruned model's plan (JSON, or the bundle's manifest.json).")

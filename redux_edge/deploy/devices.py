@@ -196,7 +196,12 @@ def _check_device(device: Device) -> None:
     device.storage_limit_bytes  # noqa: B018  (parsing it is the check)
     if device.is_local:
         return
-    url = device.url
+    try:
+        url = device.url
+    except ValueError as exc:  # urlsplit refuses an unclosed IPv6 bracket
+        raise UserError(
+            f"device '{device.name}' has address '{device.address}' ({exc})", "write ssh://user@[::1]:22"
+        ) from exc
     if url.scheme != "ssh" or not url.hostname or url.path not in ("", "/"):
         raise UserError(
             f"device '{device.name}' has address '{device.address}'",

@@ -18,10 +18,15 @@ more than 2.5x slower under emulation (MiniLM, one batch of 8: over 150 s agains
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["BOARD_CPUS", "BOARD_DIR", "ORT_UNDER_QEMU", "board_python"]
+__all__ = ["BOARD_CPUS", "BOARD_DIR", "ORT_UNDER_QEMU", "board_python", "board_rpc_tracker"]
 
 BOARD_DIR = Path(sys.prefix) / "share" / "redux-edge" / "aarch64-board"
 # onnxruntime's aarch64 wheels from 1.28 on crash on import under Debian bookworm's qemu 7.2 (a SIGSEGV
@@ -35,3 +40,84 @@ def board_python(cpu: str | None = None) -> Path | None:
     """The emulated board's Python for ``cpu`` (default: the oldest), None when it is not set up here."""
     launcher = BOARD_DIR / "bin" / (f"python3-{cpu}" if cpu else "python3")
     return launcher if (BOARD_DIR / ".ready").is_file() and launcher.is_file() else None
+
+
+# The board's TVM imports in about 10 s under qemu; its RPC server registers with the tracker after that.
+_RPC_START_TIMEOUT_S = 180
+
+
+@contextlib.contextmanager
+def board_rpc_tracker(cpu: str, key: str) -> Iterator[str]:
+    """A TVM RPC tracker on this machine with the emulated board's RPC server registered under ``key``,
+    for ``compile --backend tvm --tune N --rpc-tracker ADDRESS --rpc-key KEY``; yields ADDRESS. Both
+    processes stop on exit. Tuning measures every candidate on the emulated core, so the schedules it
+    picks are those that are fast under qemu, a stand-in for measuring on a board."""
+    python = board_python(cpu)
+    if python is None:
+        raise RuntimeError("no emulated aarch64 board: run make aarch64-board (as root)")
+    tracker_port, server_port = _free_port(), _free_port()
+    tracker = [sys.executable, "-m", "tvm.exec.rpc_tracker", *_listen_on(tracker_port)]
+    server = [str(python), "-m", "tvm.exec.rpc_server", *_listen_on(server_port)]
+    server += ["--tracker", f"127.0.0.1:{tracker_port}", "--key", key]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_process(tracker))
+        _wait_listening(tracker_port)
+        stack.enter_context(_process(server))
+        _wait_registered(tracker_port, key)
+        yield f"127.0.0.1:{tracker_port}"
+
+
+@contextlib.contextmanager
+def _process(argv: list[str]) -> Iterator[None]:
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        # TVM's server runs its sessions in worker processes that start sessions of their own, out of
+        # reach of a process-group signal: stop the whole tree.
+        import psutil
+
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+            for member in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.terminate()
+            _, alive = psutil.wait_procs(tree, timeout=10)
+            for member in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
+        process.wait()
+
+
+def _listen_on(port: int) -> list[str]:
+    # TVM's scripts bind the first free port of [--port, --port-end), 9190-9199 unless told otherwise.
+    return ["--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_listening(port: int) -> None:
+    deadline = time.monotonic() + _RPC_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"TVM's RPC tracker did not listen within {_RPC_START_TIMEOUT_S} s")
+
+
+def _wait_registered(port: int, key: str) -> None:
+    from tvm import rpc
+
+    deadline = time.monotonic() + _RPC_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, RuntimeError):
+            if key in rpc.connect_tracker("127.0.0.1", port).summary().get("queue_info", {}):
+                return
+        time.sleep(2)
+    raise RuntimeError(
+        f"the emulated board's TVM RPC server did not register within {_RPC_START_TIMEOUT_S} s"
+    )

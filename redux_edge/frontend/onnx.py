@@ -19,7 +19,7 @@ import onnx
 import onnx.external_data_helper
 import onnx.helper
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from redux_edge.errors import UserError, first_line
 from redux_edge.frontend.source import Source, check_feeds, fit_inputs, run_onnx_file, synthetic_inputs
@@ -46,6 +46,12 @@ def load_onnx(path: Path) -> ir.Model:
         raise UserError(
             f"{path} is not a valid ONNX model (no graph or opset)", "the file is malformed or truncated"
         )
+    if where := _invalid_text(proto):
+        raise UserError(
+            f"{path} is not a valid ONNX model: {where} is not UTF-8 text",
+            "the file is corrupted; re-export it",
+        )
+    _check_io_types(proto, path)
     _check_external_data(proto, path.parent)
     try:
         onnx.checker.check_model(str(path))
@@ -65,12 +71,52 @@ def load_onnx(path: Path) -> ir.Model:
     return model
 
 
+def _invalid_text(message: Message, where: str = "model") -> str:
+    """The first text field of ``message`` that is not UTF-8 (protobuf hands it over as bytes), or ""."""
+    for descriptor, value in message.ListFields():
+        name = f"{where}.{descriptor.name}"
+        repeated = descriptor.is_repeated
+        if descriptor.type == descriptor.TYPE_STRING:
+            if any(isinstance(item, bytes) for item in (value if repeated else [value])):
+                return name
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            for index, item in enumerate(value if repeated else [value]):
+                if found := _invalid_text(item, f"{name}[{index}]" if repeated else name):
+                    return found
+    return ""
+
+
+# The element types of model inputs and outputs that the runner feeds and returns as numpy arrays.
+_IO_TYPES = {"FLOAT", "FLOAT16", "DOUBLE", "INT64", "INT32", "INT8", "UINT8", "BOOL"}
+
+
+def _check_io_types(proto: onnx.ModelProto, path: Path) -> None:
+    for role, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+        initializers = {init.name for init in proto.graph.initializer}
+        for value in values:
+            if value.name in initializers or not value.type.HasField("tensor_type"):
+                continue
+            element = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+            if element not in _IO_TYPES:
+                kinds = ", ".join(sorted(_IO_TYPES))
+                raise UserError(
+                    f"{path}: model {role} '{value.name}' is {element}, which redux-edge cannot feed or read",
+                    f"export the model with {role}s of {kinds} (cast inside the model)",
+                )
+
+
 def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
     root = folder.resolve()
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
-        location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+        try:
+            info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        except ValueError as exc:  # an offset or length that is not a number
+            raise UserError(
+                f"tensor '{tensor.name}' has unreadable external-data fields ({exc})", "re-export the model"
+            ) from exc
+        location = info.location
         target = (root / location).resolve()
         if Path(location).is_absolute() or not target.is_relative_to(root):
             raise UserError(
@@ -81,6 +127,13 @@ def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
             raise UserError(
                 f"tensor '{tensor.name}' needs external data file {location}, which is missing",
                 f"put {location} beside the model",
+            )
+        offset, length = info.offset or 0, info.length
+        if offset < 0 or (length is not None and (length < 0 or offset + length > target.stat().st_size)):
+            raise UserError(
+                f"tensor '{tensor.name}' reads bytes {offset}..{offset + (length or 0)} of {location}, "
+                f"which holds {target.stat().st_size}",
+                "the data file does not belong to this model, or is truncated: re-export it",
             )
 
 
@@ -126,7 +179,7 @@ def onnx_source(
     with step("running the original model for reference outputs"), tempfile.TemporaryDirectory() as scratch:
         # The IR as loaded, not the file: loading may lower an IR version the runtime would refuse.
         ir.save(model, str(Path(scratch) / "original.onnx"))
-        reference = run_onnx_file(Path(scratch) / "original.onnx", inputs)
+        reference = run_onnx_file(Path(scratch) / "original.onnx", inputs, what=str(path))
     with path.open("rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
     return Source(

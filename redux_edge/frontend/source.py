@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from redux_edge.errors import UserError, first_line
+from redux_edge.errors import UserError
 from redux_edge.preprocess import ImagePreprocessor, Preprocessor, TextPreprocessor
 
 if TYPE_CHECKING:
@@ -252,31 +253,55 @@ def _graph_runner(dense: ir.Model, changes: list[ReferenceChange]) -> Callable[[
     return lambda feeds: session.run(None, feeds)
 
 
-def plain_session(path: Path) -> Any:
+def plain_session(path: Path, what: str | None = None) -> Any:
     """An ONNX Runtime session with graph optimisations off: the plain semantics of the file."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    with _runtime_errors(path):
+    with _runtime_errors(f"load {what or path.name}"):
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_onnx_file(path: Path, inputs: Feeds) -> list[np.ndarray]:
-    """Outputs of an ONNX file under ONNX Runtime with graph optimisations off."""
-    session = plain_session(path)
-    with _runtime_errors(path):
+def run_onnx_file(path: Path, inputs: Feeds, what: str | None = None) -> list[np.ndarray]:
+    """Outputs of an ONNX file under ONNX Runtime with graph optimisations off; ``what`` names the model
+    in errors when ``path`` is a scratch copy the user never saw."""
+    session = plain_session(path, what)
+    with _runtime_errors(f"run {what or path.name} on the sample inputs"):
         return session.run(None, inputs)
 
 
 @contextlib.contextmanager
-def _runtime_errors(path: Path) -> Iterator[None]:
+def _runtime_errors(action: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:  # ORT raises its own pybind types (Fail, NotImplemented, InvalidArgument)
+        message = " ".join(str(exc).split())[-400:]
         raise UserError(
-            f"ONNX Runtime cannot run {path.name}: {first_line(exc)}", "--debug for details"
+            f"ONNX Runtime cannot {action}: {message}",
+            "check that the model runs in ONNX Runtime with inputs of its signature, or give --inputs FILE",
         ) from exc
+
+
+# The sample inputs a compile verifies with are held in memory several times over (reference, IR,
+# artifact); an input larger than this is a mistake in --shapes or the model's signature, not a sample.
+MAX_SAMPLE_INPUT_BYTES = 1 << 30
+
+
+def check_sample_size(name: str, shape: tuple[int, ...], dtype: np.typing.DTypeLike) -> None:
+    """Refuse, before allocating it, a sample input with a dimension below 1 or too large to hold."""
+    if any(size < 1 for size in shape):
+        raise UserError(
+            f"input '{name}' would have shape {list(shape)}: every dimension must be at least 1",
+            f"give its shape: --shapes {name}:" + "x".join(str(max(size, 1)) for size in shape),
+        )
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    if size > MAX_SAMPLE_INPUT_BYTES:
+        raise UserError(
+            f"input '{name}' at shape {list(shape)} would take {size / 2**30:,.1f} GiB",
+            f"give a smaller shape (--shapes {name}:...); sample inputs are limited to "
+            f"{MAX_SAMPLE_INPUT_BYTES >> 30} GiB each",
+        )
 
 
 def fit_inputs(inputs: Feeds, shapes: dict[str, list[int]]) -> Feeds:
@@ -295,6 +320,7 @@ def fit_inputs(inputs: Feeds, shapes: dict[str, list[int]]) -> Feeds:
                 f"wrong input: --shapes gives {name} {len(shape)} dimensions, the model takes {array.ndim}",
                 f"write --shapes {name}:{'x'.join(str(d) for d in array.shape)}",
             )
+        check_sample_size(name, tuple(shape), array.dtype)
         if shape:
             batches = -(-array.shape[0] // shape[0])
             array = np.resize(array, (batches * shape[0], *array.shape[1:]))
@@ -323,6 +349,7 @@ def synthetic_inputs(model: ir.Model, shapes: dict[str, list[int]]) -> Feeds:
         else:
             shape = tuple(dim if isinstance(dim, int) else 1 for dim in value.shape or ())
         dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+        check_sample_size(name, shape, dtype)
         if np.issubdtype(dtype, np.floating):
             inputs[name] = rng.standard_normal(shape).astype(dtype)
         else:

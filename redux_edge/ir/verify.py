@@ -14,9 +14,17 @@ __all__ = ["Tolerance", "compare", "require_match"]
 
 def require_match(report: dict, tolerance: Tolerance, what: str) -> None:
     if why := mismatch(report, tolerance):
-        hint = (
-            "--debug"
-            if "shape" in why
-            else "the compile was not written; check the recipe, or relax --tolerance-cosine/--tolerance-atol"
-        )
-        raise VerificationError(f"{what}: {why}", hint)
+        raise VerificationError(f"{what}: {why}", _HINTS.get(_kind(why), _HINTS["diverges"]))
+
+
+_HINTS = {
+    "shape": "--debug",
+    "no elements": "give every input dimension a size of at least 1 (--shapes NAME:DxD...)",
+    "NaN/inf": "the compile was not written; the model computes NaN/inf on these inputs: check it, or give "
+    "inputs it is meant for with --inputs FILE",
+    "diverges": "the compile was not written; check the recipe, or relax --tolerance-cosine/--tolerance-atol",
+}
+
+
+def _kind(why: str) -> str:
+    return next((kind for kind in _HINTS if kind in why), "diverges")

@@ -27,7 +27,7 @@ class CleanupPass(RecipePass):
     summary = "constant folding, function inlining and dead-code removal (onnxscript optimizer)"
     exact = True
 
-    iterations: int = parameter(2, "rounds of folding and dead-code removal")
+    iterations: int = parameter(2, "rounds of folding and dead-code removal", minimum=1)
 
     def call(self, model: ir.Model) -> PassOutcome:
         before = _graph_size(model)

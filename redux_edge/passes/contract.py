@@ -64,11 +64,13 @@ def no_progress(_: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def parameter(default: Any, help: str) -> Any:
-    """A pass parameter: its default and the help text that ``redux-edge passes`` and recipes show."""
+def parameter(default: Any, help: str, minimum: float | None = None) -> Any:
+    """A pass parameter: its default and the help text that ``redux-edge passes`` and recipes show, and
+    for a number the smallest value it takes (ranges that depend on other parameters are ``check``'s)."""
+    metadata = {"help": help, "minimum": minimum}
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,12 @@ def check_parameters(cls: type[RecipePass], parameters: dict) -> None:
         if not _fits(value, hints[key]):
             raise UserError(
                 f"pass '{cls.name}' parameter '{key}' must be {_type_name(hints[key])}, got {value!r}",
+                "fix the recipe",
+            )
+        minimum = fields[key].metadata.get("minimum")
+        if minimum is not None and isinstance(value, int | float) and value < minimum:
+            raise UserError(
+                f"pass '{cls.name}' parameter '{key}' must be at least {minimum}, got {value!r}",
                 "fix the recipe",
             )
 

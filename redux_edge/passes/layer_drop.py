@@ -52,7 +52,7 @@ class DropLayersPass(StructuralPass):
         *SHARED_FLAGS,
     )
 
-    count: int = parameter(0, "how many layers to drop, the least influential (importance)")
+    count: int = parameter(0, "how many layers to drop, the least influential (importance)", minimum=0)
     layers: list[int] = parameter([], "the layers to drop, by original index (instead of count)")
     importance: str = parameter("calibration", "how layers are chosen: calibration, random or plan")
     plan: str = parameter("", "plan JSON naming the layers (importance = plan)")

@@ -238,7 +238,7 @@ class MacPrunePass(RecipePass):
 
     drop: float = parameter(0.5, "probability of deactivating each non-critical pixel per inference")
     keep_top: float = parameter(0.4, "fraction of pixels always kept, the most important by occlusion")
-    seed: int = parameter(-1, "fixes the draw sequence of a session (>= 0); -1: fresh draws")
+    seed: int = parameter(-1, "fixes the draw sequence of a session (>= 0); -1: fresh draws", minimum=-1)
     input: str = parameter("", "the image input to protect (default: the first float image input)")
     emit_c: bool = parameter(False, "also write the protected first layer as a C kernel (c/)")
 

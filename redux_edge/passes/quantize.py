@@ -153,7 +153,7 @@ class QuantizePass(RecipePass):
 
     precision: str = parameter("int8", "int8 (static, calibrated QDQ), int8-dynamic, fp16 or bf16")
     method: str = parameter("minmax", "int8: activation range calibration: minmax, percentile or entropy")
-    samples: int = parameter(128, "int8: calibration samples")
+    samples: int = parameter(128, "int8: calibration samples", minimum=1)
     per_channel: bool = parameter(True, "int8: one weight scale per output channel")
     ffn_down_in_float: bool = parameter(
         True, "int8: keep transformer feed-forward down projections in fp32 (activation outliers)"

@@ -59,7 +59,7 @@ class SparsityPass(RecipePass):
     plan: str = parameter("", "the .npz of learned masks (mask = learned), from learn-masks")
     include: list[str] = parameter([], "regular expressions: only weights whose names match")
     exclude: list[str] = parameter([], "regular expressions: weights whose names match stay dense")
-    min_weights: int = parameter(16384, "weights smaller than this stay dense: too small to gain")
+    min_weights: int = parameter(16384, "weights smaller than this stay dense: too small to gain", minimum=0)
     tensor_core_shapes: bool = parameter(True, "only weights that fill sparse tensor-core tiles (8 x 16)")
 
     def __post_init__(self) -> None:

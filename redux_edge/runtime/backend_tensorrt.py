@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .packed import expand_packed
-from .session import bench_report, ranked
+from .session import EngineBuildError, bench_report, ranked
 
 __all__ = [
     "EngineBuildError",
@@ -24,10 +24,6 @@ __all__ = [
     "open_executor",
     "parse_trtexec_log",
 ]
-
-
-class EngineBuildError(RuntimeError):
-    """trtexec failed, or 2:4 sparsity was asked for and TensorRT picked no sparse tactic."""
 
 
 _SPARSE_ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math:(.*)$")

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def health_check(session: BundleSession, outputs: list[np.ndarray], expected: li
     report = compare([expected[i] for i in kept], [outputs[i] for i in kept], [names[i] for i in kept])
     shapes_match = all(got.shape == want.shape for got, want in zip(outputs, expected, strict=True))
     why = mismatch(report, Tolerance.from_json(session.manifest["verify"]["tolerance"]))
-    worst = max((numbers.get("max_abs", float("inf")) for numbers in report.values()), default=None)
+    worst = max((numbers["max_abs"] for numbers in report.values() if "max_abs" in numbers), default=None)
     return {
         "healthy": shapes_match and not why,
         "max_abs": worst,
@@ -80,16 +81,20 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
         return 0
     try:
         session = BundleSession(args.bundle, args.threads, args.adapter)
+        feeds, expected = session.sample()
+        if args.inputs:
+            with np.load(args.inputs, allow_pickle=False) as archive:
+                feeds = {k: archive[k] for k in archive.files}
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except EngineBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    feeds, expected = session.sample()
-    if args.inputs:
-        with np.load(args.inputs, allow_pickle=False) as archive:
-            feeds = {k: archive[k] for k in archive.files}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
+        # The manifest and sample are data this runner reads without a schema (it has only numpy).
+        print(f"error: the bundle or --inputs cannot be read ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
     try:
         if args.bench:
             started = time.time()

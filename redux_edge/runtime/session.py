@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import re
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .packed import file_name
 
 __all__ = [
     "BundleSession",
+    "EngineBuildError",
     "InputError",
     "bench_report",
     "check_inputs",
@@ -26,6 +28,7 @@ __all__ = [
     "latency_stats",
     "open_artifact",
     "ranked",
+    "unlisted_files",
 ]
 
 Executor = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
@@ -40,6 +43,11 @@ _DTYPES = {
     "UINT8": np.uint8,
     "BOOL": np.bool_,
 }
+
+
+class EngineBuildError(RuntimeError):
+    """trtexec failed, or 2:4 sparsity was asked for and TensorRT picked no sparse tactic (the device's
+    problem, not the input's: exit code 1)."""
 
 
 class InputError(ValueError):
@@ -76,12 +84,48 @@ def open_artifact(
     return module.open_executor(Path(bundle_dir), backend, threads, output_names, storage or {}, overrides)
 
 
+def unlisted_files(bundle_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """Files in the bundle that its manifest does not list, and links: nothing but what was compiled may be
+    there to be read or run, and nothing may lead outside. The manifest itself and the engines a TensorRT
+    device builds into its own folder are the bundle's; a device may hold fewer files than listed."""
+    listed = set(manifest["files"]) | {"manifest.json"}
+    engine_dir = (manifest["backend"].get("engine_build") or {}).get("engine_dir")
+    found = []
+    for path in sorted(bundle_dir.rglob("*")):
+        relative = path.relative_to(bundle_dir).as_posix()
+        if path.is_symlink():
+            found.append(f"{relative} (a link)")
+            continue
+        if path.is_dir() or relative in listed:
+            continue
+        if engine_dir and relative.startswith(f"{engine_dir}/"):
+            continue
+        found.append(relative)
+    return found
+
+
 class BundleSession:
     """An opened bundle; ``adapter`` names the task whose adapter pack to load (swappable bundles)."""
 
     def __init__(self, bundle_dir: Path, threads: int | None = None, adapter: str | None = None) -> None:
-        self.bundle_dir = Path(bundle_dir)
+        try:
+            self._open(Path(bundle_dir), threads, adapter)
+        except (InputError, EngineBuildError, NotImplementedError, ImportError):
+            raise
+        except Exception as exc:
+            # The manifest and artifact are data from elsewhere: a field the schema does not pin, or an
+            # artifact the runtime refuses (ONNX Runtime's, OpenVINO's and TVM's own error types).
+            message = " ".join(str(exc).split())[-300:]
+            raise InputError(f"the bundle cannot be opened ({type(exc).__name__}: {message})") from exc
+
+    def _open(self, bundle_dir: Path, threads: int | None, adapter: str | None) -> None:
+        self.bundle_dir = bundle_dir
         self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
+        if unlisted := unlisted_files(self.bundle_dir, self.manifest):
+            raise InputError(
+                f"the bundle holds files its manifest does not list ({', '.join(unlisted[:3])}): "
+                "remove them, or flash or copy the bundle again"
+            )
         backend = self.manifest["backend"]
         self.inputs = self.manifest["inputs"]
         self.output_names = [output["name"] for output in self.manifest["outputs"]]
@@ -104,7 +148,19 @@ class BundleSession:
         return check_inputs(self.inputs, feeds)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self._execute(self.check_inputs(feeds))
+        return self._run_checked(self.check_inputs(feeds))
+
+    def _run_checked(self, checked: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self._execute(checked)
+        except Exception as exc:
+            # The artifact ran its sample at compile time; what fails now is these inputs' values
+            # (a token id outside the vocabulary, a sequence longer than the position table). Each runtime
+            # raises its own types (ONNX Runtime's pybind errors, OpenVINO's and TVM's RuntimeError).
+            message = " ".join(str(exc).split())
+            raise InputError(
+                f"the {self.manifest['backend']['name']} runtime cannot run these inputs: {message[-400:]}"
+            ) from exc
 
     def sample(self) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         with (
@@ -123,6 +179,7 @@ class BundleSession:
         own = getattr(self._execute, "benchmark", None)
         if own is not None:
             return own(checked, warmup, iterations, duration)
+        self._run_checked(checked)  # fails on the inputs before anything is timed
         for _ in range(warmup):
             self._execute(checked)
         seconds: list[float] = []
@@ -168,11 +225,28 @@ def check_inputs(specs: list[dict], feeds: dict[str, np.ndarray]) -> dict[str, n
                     )
             elif dim != size:
                 raise InputError(f"input '{spec['name']}' has shape {list(array.shape)}, expected {shape}")
-        dtype = _DTYPES[spec["dtype"]]
-        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
-            raise InputError(f"input '{spec['name']}' has dtype {array.dtype}, expected {np.dtype(dtype)}")
-        checked[spec["name"]] = array.astype(dtype, copy=False)
+        checked[spec["name"]] = _cast_losslessly(spec["name"], array, np.dtype(_DTYPES[spec["dtype"]]))
     return checked
+
+
+def _cast_losslessly(name: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``array`` as ``dtype`` when every value survives the cast (int64 token ids given for int32, a bool
+    mask for float), said on stderr; otherwise the mismatch is the user's to fix, not ours to round."""
+    if array.dtype == dtype:
+        return array
+    cast = array.astype(dtype)
+    exact = np.can_cast(array.dtype, dtype, casting="same_kind") and np.array_equal(
+        cast.astype(array.dtype), array, equal_nan=array.dtype.kind == "f"
+    )
+    if not exact:
+        raise InputError(
+            f"input '{name}' is {array.dtype} and its values do not all fit {dtype}: give {dtype} "
+            f"(e.g. array.astype(numpy.{dtype.name}))"
+        )
+    logging.getLogger(__name__).warning(
+        "input '%s' given as %s, cast to %s (no value changed)", name, array.dtype, dtype
+    )
+    return cast
 
 
 def latency_stats(seconds: list[float], batch: int) -> dict:

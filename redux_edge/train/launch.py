@@ -5,14 +5,19 @@ One machine: ``--nproc-per-node N`` (``--standalone`` rendezvous). Several nodes
 every node with ``--nnodes``, ``--node-rank`` and a shared ``--rdzv-endpoint host:port`` (c10d
 rendezvous), e.g. from a Slurm batch script (README, "Training at scale"). Backend: gloo on CPUs, NCCL
 on GPUs (one process per GPU). A rank that fails with a user error leaves ``error.json`` in the output
-directory; the launcher's own log goes to ``<out>/logs/launcher.log``.
+directory, which the launcher reads and removes; an output directory this run created is removed again
+when the run ends in a user error, so that a mistake leaves nothing behind. The launcher's own log goes to
+``<out>/logs/launcher.log``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from redux_edge.errors import UserError
@@ -56,14 +61,22 @@ def train(
                 "or shrp",
                 "use models/minilm-l6/train-recover.toml or train-shrp.toml with --model DIR",
             )
-    if recipe.task == "recover" and not (plan or recipe.options.get("plan")):
-        raise UserError("recover needs the plan of the pruned model", "pass --plan <bundle>/manifest.json")
+    else:
+        from redux_edge import zoo
+
+        zoo.load_card(recipe.model)  # an unknown name fails here, not in every rank
+    if recipe.task == "recover":
+        from redux_edge.train.recover import read_plan
+
+        if not (plan or recipe.options.get("plan")):
+            raise UserError(
+                "recover needs the plan of the pruned model", "pass --plan <bundle>/manifest.json"
+            )
+        read_plan(plan or recipe.options["plan"])
     if nnodes > 1 and not rdzv_endpoint:
         raise UserError(f"{nnodes} nodes need a rendezvous point", "pass --rdzv-endpoint HOST:PORT")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ERROR_FILE).unlink(missing_ok=True)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
+    if node_rank >= nnodes:
+        raise UserError(f"--node-rank {node_rank} with {nnodes} node(s)", f"give 0 to {nnodes - 1}")
     rendezvous = (
         ["--standalone"]
         if nnodes == 1 and not rdzv_endpoint
@@ -90,12 +103,35 @@ def train(
         *(f"--set={assignment}" for assignment in overrides),
         *([f"--plan={Path(plan).resolve()}"] if plan else []),
     ]
-    with (logs / "launcher.log").open("w") as log:
-        # The ranks print their progress on stdout; the launcher's noise and tracebacks go to the log.
-        code = subprocess.run(argv, stderr=log, check=False).returncode
-    if (out / ERROR_FILE).is_file():
-        error = json.loads((out / ERROR_FILE).read_text())
-        raise UserError(error["message"], error["hint"])
+    with _removed_on_user_error(out):
+        (out / ERROR_FILE).unlink(missing_ok=True)
+        logs = out / "logs"
+        logs.mkdir(exist_ok=True)
+        with (logs / "launcher.log").open("w") as log:
+            # The ranks print their progress on stdout; the launcher's noise and tracebacks go to the log.
+            code = subprocess.run(argv, stderr=log, check=False).returncode
+        if (out / ERROR_FILE).is_file():
+            error = json.loads((out / ERROR_FILE).read_text())
+            (out / ERROR_FILE).unlink()
+            raise UserError(error["message"], error["hint"])
     if code != 0:
         raise RuntimeError(f"training failed (exit code {code}); see {logs / 'launcher.log'}")
     return json.loads((out / "run.json").read_text()) if node_rank == 0 else {}
+
+
+@contextlib.contextmanager
+def _removed_on_user_error(out: Path) -> Iterator[None]:
+    """Create ``out`` for the run; if the run ends in a user error, remove it again when this run made it
+    (a resumed run's directory keeps its checkpoints)."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as exc:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise UserError(f"cannot write to {out}: {exc.strerror or exc}", "choose a writable -o") from exc
+    except UserError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
