@@ -4,6 +4,10 @@ A target names the hardware facts a backend needs (architecture, LLVM triple and
 CUDA compute capability, DLA cores, sparse tensor cores, JetPack/L4T and runtime versions) and the
 backends that can serve it, in order of preference. ``host`` is special: its architecture and CPU
 features are read from the running machine when it is resolved.
+
+A family target (``jetson``, ``arm64``, ``x86-64``) lists its ``members``: its facts are what every member
+has (the oldest TensorRT, the baseline instruction set, no DLA, no sparse tensor cores), so that one
+bundle runs on all of them; what only some members have is resolved on each device (``member_options``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ _REQUIRED = {
     "backends",
     "sparse_tensor_cores",
 }
-_OPTIONAL = {"gpu_compute_capability", "dla_cores", "runtime"}
+_OPTIONAL = {"gpu_compute_capability", "dla_cores", "runtime", "members"}
 
 
 # LLVM feature names and the names Linux's /proc/cpuinfo gives the same feature on aarch64.
@@ -53,6 +57,7 @@ class Target:
     gpu_compute_capability: str | None = None
     dla_cores: int = 0
     runtime: dict[str, str] = field(default_factory=dict)
+    members: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, recorded: dict) -> Target:
@@ -61,6 +66,7 @@ class Target:
             **recorded,
             "cpu_features": tuple(recorded["cpu_features"]),
             "backends": tuple(recorded["backends"]),
+            "members": tuple(recorded.get("members", ())),
         }
         return cls(
             description=recorded.get("description", ""),
@@ -85,7 +91,12 @@ class Target:
             "gpu_compute_capability": self.gpu_compute_capability,
             "dla_cores": self.dla_cores,
             "runtime": dict(self.runtime),
+            "members": list(self.members),
         }
+
+    def admits(self, device_target: str) -> bool:
+        """Whether a bundle for this target runs on a device registered as ``device_target``."""
+        return device_target == self.name or device_target in self.members
 
 
 def available_targets() -> list[str]:
@@ -105,9 +116,16 @@ def load_target(name: str) -> Target:
         raise UserError(f"target file {path} has unknown keys {', '.join(sorted(unknown))}", "remove them")
     spec["cpu_features"] = tuple(spec["cpu_features"])
     spec["backends"] = tuple(spec["backends"])
+    spec["members"] = tuple(spec.get("members", ()))
     if spec["arch"] == "native":
         spec.update(_native_cpu())
-    return Target(**spec)
+    target = Target(**spec)
+    for member in map(load_target, target.members):
+        if member.members or member.arch != target.arch:
+            raise UserError(
+                f"target file {path}: member {member.name} is a family or not {target.arch}", "fix members"
+            )
+    return target
 
 
 def _native_cpu() -> dict:

@@ -90,7 +90,11 @@ def test_jetson_engine_is_built_on_the_device_and_cached(cli, env, monkeypatch, 
     (row,) = json.loads(cli("flash", bundle, "--device", "orin", "--json").stdout)
     assert row["ok"], row["error"]
     engine_name = load_bundle(bundle).manifest["backend"]["engine_build"]["engine_name"]
-    key = f"{engine_name}-trt100300-nogpu" if not Path("/proc/device-tree/model").exists() else None
+    key = (
+        f"{engine_name}-trt100300-nogpu-jetson-orin-nano"
+        if not Path("/proc/device-tree/model").exists()
+        else None
+    )
     assert row["engine"]["cached"] is False and (key is None or row["engine"]["key"] == key)
     assert all(Path(log).is_file() for log in row["engine"]["log"]) and row["engine"]["log"]
     release = root / "releases" / row["release"]

@@ -269,7 +269,7 @@ def test_run_casts_only_where_no_value_changes_and_says_so(cli, tmp_path, mlp_bu
     assert exact.exit_code == 0 and "note: input 'x' given as int64, cast to float32" in exact.stderr
     np.savez(tmp_path / "lossy.npz", x=np.random.default_rng(0).random((2, 8)))
     _one_error_line(
-        cli("run", mlp_bundle, tmp_path / "lossy.npz"), "is float64 and its values do not all fit"
+        cli("run", mlp_bundle, tmp_path / "lossy.npz"), "has dtype float64 and its values do not all fit"
     )
 
 

@@ -24,10 +24,11 @@ ALL_TARGETS = {
     "jetson-xavier-nx",
     "jetson-nano",
 }
+FAMILIES = {"jetson", "arm64", "x86-64"}
 
 
-def test_the_nine_targets_exist():
-    assert set(available_targets()) == ALL_TARGETS
+def test_the_nine_targets_and_three_families_exist():
+    assert set(available_targets()) == ALL_TARGETS | FAMILIES
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ from redux_edge.ir.opset import convert_opset
 from redux_edge.passes.contract import Flag
 from redux_edge.runtime.backend_tensorrt import build_engine
 from redux_edge.runtime.packed import add_packed_weights
-from redux_edge.targets import Target
+from redux_edge.targets import Target, load_target
 
 __all__ = ["TensorRtBackend", "support_report"]
 
@@ -44,6 +44,15 @@ logger = logging.getLogger(__name__)
 
 _SUPPORT = tomllib.loads(Path(__file__).with_name("tensorrt_support.toml").read_text())
 _PRECISION_FLAGS = {"fp16": ["--fp16"], "fp32": []}
+
+
+def _board_options(base: list[str], board: Target, sparsity: bool, dla_core: int | None) -> dict:
+    """The engine build of a family bundle on one member board, and the options it resolved to."""
+    sparse = sparsity and board.sparse_tensor_cores
+    dla = dla_core if dla_core is not None and dla_core < board.dla_cores else None
+    argv = [*base, *(["--sparsity=enable"] if sparse else [])]
+    argv += [f"--useDLACore={dla}", "--allowGPUFallback"] if dla is not None else []
+    return {"argv": argv, "sparsity": sparse, "dla_core": dla}
 
 
 def _release_line(version: str) -> str:
@@ -161,7 +170,7 @@ class TensorRtBackend(Backend):
         (artifact_dir / "support.json").write_text(json.dumps(report, indent=2) + "\n")
         sparsity = options.get("sparsity") == "2:4"
         int8 = options.get("quantized") == "int8"
-        argv = [
+        base = [
             "trtexec",
             "--onnx=artifact/model.trt.onnx",
             "--saveEngine={engine}",
@@ -169,13 +178,20 @@ class TensorRtBackend(Backend):
             *_PRECISION_FLAGS[options["precision"]],
             *(["--int8"] if int8 else []),
         ]
-        if sparsity:
-            argv.append("--sparsity=enable")
         dla_core = options.get("dla_core")
-        if dla_core is not None:
-            if not 0 <= dla_core < target.dla_cores:
-                raise UserError(f"target {target.name} has {target.dla_cores} DLA cores", "drop --dla-core")
-            argv += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
+        members = [load_target(name) for name in target.members]
+        if dla_core is not None and not any(0 <= dla_core < t.dla_cores for t in members or [target]):
+            cores = max(t.dla_cores for t in members or [target])
+            where = " on its largest board" if members else ""
+            raise UserError(f"target {target.name} has {cores} DLA cores{where}", "drop --dla-core")
+        # A family bundle's options are resolved per board: sparse tactics where it has sparse tensor
+        # cores, the DLA core where it has one; elsewhere the same model is built dense on the GPU.
+        resolved = {t.name: _board_options(base, t, sparsity, dla_core) for t in members}
+        argv = base if members else [
+            *base,
+            *(["--sparsity=enable"] if sparsity else []),
+            *([f"--useDLACore={dla_core}", "--allowGPUFallback"] if dla_core is not None else []),
+        ]  # fmt: skip
         suffix = "".join(
             [
                 f"-{options['precision']}",
@@ -184,7 +200,8 @@ class TensorRtBackend(Backend):
                 f"-dla{dla_core}" if dla_core is not None else "",
             ]
         )
-        sm = str(target.gpu_compute_capability).replace(".", "")
+        # Each board builds its own engine; the agent's cache key adds its TensorRT version and GPU.
+        gpu = target.name if members else f"sm{str(target.gpu_compute_capability).replace('.', '')}"
         return {
             "name": self.name,
             "version": version,
@@ -198,9 +215,10 @@ class TensorRtBackend(Backend):
             "engine_build": {
                 "argv": argv,
                 "engine_dir": "engines",
-                "engine_name": f"{file_digest(onnx_file)[:12]}-sm{sm}{suffix}",
-                "sparsity": sparsity,
-                "dla_core": dla_core,
+                "engine_name": f"{file_digest(onnx_file)[:12]}-{gpu}{suffix}",
+                "sparsity": sparsity and not members,
+                "dla_core": dla_core if not members else None,
+                **({"members": resolved} if members else {}),
                 "where": "on the device, by `python3 runner/run.py --build-engine` (flash runs it)",
             },
             "session": {"threads": 0, "input_order": [v.name for v in model.graph.inputs]},

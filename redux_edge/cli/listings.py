@@ -42,6 +42,9 @@ def targets(as_json: bool) -> None:
                 "yes" if backend["runs_here"] else f"no: {backend['run_note']}",
             )
     out.print(table)
+    for row in rows:
+        if row["members"]:
+            out.print(f"family {row['name']}: one bundle for {', '.join(row['members'])}")
 
 
 @click.command()

@@ -31,6 +31,7 @@ def cli(debug: bool) -> None:
 
     \b
     Examples:
+      redux-edge compile --model minilm-l6 --target jetson -o build/jetson
       redux-edge compile --model minilm-l6 --target host -o build/minilm
       redux-edge run build/minilm sentences.txt
       redux-edge bench build/minilm --json

@@ -346,7 +346,7 @@ def run_runner(root: Path, release: str, arguments: list[str], timeout: float) -
     return {"code": completed.returncode, "stdout": completed.stdout, "stderr": completed.stderr[-4000:]}
 
 
-def build_engine(root: Path, release: str, timeout: float) -> dict:
+def build_engine(root: Path, release: str, timeout: float, board: str) -> dict:
     """Build the release's TensorRT engine, or take it from the cache: an engine holds for one engine
     name (model digest, SM, precision, sparsity, DLA core), one TensorRT version and one GPU. The build
     log is kept beside the engine, in the release and in the cache. Runs before activation, so that a
@@ -357,16 +357,25 @@ def build_engine(root: Path, release: str, timeout: float) -> dict:
     if trtexec is None:
         raise AgentError("trtexec is not on this device (install TensorRT / JetPack)")
     version = re.search(r"TensorRT v(\d+)", _run_text([trtexec, "--help"]))
-    key = f"{plan['engine_name']}-trt{version.group(1) if version else 'unknown'}-{_gpu_name()}"
+    key = f"{plan['engine_name']}-trt{version.group(1) if version else 'unknown'}-{_gpu_name()}-{board}"
     cache = root / "engines" / key
     engines = _inside(folder, plan["engine_dir"])
     if cache.is_dir():
         engines.mkdir(exist_ok=True)
         for built in cache.iterdir():
             _link_or_copy(built, engines / built.name)
-        return {"key": key, "cached": True, "log": [str(p) for p in cache.glob("*.log")]}
+        report = json.loads((cache / _BUILD_REPORT).read_text()) if (cache / _BUILD_REPORT).is_file() else {}
+        return {**report, "key": key, "cached": True, "log": [str(p) for p in cache.glob("*.log")]}
     completed = subprocess.run(
-        [sys.executable, str(folder / "runner" / "run.py"), "--bundle", str(folder), "--build-engine"],
+        [
+            sys.executable,
+            str(folder / "runner" / "run.py"),
+            "--bundle",
+            str(folder),
+            "--build-engine",
+            "--board",
+            board,
+        ],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -383,12 +392,17 @@ def build_engine(root: Path, release: str, timeout: float) -> dict:
         )
         last = (completed.stderr.strip().splitlines() or ["no output"])[-1]
         raise AgentError(f"engine build failed: {last} (log: {', '.join(map(str, logs)) or 'none'})")
+    built = json.loads(completed.stdout.strip().splitlines()[-1])
     staging = cache.with_name(f".{key}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(engines, staging)
+    # What the build resolved (a family bundle's options for this board) comes back with a cached engine.
+    (staging / _BUILD_REPORT).write_text(json.dumps(built))
     os.replace(staging, cache)
-    built = json.loads(completed.stdout.strip().splitlines()[-1])
     return {"key": key, "cached": False, "log": [str(p) for p in cache.glob("*.log")], **built}
+
+
+_BUILD_REPORT = "build.json"
 
 
 def _gpu_name() -> str:
@@ -415,7 +429,7 @@ _VERBS = {
     "discard": lambda root, args: discard(root, args[0]),
     "prune": lambda root, args: prune(root, int(args[0])),
     "runner": lambda root, args: run_runner(root, args[0], json.loads(args[1]), float(args[2])),
-    "engine": lambda root, args: build_engine(root, args[0], float(args[1])),
+    "engine": lambda root, args: build_engine(root, args[0], float(args[1]), args[2]),
 }
 
 

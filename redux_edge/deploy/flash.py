@@ -35,6 +35,7 @@ from redux_edge.bundle import MANIFEST, Bundle, device_files, file_digest, load_
 from redux_edge.deploy.devices import Device
 from redux_edge.deploy.transport import Transport, connect
 from redux_edge.errors import UserError
+from redux_edge.targets import Target
 
 __all__ = ["DeviceAgent", "FlashResult", "flash", "release_id", "rollback", "with_device"]
 
@@ -148,12 +149,14 @@ def flash(
         )
     if keep < 1:
         raise UserError(f"--keep {keep} would delete the running release", "keep at least 1")
-    target = bundle.manifest["target"]["name"]
+    target = Target.from_json(bundle.manifest["target"])
     for device in devices:
-        if device.target != target and not any_target:
+        if not target.admits(device.target) and not any_target:
+            family = f" (its boards: {', '.join(target.members)})" if target.members else ""
             raise UserError(
-                f"bundle {bundle_path} is for target {target}, device {device.name} is {device.target}",
-                f"compile for {device.target}, or pass --any-target",
+                f"bundle {bundle_path} is for target {target.name}{family}, device {device.name} is "
+                f"{device.target}",
+                f"compile for {device.target}, or pass --any-target; nothing was sent",
             )
     report = progress or (lambda device, message: None)
 
@@ -218,8 +221,9 @@ async def _flash_device(
     backend = BACKENDS.get(bundle.manifest["backend"]["name"])
     if backend is not None and backend.builds_on_device:
         report(name, "building the TensorRT engine on the device")
+        # A family bundle's engine options are resolved for the board the device is registered as.
         result.engine = await agent.call(
-            "engine", release, str(ENGINE_TIMEOUT_S), timeout=ENGINE_TIMEOUT_S + 30
+            "engine", release, str(ENGINE_TIMEOUT_S), agent.device.target, timeout=ENGINE_TIMEOUT_S + 30
         )
     state = await agent.call(
         "activate",

@@ -13,7 +13,7 @@ from redux_edge.bundle import load_bundle
 from redux_edge.deploy.devices import Device
 from redux_edge.deploy.flash import DeviceAgent, with_device
 from redux_edge.manifest import Manifest
-from redux_edge.targets import load_target
+from redux_edge.targets import Target, load_target
 
 __all__ = ["check", "suitability"]
 
@@ -52,8 +52,12 @@ def suitability(device: Device, facts: dict, manifest: Manifest | None) -> list[
     if target.name.startswith("jetson") and not facts.get("jetpack"):
         warnings.append(f"target {target.name} is a Jetson, but the device has no /etc/nv_tegra_release")
     if manifest is not None:
-        if manifest["target"]["name"] != device.target:
-            warnings.append(f"the bundle is for {manifest['target']['name']}, the device is {device.target}")
+        bundle_target = Target.from_json(manifest["target"])
+        if not bundle_target.admits(device.target):
+            boards = f" (boards {', '.join(bundle_target.members)})" if bundle_target.members else ""
+            warnings.append(
+                f"the device ({device.target}) is outside the bundle's target {bundle_target.name}{boards}"
+            )
         backend = manifest["backend"]["name"]
         if backend not in BACKENDS or BACKENDS[backend].device_runtime not in have:
             warnings.append(f"the bundle runs on {backend}, which the device lacks")

@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from redux_edge.passes.contract import CompileContext, PassOutcome, ReferenceChange, Section
+from redux_edge.targets import load_target
 
 if TYPE_CHECKING:
     from torch import nn
@@ -81,6 +82,10 @@ class CompressionSection(Section):
             "pattern": self.masking[-1].pattern,
             # Without sparse tensor cores the weights run dense: the gain is the bundle's size only.
             "target_has_sparse_tensor_cores": bool(context.target.sparse_tensor_cores),
+            # A family's boards differ: sparse tactics are built on those that have the cores.
+            "boards_with_sparse_tensor_cores": [
+                name for name in context.target.members if load_target(name).sparse_tensor_cores
+            ],
             "sparsified": sum(entry["sparsified"] for entry in entries),
             "weights": len(entries),
             "layers": entries,
@@ -111,9 +116,12 @@ class CompressionSection(Section):
                 else ""
             )
             masks = sorted({entry["mask"] for entry in sparsity["layers"] if entry["sparsified"]})
+            boards = sparsity.get("boards_with_sparse_tensor_cores")
             runs = (
                 "sparse tensor cores on this target"
                 if sparsity["target_has_sparse_tensor_cores"]
+                else f"sparse tensor cores on {', '.join(boards)}, dense on the other boards"
+                if boards
                 else "this target has no sparse tensor cores: it runs dense"
             )
             lines.append(

@@ -52,17 +52,25 @@ def check_sparse_tactics(report: dict, sparsity_requested: bool) -> None:
         )
 
 
-def build_engine(bundle_dir: Path, trtexec: str | None = None) -> dict:
-    """Build the bundle's TensorRT engine with trtexec, keep the log, and check the sparse tactics."""
+def build_engine(bundle_dir: Path, trtexec: str | None = None, board: str | None = None) -> dict:
+    """Build the bundle's TensorRT engine with trtexec, keep the log, and check the sparse tactics. A
+    family bundle (``--target jetson``) builds with the options resolved for ``board``, the device's own
+    target (sparse tactics and DLA only where it has them), and reports them."""
     trtexec = trtexec or _trtexec()
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     plan = manifest["backend"]["engine_build"]
+    boards = plan.get("members") or {}
+    if boards and board not in boards:
+        raise EngineBuildError(
+            f"this bundle is for {', '.join(boards)}; give the device's own with --board (got {board!r})"
+        )
+    options = boards[board] if boards else plan
     engines = bundle_dir / plan["engine_dir"]
     engines.mkdir(exist_ok=True)
     # trtexec reads the ONNX file itself, so packed 2:4 weights go back into their dense file first; the
     # engine holds the weights after that, so the expanded file does not stay on the device's storage.
     engine = engines / f"{plan['engine_name']}-trt{_tensorrt_version(trtexec)}.plan"
-    argv = [trtexec if arg == "trtexec" else arg.replace("{engine}", str(engine)) for arg in plan["argv"]]
+    argv = [trtexec if arg == "trtexec" else arg.replace("{engine}", str(engine)) for arg in options["argv"]]
     expanded = expand_packed(bundle_dir, manifest.get("storage", {}))
     try:
         completed = subprocess.run(argv, cwd=bundle_dir, capture_output=True, text=True, check=False)
@@ -73,8 +81,9 @@ def build_engine(bundle_dir: Path, trtexec: str | None = None) -> dict:
     if completed.returncode != 0:
         raise EngineBuildError(f"trtexec failed ({completed.returncode}); log: {engine.with_suffix('.log')}")
     report = parse_trtexec_log(completed.stdout + completed.stderr)
-    check_sparse_tactics(report, plan["sparsity"])
-    return {"engine": str(engine), **report}
+    check_sparse_tactics(report, options["sparsity"])
+    resolved = {"board": board, "sparsity": options["sparsity"], "dla_core": options["dla_core"]}
+    return {"engine": str(engine), "resolved": resolved, **report}
 
 
 def _tensorrt_version(trtexec: str) -> str:

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--build-engine", action="store_true", help="TensorRT: build this device's engine")
     parser.add_argument(
+        "--board", help="--build-engine of a family bundle: this device's target (flash gives it)"
+    )
+    parser.add_argument(
         "--expand", action="store_true", help="write the dense weights of packed 2:4 models for other tools"
     )
     args = parser.parse_args(argv)
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
         return 0
     if args.build_engine:
         try:
-            print(json.dumps(build_engine(args.bundle)))
+            print(json.dumps(build_engine(args.bundle, board=args.board)))
         except EngineBuildError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -234,13 +234,15 @@ def _cast_losslessly(name: str, array: np.ndarray, dtype: np.dtype) -> np.ndarra
     mask for float), said on stderr; otherwise the mismatch is the user's to fix, not ours to round."""
     if array.dtype == dtype:
         return array
-    cast = array.astype(dtype)
-    exact = np.can_cast(array.dtype, dtype, casting="same_kind") and np.array_equal(
+    cast = array.astype(dtype) if np.can_cast(array.dtype, dtype, casting="same_kind") else None
+    exact = cast is not None and np.array_equal(
         cast.astype(array.dtype), array, equal_nan=array.dtype.kind == "f"
     )
+    if cast is None:
+        raise InputError(f"input '{name}' has dtype {array.dtype}, expected {dtype}")
     if not exact:
         raise InputError(
-            f"input '{name}' is {array.dtype} and its values do not all fit {dtype}: give {dtype} "
+            f"input '{name}' has dtype {array.dtype} and its values do not all fit {dtype}: give {dtype} "
             f"(e.g. array.astype(numpy.{dtype.name}))"
         )
     logging.getLogger(__name__).warning(
