@@ -366,6 +366,6 @@ def test_target_mismatch_is_refused_and_checked(cli, registry, sshd, mnist_bundl
     assert facts["device"]["machine"] == os.uname().machine
     assert "onnxruntime" in facts["device"]["runtimes"]
     warnings = " | ".join(facts["warnings"])
-    assert "is for host, the device is arm64-cortex-a72" in warnings
+    assert "the device (arm64-cortex-a72) is outside the bundle's target host" in warnings
     if os.uname().machine != "aarch64":
         assert "its target arm64-cortex-a72 is aarch64" in warnings

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -207,6 +208,10 @@ class TvmBackend(CpuBackend):
                 extract_tasks(_fused(module, llvm), llvm), tuning["trials"]
             )
             small = tuning["trials"] < _EVOLUTIONARY_MIN_TRIALS
+            # MetaSchedule configures its loggers from the names of the handlers on its logger; a handler
+            # someone added without a name (a test harness's, an application's) makes that fail.
+            scheduler_log = logging.getLogger("tvm.s_tir.meta_schedule")
+            scheduler_log.handlers = [handler for handler in scheduler_log.handlers if handler.get_name()]
             contexts, weights = extracted_tasks_to_tune_contexts(
                 tasks, str(database_dir), strategy="replay-trace" if small else "evolutionary", seed=0
             )

@@ -117,7 +117,15 @@ def inspect(bundle: Path, as_json: bool) -> None:
     if as_json:
         emit_json({**manifest, "file_problems": problems})
     else:
-        print_report(bundle, manifest, problems)
+        try:
+            print_report(bundle, manifest, problems)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            # The schema pins what a bundle needs to run; the report also reads the optional sections.
+            raise UserError(
+                f"{bundle}/manifest.json has a section of the wrong shape for the report "
+                f"({type(exc).__name__}: {exc})",
+                "recompile the bundle, or read it with inspect --json",
+            ) from exc
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"bundle {bundle} is damaged: {problems[0]}{more}", "recompile or re-copy the bundle")

@@ -20,7 +20,7 @@ import numpy as np
 
 from .backend_tensorrt import EngineBuildError, build_engine
 from .packed import expand_packed
-from .session import BundleSession, InputError
+from .session import BundleSession, InputError, refuse_unlisted_files
 from .tegrastats import Tegrastats
 from .tolerance import Tolerance, compare, mismatch
 
@@ -70,24 +70,8 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
         "--expand", action="store_true", help="write the dense weights of packed 2:4 models for other tools"
     )
     args = parser.parse_args(argv)
-    if args.expand:
-        manifest = json.loads((args.bundle / "manifest.json").read_text())
-        for path in expand_packed(args.bundle, manifest.get("storage", {})):
-            print(path)
-        return 0
-    if args.build_engine:
-        try:
-            print(json.dumps(build_engine(args.bundle, board=args.board)))
-        except EngineBuildError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        return 0
     try:
-        session = BundleSession(args.bundle, args.threads, args.adapter)
-        feeds, expected = session.sample()
-        if args.inputs:
-            with np.load(args.inputs, allow_pickle=False) as archive:
-                feeds = {k: archive[k] for k in archive.files}
+        return _run(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -95,30 +79,43 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
-        # The manifest and sample are data this runner reads without a schema (it has only numpy).
+        # The manifest, sample and --inputs are data this runner reads without a schema (it has numpy only).
         print(f"error: the bundle or --inputs cannot be read ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 2
-    try:
-        if args.bench:
-            started = time.time()
-            with Tegrastats() as tegrastats:
-                report = session.benchmark(feeds, args.warmup, args.iterations, args.duration)
-            report |= {"started": started, "finished": time.time(), "tegrastats": tegrastats.summary}
-            # An emulated board says so (redux_edge/deploy/emulated.py): its times are not a board's.
-            report["emulated"] = os.environ.get("REDUX_EDGE_EMULATED")
-            if args.layers:
-                report["layers"] = session.layer_times(feeds, args.layers, args.threads)
-            if not args.latencies:
-                del report["latencies_ms"]
-            if args.json:
-                print(json.dumps(report))
-            else:
-                print("  ".join(f"{k}={v:.4g}" for k, v in report.items() if isinstance(v, float | int)))
-            return 0
-        outputs = session.run(feeds)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.expand:
+        manifest = json.loads((args.bundle / "manifest.json").read_text())
+        for path in expand_packed(args.bundle, manifest.get("storage", {})):
+            print(path)
+        return 0
+    if args.build_engine:
+        print(json.dumps(build_engine(args.bundle, board=args.board)))
+        return 0
+    refuse_unlisted_files(args.bundle)
+    session = BundleSession(args.bundle, args.threads, args.adapter)
+    feeds, expected = session.sample()
+    if args.inputs:
+        with np.load(args.inputs, allow_pickle=False) as archive:
+            feeds = {k: archive[k] for k in archive.files}
+    if args.bench:
+        started = time.time()
+        with Tegrastats() as tegrastats:
+            report = session.benchmark(feeds, args.warmup, args.iterations, args.duration)
+        report |= {"started": started, "finished": time.time(), "tegrastats": tegrastats.summary}
+        # An emulated board says so (redux_edge/deploy/emulated.py): its times are not a board's.
+        report["emulated"] = os.environ.get("REDUX_EDGE_EMULATED")
+        if args.layers:
+            report["layers"] = session.layer_times(feeds, args.layers, args.threads)
+        if not args.latencies:
+            del report["latencies_ms"]
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print("  ".join(f"{k}={v:.4g}" for k, v in report.items() if isinstance(v, float | int)))
+        return 0
+    outputs = session.run(feeds)
     if args.outputs:
         np.savez(args.outputs, **dict(zip(session.output_names, outputs, strict=True)))
     if args.check:

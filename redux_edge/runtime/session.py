@@ -28,6 +28,7 @@ __all__ = [
     "latency_stats",
     "open_artifact",
     "ranked",
+    "refuse_unlisted_files",
     "unlisted_files",
 ]
 
@@ -84,6 +85,16 @@ def open_artifact(
     return module.open_executor(Path(bundle_dir), backend, threads, output_names, storage or {}, overrides)
 
 
+def refuse_unlisted_files(bundle_dir: Path) -> None:
+    """The runner's check before it opens a bundle it is handed (a compile's staging folder is not one)."""
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    if unlisted := unlisted_files(bundle_dir, manifest):
+        raise InputError(
+            f"the bundle holds files its manifest does not list ({', '.join(unlisted[:3])}): "
+            "remove them, or flash or copy the bundle again"
+        )
+
+
 def unlisted_files(bundle_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
     """Files in the bundle that its manifest does not list, and links: nothing but what was compiled may be
     there to be read or run, and nothing may lead outside. The manifest itself and the engines a TensorRT
@@ -121,11 +132,6 @@ class BundleSession:
     def _open(self, bundle_dir: Path, threads: int | None, adapter: str | None) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
-        if unlisted := unlisted_files(self.bundle_dir, self.manifest):
-            raise InputError(
-                f"the bundle holds files its manifest does not list ({', '.join(unlisted[:3])}): "
-                "remove them, or flash or copy the bundle again"
-            )
         backend = self.manifest["backend"]
         self.inputs = self.manifest["inputs"]
         self.output_names = [output["name"] for output in self.manifest["outputs"]]
