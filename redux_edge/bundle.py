@@ -263,7 +263,11 @@ if archive.is_symlink() or not zipfile.is_zipfile(archive):
     sys.exit(2)
 # Nothing but the archive is imported from this folder: a file dropped beside the runner is never run.
 sys.path[0] = str(archive.resolve())
-runpy.run_path(str(archive), run_name="__main__")
+try:
+    runpy.run_path(str(archive), run_name="__main__")
+except ImportError as exc:  # zipimport's error: the archive's contents are damaged
+    print(f"error: {archive} is damaged ({exc}): copy the bundle again", file=sys.stderr)
+    sys.exit(2)
 """
 
 
