@@ -115,14 +115,19 @@ def make_nan_onnx(path: Path) -> Path:
     return path
 
 
-def assert_clean_user_error(result, parent, *, message: str) -> None:
-    """Exit code 2, one `error:` line with a hint, no traceback, and nothing written at parent/out."""
+def assert_one_error_line(result, message: str) -> None:
+    """Exit code 2, one `error:` line with ``message`` and a hint, no traceback."""
     assert result.exit_code == 2, result
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
-    assert message in lines[0]
+    assert message in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert "(" in lines[0] and lines[0].endswith(")"), "the line carries a hint"
+
+
+def assert_clean_user_error(result, parent, *, message: str) -> None:
+    """``assert_one_error_line``, and nothing written at parent/out."""
+    assert_one_error_line(result, message)
     # No bundle and no hidden staging directory left beside it.
     assert not (parent / "out").exists()
     assert not [p for p in parent.iterdir() if p.name.startswith(".out.")]

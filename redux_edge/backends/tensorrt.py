@@ -50,9 +50,13 @@ def _board_options(base: list[str], board: Target, sparsity: bool, dla_core: int
     """The engine build of a family bundle on one member board, and the options it resolved to."""
     sparse = sparsity and board.sparse_tensor_cores
     dla = dla_core if dla_core is not None and dla_core < board.dla_cores else None
-    argv = [*base, *(["--sparsity=enable"] if sparse else [])]
-    argv += [f"--useDLACore={dla}", "--allowGPUFallback"] if dla is not None else []
-    return {"argv": argv, "sparsity": sparse, "dla_core": dla}
+    return {"argv": [*base, *_option_flags(sparse, dla)], "sparsity": sparse, "dla_core": dla}
+
+
+def _option_flags(sparsity: bool, dla_core: int | None) -> list[str]:
+    """trtexec's flags for 2:4 sparse tactics and a DLA core (GPU fallback for layers it lacks)."""
+    flags = ["--sparsity=enable"] if sparsity else []
+    return flags + ([f"--useDLACore={dla_core}", "--allowGPUFallback"] if dla_core is not None else [])
 
 
 def _release_line(version: str) -> str:
@@ -187,11 +191,7 @@ class TensorRtBackend(Backend):
         # A family bundle's options are resolved per board: sparse tactics where it has sparse tensor
         # cores, the DLA core where it has one; elsewhere the same model is built dense on the GPU.
         resolved = {t.name: _board_options(base, t, sparsity, dla_core) for t in members}
-        argv = base if members else [
-            *base,
-            *(["--sparsity=enable"] if sparsity else []),
-            *([f"--useDLACore={dla_core}", "--allowGPUFallback"] if dla_core is not None else []),
-        ]  # fmt: skip
+        argv = base if members else [*base, *_option_flags(sparsity, dla_core)]
         suffix = "".join(
             [
                 f"-{options['precision']}",

@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from redux_edge.errors import UserError
 from redux_edge.preprocess import ImagePreprocessor, Preprocessor, TextPreprocessor
+from redux_edge.runtime.session import one_line
 
 if TYPE_CHECKING:
     from redux_edge.datasets.images import Images
@@ -276,9 +277,8 @@ def _runtime_errors(action: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:  # ORT raises its own pybind types (Fail, NotImplemented, InvalidArgument)
-        message = " ".join(str(exc).split())[-400:]
         raise UserError(
-            f"ONNX Runtime cannot {action}: {message}",
+            f"ONNX Runtime cannot {action}: {one_line(exc)}",
             "check that the model runs in ONNX Runtime with inputs of its signature, or give --inputs FILE",
         ) from exc
 

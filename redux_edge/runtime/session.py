@@ -26,6 +26,7 @@ __all__ = [
     "check_inputs",
     "executor_module",
     "latency_stats",
+    "one_line",
     "open_artifact",
     "ranked",
     "refuse_unlisted_files",
@@ -44,6 +45,11 @@ _DTYPES = {
     "UINT8": np.uint8,
     "BOOL": np.bool_,
 }
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """A runtime's error message on one line, its end kept (where the runtimes say what went wrong)."""
+    return " ".join(str(exc).split())[-limit:]
 
 
 class EngineBuildError(RuntimeError):
@@ -126,8 +132,9 @@ class BundleSession:
         except Exception as exc:
             # The manifest and artifact are data from elsewhere: a field the schema does not pin, or an
             # artifact the runtime refuses (ONNX Runtime's, OpenVINO's and TVM's own error types).
-            message = " ".join(str(exc).split())[-300:]
-            raise InputError(f"the bundle cannot be opened ({type(exc).__name__}: {message})") from exc
+            raise InputError(
+                f"the bundle cannot be opened ({type(exc).__name__}: {one_line(exc, 300)})"
+            ) from exc
 
     def _open(self, bundle_dir: Path, threads: int | None, adapter: str | None) -> None:
         self.bundle_dir = bundle_dir
@@ -163,9 +170,8 @@ class BundleSession:
             # The artifact ran its sample at compile time; what fails now is these inputs' values
             # (a token id outside the vocabulary, a sequence longer than the position table). Each runtime
             # raises its own types (ONNX Runtime's pybind errors, OpenVINO's and TVM's RuntimeError).
-            message = " ".join(str(exc).split())
             raise InputError(
-                f"the {self.manifest['backend']['name']} runtime cannot run these inputs: {message[-400:]}"
+                f"the {self.manifest['backend']['name']} runtime cannot run these inputs: {one_line(exc)}"
             ) from exc
 
     def sample(self) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
