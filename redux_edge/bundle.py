@@ -252,22 +252,33 @@ sys.exit(main(bundle=Path(__file__).resolve().parent.parent.parent))
 _LAUNCHER = """\"\"\"Starts this bundle's runner, run.pyz beside this file (python3 runner/run.pyz works
 the same): numpy and the backend's runtime are all it needs. See --help.\"\"\"
 
+import hashlib
+import json
 import runpy
 import sys
-import zipfile
 from pathlib import Path
 
+
+def refuse(problem: str) -> None:
+    print(f"error: {problem}: copy the bundle again", file=sys.stderr)
+    sys.exit(2)
+
+
 archive = Path(__file__).resolve().with_name("run.pyz")
-if archive.is_symlink() or not zipfile.is_zipfile(archive):
-    print(f"error: {archive} is a link or not a zip archive: copy the bundle again", file=sys.stderr)
-    sys.exit(2)
-# Nothing but the archive is imported from this folder: a file dropped beside the runner is never run.
-sys.path[0] = str(archive.resolve())
+manifest = archive.parent.parent / "manifest.json"
 try:
-    runpy.run_path(str(archive), run_name="__main__")
-except ImportError as exc:  # zipimport's error: the archive's contents are damaged
-    print(f"error: {archive} is damaged ({exc}): copy the bundle again", file=sys.stderr)
-    sys.exit(2)
+    expected = json.loads(manifest.read_text(encoding="utf-8"))["files"]["runner/run.pyz"]["sha256"]
+except (OSError, ValueError, KeyError, TypeError) as exc:
+    refuse(f"{manifest} does not give run.pyz's checksum ({type(exc).__name__}: {exc})")
+# The archive is checked against the manifest before anything is imported from it: a damaged byte
+# anywhere (zipimport reads headers its own way) stops here, never as a zlib error or altered source.
+if archive.is_symlink() or not archive.is_file():
+    refuse(f"{archive} is a link or missing")
+if hashlib.sha256(archive.read_bytes()).hexdigest() != expected:
+    refuse(f"{archive} is damaged (its sha256 differs from the manifest's)")
+# Nothing but the archive is imported from this folder: a file dropped beside the runner is never run.
+sys.path[0] = str(archive)
+runpy.run_path(str(archive), run_name="__main__")
 """
 
 

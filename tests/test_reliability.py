@@ -384,3 +384,22 @@ def test_a_full_tmpdir_during_a_compile(cli, tmp_path, monkeypatch):
         assert_one_error_line(result, "No space left on device")
         assert "TMPDIR" in result.stderr and not (tmp_path / "out").exists()
         assert list(tiny.iterdir()) == []
+
+
+def test_a_damaged_runner_archive_is_refused_in_one_line_wherever_the_byte_is(cli, tmp_path):
+    mlp = make_mlp_onnx(tmp_path / "mlp.onnx", hidden=4)
+    out = tmp_path / "out"
+    assert cli("compile", "--model", mlp, "-o", out).exit_code == 0
+    archive = out / "runner" / "run.pyz"
+    pristine = archive.read_bytes()
+    # Offsets over the whole archive: local headers, compressed members, the central directory.
+    for offset in np.linspace(0, len(pristine) - 1, 40).astype(int):
+        damaged = bytearray(pristine)
+        damaged[offset] ^= 0xFF
+        archive.write_bytes(bytes(damaged))
+        runner = subprocess.run(
+            [sys.executable, out / "runner" / "run.py", "--help"], capture_output=True, text=True, timeout=60
+        )
+        errors = [line for line in runner.stderr.splitlines() if line.startswith("error:")]
+        assert "Traceback" not in runner.stderr, (offset, runner.stderr)
+        assert runner.returncode == 2 and len(errors) == 1 and "damaged" in errors[0], (offset, runner.stderr)
