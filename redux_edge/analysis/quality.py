@@ -36,6 +36,7 @@ __all__ = [
     "probe_accuracy",
     "quality_line",
     "quality_report",
+    "retention",
     "text_quality",
 ]
 
@@ -231,3 +232,13 @@ def _embedding_quality(outputs: list[np.ndarray], data: UserData) -> dict:
         "retention": scores[1] / scores[0],
     }
     return report
+
+
+def retention(quality: dict) -> float | None:
+    """One number for a quality gate: accuracy kept (classifiers), else the mean embedding cosine to fp32."""
+    if not quality.get("measured", True):
+        return None
+    if "accuracy" in quality:
+        accuracy = quality["accuracy"]
+        return accuracy["compressed"] / accuracy["dense"] if accuracy["dense"] else None
+    return quality["embedding_cosine"]["mean"]

@@ -63,9 +63,10 @@ def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
         out.print(f"  feed-forward width per layer {per_layer(structure['ffn_width_per_layer'])}")
     import redux_edge.passes  # noqa: F401 - the registered passes define the sections
 
-    for key, section in Section.known.items():
-        if recorded.get(key):
-            for line in section.render(recorded[key], recorded):
+    # In the manifest's order, which is the recipe's.
+    for key, entry in recorded.items():
+        if key in Section.known and entry:
+            for line in Section.known[key].render(entry, recorded):
                 out.print(line)
     verify = manifest["verify"]
     checks = Table(

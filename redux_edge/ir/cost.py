@@ -49,8 +49,18 @@ def model_cost(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> dic
 _QUANTIZED_WEIGHT_USES = {("DequantizeLinear", 0), ("MatMulInteger", 1), ("ConvInteger", 1)}
 
 
+# An 8-bit table a Gather reads is a quantized embedding table (embedding-tables int8); the integer
+# tensors a Gather reads otherwise (shapes) are int64.
+_QUANTIZED_TABLE_TYPES = {ir.DataType.INT8, ir.DataType.UINT8}
+
+
 def _quantized_weight(value: ir.Value) -> bool:
-    return any((node.op_type, index) in _QUANTIZED_WEIGHT_USES for node, index in value.uses())
+    for node, index in value.uses():
+        if (node.op_type, index) in _QUANTIZED_WEIGHT_USES:
+            return True
+        if (node.op_type, index) == ("Gather", 0) and value.dtype in _QUANTIZED_TABLE_TYPES:
+            return True
+    return False
 
 
 def _macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> int:

@@ -12,6 +12,7 @@ from redux_edge.errors import UserError
 from redux_edge.passes.adapters import AdaptersPass
 from redux_edge.passes.cleanup import CleanupPass
 from redux_edge.passes.contract import RecipePass, configure
+from redux_edge.passes.embedding_tables import EmbeddingTablesPass
 from redux_edge.passes.ffn_prune import PruneFfnPass
 from redux_edge.passes.head_prune import PruneHeadsPass
 from redux_edge.passes.layer_drop import DropLayersPass
@@ -38,6 +39,7 @@ for _builtin in (
     SparsityPass,
     AdaptersPass,
     MacPrunePass,
+    EmbeddingTablesPass,
     QuantizePass,
 ):
     register_pass(_builtin)

@@ -116,6 +116,8 @@ class RecipePass(ir.passes.InPlacePass):
     compares_with_dense: ClassVar[bool] = False
     # Exact by construction (a cleanup): it changes how the graph computes, never what.
     exact: ClassVar[bool] = False
+    # Changes numerics on purpose, checked by rebasing (``Rebase``): passes after it are exact or rebase too.
+    rebases: ClassVar[bool] = False
     # Each may appear once per recipe: what it reports is numbered by the model as one such pass sees it.
     once_per_recipe: ClassVar[bool] = False
 

@@ -149,6 +149,7 @@ class QuantizePass(RecipePass):
         ),
     )
     compares_with_dense = True
+    rebases = True
     once_per_recipe = True
 
     precision: str = parameter("int8", "int8 (static, calibrated QDQ), int8-dynamic, fp16 or bf16")
@@ -379,7 +380,7 @@ class QuantizationSection(Section):
         return Rebase(self.outcome.before, f" quantize ({self.outcome.precision})")
 
     def report(self, context: CompileContext) -> dict:
-        from redux_edge.analysis.quality import quality_report
+        from redux_edge.analysis.quality import quality_report, retention
         from redux_edge.passes.compression import speed_against
 
         outcome, stage = self.outcome, context.stage
@@ -409,7 +410,7 @@ class QuantizationSection(Section):
                 report["quality"] = quality_report(before, session.run, context.source)
             else:
                 report["quality"] = {"measured": False, "why": f"the artifact cannot run here: {why}"}
-        report["retention"] = _retention(report["quality"])
+        report["retention"] = retention(report["quality"])
         report["min_quality"] = outcome.min_quality
         if report["retention"] is None and outcome.min_quality > 0:
             raise UserError(
@@ -471,16 +472,6 @@ _COMPUTES = {
     "values in fp32 (same numbers, no integer kernels)",
     "runtime": "the graph stays fp32; {backend} computes it at this precision",
 }
-
-
-def _retention(quality: dict) -> float | None:
-    """One number for the gate: accuracy kept (classifiers), else the mean embedding cosine to fp32."""
-    if not quality.get("measured", True):
-        return None
-    if "accuracy" in quality:
-        accuracy = quality["accuracy"]
-        return accuracy["compressed"] / accuracy["dense"] if accuracy["dense"] else None
-    return quality["embedding_cosine"]["mean"]
 
 
 @dataclasses.dataclass
