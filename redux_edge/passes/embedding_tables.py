@@ -84,38 +84,39 @@ class EmbeddingTablesPass(RecipePass):
             )
 
     def call(self, model: ir.Model) -> TablesNarrowed:
-        before = copy_model(model)
         graph = model.graph
-        constants = {value for value in graph.initializers.values() if value.const_value is not None}
-        readers: dict[ir.Value, list[ir.Node]] = {}
-        gathers: dict[ir.Value, list[ir.Node]] = {}
-        for node in graph:
-            for index, value in enumerate(node.inputs):
-                if value in constants:
-                    readers.setdefault(value, []).append(node)
-                    if node.op_type == "Gather" and index == 0:
-                        gathers.setdefault(value, []).append(node)
         overridable = set(graph.inputs)
-        tables, kept = [], []
-        for table, nodes in gathers.items():
-            array = _constant(table)
-            axes = {_normalised_axis(node, array.ndim) for node in nodes}
-            entry = {"table": table.name, "shape": list(array.shape), "bytes_before": int(array.nbytes)}
-            others = [node for node in readers[table] if node not in nodes]
-            why = _why_kept(array, others, axes, table in overridable, self.min_elements)
-            if why:
-                kept.append({**entry, "why": why})
+        chosen, kept = [], []
+        for table in graph.initializers.values():
+            if table.const_value is None:
                 continue
-            (axis,) = axes
-            narrowed, scales = self._narrowed(graph, str(table.name), array, axis)
-            for gather in nodes:
+            uses = table.uses()
+            gathers = [n for n, index in uses if n.op_type == "Gather" and index == 0 and n.graph is graph]
+            if not gathers:
+                continue
+            array = _constant(table)
+            axes = {_normalised_axis(node, array.ndim) for node in gathers}
+            entry = {"table": table.name, "shape": list(array.shape), "bytes_before": int(array.nbytes)}
+            others = [node for node, _ in uses if node not in gathers]
+            if why := _why_kept(array, others, axes, table in overridable, self.min_elements):
+                kept.append({**entry, "why": why})
+            else:
+                (axis,) = axes
+                chosen.append((entry, array, gathers, axis))
+        # The whole model is copied only when a table will change: the quality comparison needs both sides.
+        before = copy_model(model) if chosen else model
+        tables = []
+        for entry, array, gathers, axis in chosen:
+            narrowed, scales = self._narrowed(graph, str(entry["table"]), array, axis)
+            for gather in gathers:
                 _widen(graph, gather, narrowed, scales, axis)
             stored = sum(_constant(value).nbytes for value in (narrowed, scales) if value is not None)
-            tables.append({**entry, "bytes_after": int(stored), "axis": axis, "gathers": len(nodes)})
+            tables.append({**entry, "bytes_after": int(stored), "axis": axis, "gathers": len(gathers)})
         if tables:
             finish(model)
         logger.info("embedding-tables %s: %d tables, %d kept float32", self.dtype, len(tables), len(kept))
-        return TablesNarrowed(model, bool(tables), self.dtype, tables, kept, before, copy_model(model))
+        after = copy_model(model) if tables else model
+        return TablesNarrowed(model, bool(tables), self.dtype, tables, kept, before, after)
 
     def _narrowed(
         self, graph: ir.Graph, name: str, table: np.ndarray, axis: int
