@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +115,17 @@ def make_nan_onnx(path: Path) -> Path:
     )
     onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), path)
     return path
+
+
+def assert_runtime_check_healthy(bundle: Path) -> None:
+    """The bundle's own runtime, in a fresh process, finds it healthy (``--check``)."""
+    checked = subprocess.run(
+        [".venv/bin/python", "-m", "redux_edge.runtime", "--bundle", bundle, "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert json.loads(checked.stdout)["healthy"] is True
 
 
 def assert_one_error_line(result, message: str) -> None:

@@ -15,7 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import assert_clean_user_error
+from conftest import assert_clean_user_error, assert_runtime_check_healthy
 
 from redux_edge import api
 from redux_edge.datasets import images
@@ -78,13 +78,7 @@ def test_compile_reports_protection_accuracy_and_a_checked_kernel(protected_bund
     assert protection["kernel"]["integer_exact"] is True
     report = cli("inspect", protected_bundle).stdout
     assert "mac-prune on 'image'" in report and "integer-exact" in report
-    checked = subprocess.run(
-        [".venv/bin/python", "-m", "redux_edge.runtime", "--bundle", protected_bundle, "--check"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert json.loads(checked.stdout)["healthy"] is True
+    assert_runtime_check_healthy(protected_bundle)
 
 
 def test_c_kernel_equals_torch_onnx_and_numpy_on_int8(protected_bundle, digits):

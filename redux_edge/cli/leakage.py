@@ -23,6 +23,7 @@ def leakage() -> None:
       redux-edge leakage simulate --bundle build/protected --traces 1000 -o traces/protected.ets
       redux-edge leakage simulate --bundle build/protected --unprotected -o traces/plain.ets
       redux-edge leakage attack traces/plain.ets --bundle build/protected -o reports/plain
+      redux-edge leakage attack traces/hidden.ets --attack integrated --bundle build/hidden -o reports/i
       redux-edge leakage attack capture.cwp -o reports/capture
       redux-edge leakage tvla traces/fixed.ets traces/random.ets -o reports/tvla
     """
@@ -60,6 +61,13 @@ def leakage() -> None:
     help="Amplitude of the keep/skip branch leak (Double Strike); 0: a balanced branch.",
 )
 @click.option("--unprotected", is_flag=True, help="The same layer without MACPruning: every MAC runs.")
+@click.option(
+    "--shuffle-span",
+    type=AT_LEAST_ONE,
+    help="Hiding: shuffle within spans of N MACs instead of all of an output position's (a weaker "
+    "shuffle, to test attacks).",
+)
+@click.option("--no-masking", is_flag=True, help="Hiding: keep every pixel (the shuffle alone).")
 @click.option("--fixed", is_flag=True, help="One fixed input for every trace (a TVLA fixed set).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -72,6 +80,8 @@ def leakage_simulate(
     jitter: int,
     control_flow: float,
     unprotected: bool,
+    shuffle_span: int | None,
+    no_masking: bool,
     fixed: bool,
     seed: int,
     as_json: bool,
@@ -80,13 +90,15 @@ def leakage_simulate(
     from redux_edge.leakage import campaign, simulate
 
     model = simulate.LeakageModel(leak, noise, jitter, control_flow)
-    described = campaign.simulate_file(bundle, output, count, model, not unprotected, seed, fixed)
+    described = campaign.simulate_file(
+        bundle, output, count, model, not unprotected, seed, fixed, shuffle_span, not no_masking
+    )
     if as_json:
         emit_json(described)
         return
     out.print(
         f"wrote {described['file']}: {count} simulated traces x {described['samples']} samples, "
-        f"{described['slots']} MACs per trace ({'MACPruning' if not unprotected else 'unprotected'}, "
+        f"{described['slots']} MACs attacked per trace ({_defence(described)}, "
         f"{leak} Hamming weight, noise {noise}, jitter {jitter}, control-flow leak {control_flow}); "
         f"MACs executed {described['keep_rate']:.1%}"
     )
@@ -103,7 +115,17 @@ def leakage_simulate(
     "--realign",
     type=float,
     metavar="THRESHOLD",
-    help="Double Strike: parse each trace by its branch samples (above THRESHOLD = MAC ran) first.",
+    help="Double Strike: parse each trace by its branch samples (above THRESHOLD = MAC ran) first; on "
+    "traces of the kernel with hiding, read the keep bits its select leaks (integrated, second-order).",
+)
+@click.option(
+    "--attack",
+    "statistic",
+    type=click.Choice(["windowed", "integrated", "second-order", "accumulator"]),
+    default="windowed",
+    show_default=True,
+    help="windowed: best sample where the MAC can be; integrated: the window's sum; second-order: the "
+    "sum of squared centred samples; accumulator: the running sum, weight by weight (aligned traces).",
 )
 @click.option("--checkpoints", help="Trace counts to report ranks at, e.g. 100,1000,10000.")
 @click.option("--limit", type=AT_LEAST_ONE, help="Use only the first N traces.")
@@ -114,6 +136,7 @@ def leakage_attack(
     inputs: Path | None,
     bundle: Path | None,
     realign: float | None,
+    statistic: str,
     checkpoints: str | None,
     limit: int | None,
     as_json: bool,
@@ -125,7 +148,7 @@ def leakage_attack(
         counts = [int(c) for c in checkpoints.split(",")] if checkpoints else None
     except ValueError as exc:
         raise UserError(f"cannot read --checkpoints {checkpoints}", "e.g. 100,1000,10000") from exc
-    result = campaign.attack_file(traces_file, output, inputs, bundle, realign, counts, limit)
+    result = campaign.attack_file(traces_file, output, inputs, bundle, realign, counts, limit, statistic)
     if as_json:
         emit_json({key: value for key, value in result.items() if key != "checkpoints"})
         return
@@ -136,7 +159,16 @@ def leakage_attack(
         )
         table.add_row(str(entry["traces"]), f"{np.median(entry['best_peak']):.3f}", recovered)
     out.print(table)
-    out.print(f"  windows  {result['windows']}; report {', '.join(result['files'])}")
+    out.print(f"  {statistic} CPA, windows {result['windows']}; report {', '.join(result['files'])}")
+
+
+def _defence(described: dict) -> str:
+    if not described["protected"]:
+        return "unprotected"
+    if described["hiding"] == "none":
+        return "MACPruning"
+    masking = "MACPruning + " if described["masking"] else ""
+    return f"{masking}shuffle over {described['shuffle_span']} MACs, constant time"
 
 
 @leakage.command("tvla")

@@ -9,6 +9,14 @@ branch takes one sample per MAC slot and a skipped MAC emits nothing, so every l
 the trace by a per-trace random amount; the branch itself leaks with amplitude ``control_flow`` (the
 Double Strike attack's leak; 0 = a balanced branch). ``jitter`` adds up to that many idle samples before
 every slot (clock jitter, interrupts). The inputs are random int8 images the attacker chose and knows.
+
+A layer with hiding (``hiding="shuffle"``, the kernel in ``c_source``) has no branch: every MAC of the
+window runs, a dropped pixel's on a random fill value; the window is then all the MACs of the output
+position (every output channel), which the kernel runs in a fresh random order, so each trace is one
+uniform permutation of them (``shuffle_span`` < all: permuted within consecutive spans of that many MACs,
+a weaker shuffle to test attacks with). The branchless select of each window pixel's operand leaks the
+pixel's keep bit with amplitude ``control_flow``, one sample per pixel before the MACs. ``masking=False``
+simulates the shuffle alone (every pixel kept).
 """
 
 from __future__ import annotations
@@ -46,8 +54,7 @@ class Simulated:
 
 def hamming_weight(values: np.ndarray) -> np.ndarray:
     """Hamming weight of int32 two's-complement values."""
-    as_bytes = np.ascontiguousarray(values.astype(np.int32)).view(np.uint8).reshape(*values.shape, 4)
-    return np.unpackbits(as_bytes, axis=-1).sum(axis=-1, dtype=np.int32)
+    return np.bitwise_count(values.astype(np.int32).view(np.uint32)).astype(np.int32)
 
 
 def window_pixels(layer: QuantizedLayer, position: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -71,22 +78,24 @@ def simulate(
     seed: int = 0,
     fixed_input: np.ndarray | None = None,
     channels: int | None = None,
+    shuffle_span: int | None = None,
+    masking: bool = True,
 ) -> Simulated:
     """``count`` traces of the window at ``position`` (default: the centre) on random int8 inputs, or on
-    ``fixed_input`` [channels, h, w] every time (the fixed set of a TVLA). ``channels`` keeps the first
-    output channels only: the loop runs channel by channel, so their samples are exactly those of the
-    whole window's start."""
+    ``fixed_input`` [channels, h, w] every time (the fixed set of a TVLA). ``channels`` attacks the first
+    output channels only: without hiding the loop runs channel by channel, so their samples are exactly
+    those of the whole window's start; with hiding the other channels' MACs stay in the trace."""
     rng = np.random.default_rng(seed)
     out_c, in_c, k_h, k_w = layer.weights.shape
-    out_c = min(out_c, channels or out_c)
+    attacked = min(out_c, channels or out_c)
+    if protected and layer.hiding == "shuffle":
+        return _shuffled(layer, count, leakage, position, rng, fixed_input, attacked, shuffle_span, masking)
+    out_c = attacked
     layer = dataclasses.replace(layer, weights=layer.weights[:out_c], bias=layer.bias[:out_c])
     position = position or (layer.height // 2, layer.width // 2)
     rows, columns = window_pixels(layer, position)
     channel_of = np.tile(np.repeat(np.arange(in_c), k_h * k_w), out_c)
-    if fixed_input is not None:
-        images = np.broadcast_to(fixed_input, (count, *fixed_input.shape))
-    else:
-        images = rng.integers(-128, 128, size=(count, in_c, layer.height, layer.width), dtype=np.int8)
+    images = _inputs(layer, count, rng, fixed_input)
     operands = images[:, channel_of, rows, columns].astype(np.int8)
     if protected:
         pixel_keep = layer.critical[None] | (rng.random((count, layer.height, layer.width)) >= layer.drop)
@@ -100,6 +109,66 @@ def simulate(
         per_channel = (products * keep).reshape(count, out_c, -1)
         values = hamming_weight(np.cumsum(per_channel, axis=2).reshape(count, -1))
     return Simulated(_timeline(values, keep, protected, leakage, rng), operands, keep)
+
+
+def _inputs(
+    layer: QuantizedLayer, count: int, rng: np.random.Generator, fixed_input: np.ndarray | None
+) -> np.ndarray:
+    if fixed_input is not None:
+        return np.broadcast_to(fixed_input, (count, *fixed_input.shape))
+    shape = (count, layer.weights.shape[1], layer.height, layer.width)
+    return rng.integers(-128, 128, size=shape, dtype=np.int8)
+
+
+def shuffle_prefix(layer: QuantizedLayer) -> int:
+    """Samples before the MACs in a trace of the kernel with hiding: one select per window pixel."""
+    return int(np.prod(layer.weights.shape[1:]))
+
+
+def _shuffled(
+    layer: QuantizedLayer,
+    count: int,
+    leakage: LeakageModel,
+    position: tuple[int, int] | None,
+    rng: np.random.Generator,
+    fixed_input: np.ndarray | None,
+    attacked: int,
+    shuffle_span: int | None,
+    masking: bool,
+) -> Simulated:
+    out_c, in_c, k_h, k_w = layer.weights.shape
+    slots = out_c * in_c * k_h * k_w
+    span = min(shuffle_span or slots, slots)
+    rows, columns = window_pixels(layer, position or (layer.height // 2, layer.width // 2))
+    channel_of = np.tile(np.repeat(np.arange(in_c), k_h * k_w), out_c)
+    images = _inputs(layer, count, rng, fixed_input)
+    operands = images[:, channel_of, rows, columns].astype(np.int8)
+    if masking:
+        pixel_keep = layer.critical[None] | (rng.random((count, layer.height, layer.width)) >= layer.drop)
+    else:
+        pixel_keep = np.ones((count, layer.height, layer.width), dtype=bool)
+    keep = pixel_keep[:, rows, columns]
+    fill = rng.integers(layer.fill_low, layer.fill_high + 1, size=operands.shape)
+    executed = np.where(keep, operands.astype(np.int32), fill.astype(np.int32))
+    products = executed * layer.weights.reshape(-1).astype(np.int32)[None]
+    # order[n, t]: the slot run at time t; a permutation within each span of consecutive slots.
+    order = np.argsort(np.arange(slots)[None] // span + rng.random((count, slots)), axis=1)
+    in_time = np.take_along_axis(products, order, axis=1)
+    if leakage.intermediate == "product":
+        values = hamming_weight(in_time)
+    else:
+        channel_in_time = (order // (in_c * k_h * k_w)).astype(np.int64)
+        running = np.zeros_like(in_time)
+        for channel in range(out_c):
+            mine = channel_in_time == channel
+            running = np.where(mine, np.cumsum(np.where(mine, in_time, 0), axis=1), running)
+        values = hamming_weight(running)
+    macs = _timeline(values, np.ones_like(values, dtype=bool), False, leakage, rng)
+    window_keep = pixel_keep[:, rows[: in_c * k_h * k_w], columns[: in_c * k_h * k_w]]
+    selects = rng.normal(0.0, leakage.noise, size=window_keep.shape).astype(np.float32)
+    selects += leakage.control_flow * window_keep
+    weights = attacked * in_c * k_h * k_w
+    return Simulated(np.concatenate([selects, macs], axis=1), operands[:, :weights], keep[:, :weights])
 
 
 def _timeline(

@@ -8,6 +8,13 @@ kept, which is what keeps the accuracy. In the graph a deactivated pixel is zero
 input, which is the same as skipping its MACs. The draw is an ONNX ``RandomUniformLike``, anew on every
 run; ``seed`` (>= 0) fixes the sequence of a session for tests. The mask each run used is the extra output
 ``pixel_keep``, so the run can be checked exactly against the model fed the masked input.
+
+``hiding="shuffle"`` adds what the published defence lacks against Double Strike (HOST 2026): a dropped
+pixel is not zeroed but takes a fresh random value in the range of the calibration images, so that on the
+device its MACs run on that value (constant time: no keep/skip branch, a dummy MAC looks like a real one),
+and the emitted kernel runs each output position's MACs in a fresh random order (``leakage.c_source``).
+The values a run drew are the extra output ``pixel_fill``. A model meant to run with it is fine-tuned with
+the same masks (mask-aware fine-tuning).
 """
 
 from __future__ import annotations
@@ -42,9 +49,11 @@ if TYPE_CHECKING:
 __all__ = ["KEEP_OUTPUT", "MacPrunePass"]
 
 KEEP_OUTPUT = "pixel_keep"
+FILL_OUTPUT = "pixel_fill"
+HIDING = ("none", "shuffle")
 _FIRST_CHANNEL = (("starts", 0), ("ends", 1), ("axes", 1))
 _PIXEL_CALIBRATION = 64
-_ALONE = ("--mac-keep-top and --mac-seed go with --mac-prune P", "e.g. --mac-prune 0.5")
+_ALONE = ("--mac-keep-top, --mac-seed and --mac-hiding go with --mac-prune P", "e.g. --mac-prune 0.5")
 
 
 class ProtectionSection(Section):
@@ -59,7 +68,7 @@ class ProtectionSection(Section):
         self.outcome = outcome
 
     def reference(self) -> ReferenceChange:
-        return _PixelMasked(self.outcome.protected_input)
+        return _PixelMasked(self.outcome.protected_input, self.outcome.hiding != "none")
 
     def random_outputs(self, output_names: list[str]) -> list[str]:
         # Without a seed every run draws anew, so a health check can compare only shapes.
@@ -83,6 +92,8 @@ class ProtectionSection(Section):
             "drop": outcome.drop,
             "keep_top": outcome.keep_top,
             "seed": outcome.seed,
+            "hiding": outcome.hiding,
+            "fill_range": outcome.fill_range,
             "critical_pixels": int(critical.sum()),
             "pixels": int(critical.size),
             "expected_keep_rate": float(critical.mean() + (1 - critical.mean()) * (1 - outcome.drop)),
@@ -115,7 +126,9 @@ class ProtectionSection(Section):
         assert stage is not None
         keep = context.verified_outputs[-1]
         images = (outcome.calibration or source.inputs)[outcome.protected_input]
-        layer = kernel.first_conv_after_mask(source.model, outcome.critical, outcome.drop, images)
+        layer = kernel.first_conv_after_mask(
+            source.model, outcome.critical, outcome.drop, images, outcome.hiding
+        )
         folder = stage / "c"
         paths = kernel.emit_c(layer, folder)
         layer.save(folder / "layer.npz")
@@ -123,12 +136,17 @@ class ProtectionSection(Section):
             "files": [str(path.relative_to(stage)) for path in [*paths, folder / "layer.npz"]],
             "weights": list(layer.weights.shape),
             "input_scale": layer.input_scale,
+            "variant": layer.hiding,
         }
         if shutil.which("gcc") is None:
             return report | {"checked": False, "why": "no gcc on this machine"}
         quantized = layer.quantize_input(source.inputs[outcome.protected_input])
-        got = kernel.run_c_kernel(folder, layer, quantized, keep[:, 0])
-        want = kernel.accumulate(layer, quantized, keep[:, 0])
+        # Under hiding the kernel is given the fill values the verified run drew, quantised as its input.
+        fill = None
+        if layer.hiding != "none":
+            fill = layer.quantize_input(context.verified_outputs[-2])
+        got = kernel.run_c_kernel(folder, layer, quantized, keep[:, 0], fill)
+        want = kernel.accumulate(layer, quantized, keep[:, 0], fill)
         if not np.array_equal(got, want):
             raise RuntimeError(
                 f"the emitted C kernel differs from the integer reference by {np.abs(got - want).max()}"
@@ -140,11 +158,13 @@ class ProtectionSection(Section):
         from redux_edge.analysis.quality import quality_line
 
         seed = str(section["seed"]) if section["seed"] >= 0 else "none (fresh draws every run)"
+        hiding = section.get("hiding", "none")
+        dropped = "dropped" if hiding == "none" else "replaced by random values"
         lines = [
             f"  protect  mac-prune on '{section['input']}': {section['critical_pixels']} of "
-            f"{section['pixels']} pixels always kept ({section['importance']}), the others dropped with "
+            f"{section['pixels']} pixels always kept ({section['importance']}), the others {dropped} with "
             f"p={section['drop']} per inference; expected keep rate {section['expected_keep_rate']:.2f}; "
-            f"seed {seed}"
+            f"hiding {hiding}; seed {seed}"
         ]
         lines.append(quality_line(section["quality"]))
         if kernel := section.get("kernel"):
@@ -170,6 +190,8 @@ class PixelsMasked(PassOutcome):
     drop: float
     keep_top: float
     seed: int
+    hiding: str
+    fill_range: list[float] | None
     emit_c: bool
     calibration: dict | None
     calibrated_on: str | None
@@ -178,22 +200,27 @@ class PixelsMasked(PassOutcome):
 
 
 class _PixelMasked(ReferenceChange):
-    """Each run is checked against the original fed that run's masked input (its pixel_keep output)."""
+    """Each run is checked against the original fed that run's masked input (its pixel_keep output, and
+    under hiding its pixel_fill output)."""
 
-    describes = ", fed each run's masked input (the run's pixel_keep output)"
+    describes = ", fed each run's masked input (the run's pixel_keep and pixel_fill outputs)"
     per_run_outputs = True
 
-    def __init__(self, input_name: str) -> None:
-        self.input_name = input_name
+    def __init__(self, input_name: str, filled: bool) -> None:
+        self.input_name, self.filled = input_name, filled
 
     def on_module(self, module: nn.Module, architecture: dict, stack: contextlib.ExitStack) -> nn.Module:
         return module
 
     def per_run(self, feeds: dict, run_outputs: list[np.ndarray]) -> tuple[dict, list[np.ndarray]]:
-        keep = run_outputs[-1]
+        keep, image = run_outputs[-1], feeds[self.input_name]
         masked = dict(feeds)
-        masked[self.input_name] = (feeds[self.input_name] * keep).astype(feeds[self.input_name].dtype)
-        return masked, [keep]
+        if not self.filled:
+            masked[self.input_name] = (image * keep).astype(image.dtype)
+            return masked, [keep]
+        fill = run_outputs[-2]
+        masked[self.input_name] = np.where(keep.astype(bool), image, fill).astype(image.dtype)
+        return masked, [fill, keep]
 
 
 @dataclasses.dataclass
@@ -226,6 +253,15 @@ class MacPrunePass(RecipePass):
             alone=_ALONE,
         ),
         Flag(
+            "--mac-hiding",
+            "MACPruning: 'shuffle' adds hiding: dropped pixels take random values (a constant-time "
+            "kernel) and the kernel's MACs run in a fresh order [none].",
+            "hiding",
+            metavar="MODE",
+            enables=False,
+            alone=_ALONE,
+        ),
+        Flag(
             "--emit-c",
             "MACPruning: also write the protected first layer as C (bundle's c/).",
             "emit_c",
@@ -240,6 +276,9 @@ class MacPrunePass(RecipePass):
     keep_top: float = parameter(0.4, "fraction of pixels always kept, the most important by occlusion")
     seed: int = parameter(-1, "fixes the draw sequence of a session (>= 0); -1: fresh draws", minimum=-1)
     input: str = parameter("", "the image input to protect (default: the first float image input)")
+    hiding: str = parameter(
+        "none", "'shuffle': random values for dropped pixels and a fresh MAC order on the device; 'none'"
+    )
     emit_c: bool = parameter(False, "also write the protected first layer as a C kernel (c/)")
 
     def __post_init__(self) -> None:
@@ -249,7 +288,9 @@ class MacPrunePass(RecipePass):
             raise UserError(
                 f"mac-prune: keep_top {self.keep_top} is not in [0, 1]", "e.g. --mac-keep-top 0.4"
             )
-        # Real images for the pixel map, from the compile (``prepare``) or given directly.
+        if self.hiding not in HIDING:
+            raise UserError(f"mac-prune: unknown hiding '{self.hiding}'", "choose none or shuffle")
+        # Real images for the pixel map and the fill range, from the compile (``prepare``) or given.
         self.calibration: dict[str, np.ndarray] | None = None
         self.calibrated_on: str | None = None
 
@@ -275,12 +316,13 @@ class MacPrunePass(RecipePass):
     def prepare(self, context: CompileContext) -> None:
         """Real images for the pixel map: --calibration-data, else the card's task data (calibration split),
         else the verification inputs."""
-        if self.keep_top == 0:
+        if self.keep_top == 0 and self.hiding == "none":
             return
         calibration = context.source.calibration(_PIXEL_CALIBRATION)
         if calibration.synthetic:
             raise UserError(
-                "mac-prune --mac-keep-top needs real images to choose the pixels always kept",
+                "mac-prune --mac-keep-top and --mac-hiding need real images (the pixels always kept, "
+                "the range of the random values)",
                 "give --calibration-data with real images, or --mac-keep-top 0 for random masking only",
             )
         self.calibration, self.calibrated_on = calibration.feeds, calibration.described
@@ -309,7 +351,16 @@ class MacPrunePass(RecipePass):
         kept = round(self.keep_top * height * width)
         critical = np.zeros(height * width, dtype=bool)
         critical[np.argsort(-importance.reshape(-1), kind="stable")[:kept]] = True
-        self._insert_mask(graph, image, critical.reshape(height, width))
+        fill_range = None
+        if self.hiding != "none":
+            if self.calibration is None or image.name not in self.calibration:
+                raise UserError(
+                    "mac-prune --mac-hiding needs calibration images for the range of the random values",
+                    "compile a zoo image model, or give --calibration-data with real images",
+                )
+            images = self.calibration[image.name]
+            fill_range = [float(images.min()), float(images.max())]
+        self._insert_mask(graph, image, critical.reshape(height, width), fill_range)
         return PixelsMasked(
             model,
             True,
@@ -319,6 +370,8 @@ class MacPrunePass(RecipePass):
             self.drop,
             self.keep_top,
             self.seed,
+            self.hiding,
+            fill_range,
             self.emit_c,
             self.calibration,
             self.calibrated_on,
@@ -344,7 +397,9 @@ class MacPrunePass(RecipePass):
             )
         return images[0]
 
-    def _insert_mask(self, graph: ir.Graph, image: ir.Value, critical: np.ndarray) -> None:
+    def _insert_mask(
+        self, graph: ir.Graph, image: ir.Value, critical: np.ndarray, fill_range: list[float] | None
+    ) -> None:
         uses = list(image.uses())
         always = new_initializer(graph, critical[None, None], "mac_prune.critical")
         drop = new_initializer(graph, np.array(self.drop, dtype=np.float32), "mac_prune.drop")
@@ -359,12 +414,29 @@ class MacPrunePass(RecipePass):
         keep = ir.node("Or", [lucky.outputs[0], always], name="mac_prune_keep")
         flag = ir.node("Cast", [keep.outputs[0]], {"to": ir.DataType.UINT8}, name="mac_prune_flag")
         scale = ir.node("Cast", [keep.outputs[0]], {"to": ir.DataType.FLOAT}, name="mac_prune_scale")
-        masked = ir.node("Mul", [image, scale.outputs[0]], name="mac_prune_apply")
+        nodes = [pixels, uniform, lucky, keep, flag, scale]
+        if fill_range is None:
+            masked = ir.node("Mul", [image, scale.outputs[0]], name="mac_prune_apply")
+        else:
+            # A fresh value per pixel and channel, uniform over the calibration images' range.
+            low, high = fill_range
+            values = {"dtype": ir.DataType.FLOAT, "low": low, "high": high}
+            if self.seed >= 0:
+                values["seed"] = float(self.seed) + 1.0
+            fill = ir.node("RandomUniformLike", [image], values, name="mac_prune_fill")
+            masked = ir.node("Where", [keep.outputs[0], image, fill.outputs[0]], name="mac_prune_apply")
+            fill.outputs[0].name = FILL_OUTPUT
+            fill.outputs[0].dtype = ir.DataType.FLOAT
+            fill.outputs[0].shape = image.shape
+            nodes.append(fill)
+        nodes.append(masked)
         flag.outputs[0].name = KEEP_OUTPUT
         flag.outputs[0].dtype = ir.DataType.UINT8
         assert image.shape is not None
         flag.outputs[0].shape = ir.Shape([image.shape[0], 1, *image.shape[2:]])
-        graph.insert_before(graph.node(0), [pixels, uniform, lucky, keep, flag, scale, masked])
+        graph.insert_before(graph.node(0), nodes)
         for use in uses:
             use.node.replace_input_with(use.idx, masked.outputs[0])
+        if fill_range is not None:
+            graph.outputs.append(nodes[-2].outputs[0])
         graph.outputs.append(flag.outputs[0])

@@ -16,7 +16,36 @@ import torch
 
 from redux_edge.errors import UserError
 
-__all__ = ["DistillTask", "SentenceBatches", "sentence_distance", "token_states_teacher"]
+__all__ = [
+    "DistillTask",
+    "SentenceBatches",
+    "global_batch_indices",
+    "rank_share",
+    "sentence_distance",
+    "token_states_teacher",
+]
+
+
+def global_batch_indices(count: int, step: int, global_batch: int, seed: int) -> np.ndarray:
+    """The examples of step ``step``'s global batch: a new permutation of the ``count`` examples per epoch."""
+    first = step * global_batch
+    chosen: list[int] = []
+    while len(chosen) < global_batch:
+        epoch, offset = divmod(first + len(chosen), count)
+        order = np.random.default_rng([seed, epoch]).permutation(count)
+        chosen.extend(order[offset : offset + global_batch - len(chosen)].tolist())
+    return np.asarray(chosen)
+
+
+def rank_share(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's equal slice of a global batch."""
+    if len(rows) % world:
+        raise UserError(
+            f"global batch {len(rows)} does not split over {world} processes",
+            "make optim.global_batch a multiple of the number of processes",
+        )
+    share = len(rows) // world
+    return rows[rank * share : (rank + 1) * share]
 
 
 class SentenceBatches:
@@ -28,26 +57,13 @@ class SentenceBatches:
         self.seed = seed
 
     def indices(self, step: int) -> np.ndarray:
-        count = len(self.input_ids)
-        first = step * self.global_batch
-        chosen: list[int] = []
-        while len(chosen) < self.global_batch:
-            epoch, offset = divmod(first + len(chosen), count)
-            order = np.random.default_rng([self.seed, epoch]).permutation(count)
-            chosen.extend(order[offset : offset + self.global_batch - len(chosen)].tolist())
-        return np.asarray(chosen)
+        return global_batch_indices(len(self.input_ids), step, self.global_batch, self.seed)
 
     def rows(self, step: int, rank: int, world: int) -> tuple[np.ndarray, int]:
         """This rank's sentences of step ``step``, and the global batch's padded length."""
-        if self.global_batch % world:
-            raise UserError(
-                f"global batch {self.global_batch} does not split over {world} processes",
-                "make optim.global_batch a multiple of the number of processes",
-            )
         chosen = self.indices(step)
         length = min(self.max_length, int(self.attention_mask[chosen].sum(axis=1).max()))
-        share = self.global_batch // world
-        return chosen[rank * share : (rank + 1) * share], length
+        return rank_share(chosen, rank, world), length
 
     def batch(self, step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) of this rank's share of step ``step``."""

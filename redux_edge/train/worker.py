@@ -46,8 +46,15 @@ def _task(recipe: TrainRecipe):
         directory_tasks = {"recover": DirectoryRecoverTask, "shrp": DirectoryShrpTask}
         return directory_tasks[recipe.task](load_directory(Path(recipe.model)), recipe)
     entry = zoo.load_model(recipe.model)
+    image_model = entry.architecture.get("family") == "cnn"
+    if recipe.task == "mask-aware":
+        if not image_model:
+            raise UserError(f"mask-aware trains image zoo models, not {recipe.model}", "use mnist-cnn")
+        from redux_edge.train.mask_aware import MaskAwareTask
+
+        return MaskAwareTask.from_recipe(entry, recipe)
     if entry.architecture.get("family") != "bert":
-        raise UserError(f"training tasks take BERT-family zoo models, not {recipe.model}", "use minilm-l6")
+        raise UserError(f"{recipe.task} takes BERT-family zoo models, not {recipe.model}", "use minilm-l6")
     return tasks[recipe.task](entry, recipe)
 
 
