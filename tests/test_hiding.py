@@ -203,3 +203,38 @@ def test_keep_bits_leaked_by_the_select_take_dummy_macs_out(layer):
         ]
 
     assert recovered((made.samples, made.operands, keep)) > recovered((made.samples, made.operands)) + 5
+
+
+def test_a_users_onnx_cnn_is_protected_with_hiding_and_its_quality_measured(tmp_path, cli):
+    """Another family than the zoo's (5x5 taps, 6 channels, average pooling), exported by the TorchScript
+    exporter: the pass, the checked kernel, and the quality report on the user's --eval-data."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(6 * 14 * 14, 10)
+    ).eval()
+    model = tmp_path / "lenet.onnx"
+    example = torch.randn(1, 1, 28, 28)
+    torch.onnx.export(
+        net, (example,), str(model), input_names=["pixels"], dynamic_axes={"pixels": {0: "n"}}, dynamo=False
+    )
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", pixels=rng.normal(size=(16, 1, 28, 28)).astype(np.float32))
+    pixels = rng.normal(size=(64, 1, 28, 28)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", pixels=pixels, labels=rng.integers(0, 10, 64))
+    bundle = tmp_path / "bundle"
+    result = cli(
+        *("compile", "--model", model, "--mac-prune", "0.5", "--mac-hiding", "shuffle", "--emit-c"),
+        *("--calibration-data", tmp_path / "cal.npz", "--eval-data", tmp_path / "eval.npz", "-o", bundle),
+    )
+    assert result.exit_code == 0, result.stderr
+    protection = json.loads((bundle / "manifest.json").read_text())["protection"]
+    assert protection["kernel"]["integer_exact"] is True and protection["kernel"]["weights"] == [6, 1, 5, 5]
+    assert protection["quality"].get("measured", True) and protection["quality"]["samples"] == 64
+    layer = campaign.load_layer(bundle)
+    with kernel.BuiltKernel(bundle / "c", layer) as built:
+        keep, fill = built.draw(5)
+    want_keep, want_fill = kernel.draw_reference(layer, 5)
+    assert np.array_equal(keep, want_keep) and np.array_equal(fill, want_fill)

@@ -101,17 +101,17 @@ class ProtectionSection(Section):
             "calibration": outcome.calibrated_on,
             "files": {"critical": "mac_prune/critical.npy", "importance": "mac_prune/importance.npy"},
         }
-        data = source.image_task
-        if data is None or source.preprocessor is None or source.preprocessor.kind != "image":
-            report["quality"] = {"measured": False, "why": "the model card names no image task data"}
-        else:
-            from redux_edge.analysis.quality import image_accuracy
-            from redux_edge.preprocess import ImagePreprocessor
+        from redux_edge.analysis.quality import quality_report
 
-            assert context.dense is not None
-            assert isinstance(source.preprocessor, ImagePreprocessor)
-            with context.step(f"measuring accuracy on {data.name} with and without masking"):
-                report["quality"] = image_accuracy(context.dense, source.model, source.preprocessor, data)
+        # The user's --eval-data, else the card's image task (as every pass's quality report reads them).
+        assert context.dense is not None
+        task = source.eval_data.described if source.eval_data is not None else None
+        task = task or (source.image_task.name if source.image_task is not None else None)
+        if task is None:
+            report["quality"] = {"measured": False, "why": "no labelled images: give --eval-data FILE"}
+        else:
+            with context.step(f"measuring quality on {task} with and without masking"):
+                report["quality"] = quality_report(context.dense, source.model, source)
         if outcome.emit_c:
             with context.step("emitting the first layer's C kernel and checking it with gcc"):
                 report["kernel"] = self._emit_kernel(context)
