@@ -86,20 +86,13 @@ def simulate(
     output channels only: without hiding the loop runs channel by channel, so their samples are exactly
     those of the whole window's start; with hiding the other channels' MACs stay in the trace."""
     rng = np.random.default_rng(seed)
-    out_c, in_c, k_h, k_w = layer.weights.shape
-    attacked = min(out_c, channels or out_c)
+    out_c = min(len(layer.weights), channels or len(layer.weights))
     if protected and layer.hiding == "shuffle":
-        return _shuffled(layer, count, leakage, position, rng, fixed_input, attacked, shuffle_span, masking)
-    out_c = attacked
+        return _shuffled(layer, count, leakage, position, rng, fixed_input, out_c, shuffle_span, masking)
     layer = dataclasses.replace(layer, weights=layer.weights[:out_c], bias=layer.bias[:out_c])
-    position = position or (layer.height // 2, layer.width // 2)
-    rows, columns = window_pixels(layer, position)
-    channel_of = np.tile(np.repeat(np.arange(in_c), k_h * k_w), out_c)
-    images = _inputs(layer, count, rng, fixed_input)
-    operands = images[:, channel_of, rows, columns].astype(np.int8)
+    rows, columns, operands = _window(layer, count, rng, fixed_input, position)
     if protected:
-        pixel_keep = layer.critical[None] | (rng.random((count, layer.height, layer.width)) >= layer.drop)
-        keep = pixel_keep[:, rows, columns]
+        keep = _pixel_keep(layer, count, rng)[:, rows, columns]
     else:
         keep = np.ones(operands.shape, dtype=bool)
     products = operands.astype(np.int32) * layer.weights.reshape(-1).astype(np.int32)[None]
@@ -111,13 +104,28 @@ def simulate(
     return Simulated(_timeline(values, keep, protected, leakage, rng), operands, keep)
 
 
-def _inputs(
-    layer: QuantizedLayer, count: int, rng: np.random.Generator, fixed_input: np.ndarray | None
-) -> np.ndarray:
+def _window(
+    layer: QuantizedLayer,
+    count: int,
+    rng: np.random.Generator,
+    fixed_input: np.ndarray | None,
+    position: tuple[int, int] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, columns) of the pixel each weight of the window reads, in loop order, and the int8 inputs
+    [n, weights] it multiplies: random images, or ``fixed_input`` every time."""
+    out_c, in_c, k_h, k_w = layer.weights.shape
+    rows, columns = window_pixels(layer, position or (layer.height // 2, layer.width // 2))
+    channel_of = np.tile(np.repeat(np.arange(in_c), k_h * k_w), out_c)
     if fixed_input is not None:
-        return np.broadcast_to(fixed_input, (count, *fixed_input.shape))
-    shape = (count, layer.weights.shape[1], layer.height, layer.width)
-    return rng.integers(-128, 128, size=shape, dtype=np.int8)
+        images = np.broadcast_to(fixed_input, (count, *fixed_input.shape))
+    else:
+        images = rng.integers(-128, 128, size=(count, in_c, layer.height, layer.width), dtype=np.int8)
+    return rows, columns, images[:, channel_of, rows, columns].astype(np.int8)
+
+
+def _pixel_keep(layer: QuantizedLayer, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Each trace's pixel mask [n, h, w], as the kernel draws it: critical pixels always kept."""
+    return layer.critical[None] | (rng.random((count, layer.height, layer.width)) >= layer.drop)
 
 
 def shuffle_prefix(layer: QuantizedLayer) -> int:
@@ -139,15 +147,11 @@ def _shuffled(
     out_c, in_c, k_h, k_w = layer.weights.shape
     slots = out_c * in_c * k_h * k_w
     span = min(shuffle_span or slots, slots)
-    rows, columns = window_pixels(layer, position or (layer.height // 2, layer.width // 2))
-    channel_of = np.tile(np.repeat(np.arange(in_c), k_h * k_w), out_c)
-    images = _inputs(layer, count, rng, fixed_input)
-    operands = images[:, channel_of, rows, columns].astype(np.int8)
+    rows, columns, operands = _window(layer, count, rng, fixed_input, position)
     if masking:
-        pixel_keep = layer.critical[None] | (rng.random((count, layer.height, layer.width)) >= layer.drop)
+        keep = _pixel_keep(layer, count, rng)[:, rows, columns]
     else:
-        pixel_keep = np.ones((count, layer.height, layer.width), dtype=bool)
-    keep = pixel_keep[:, rows, columns]
+        keep = np.ones(operands.shape, dtype=bool)
     fill = rng.integers(layer.fill_low, layer.fill_high + 1, size=operands.shape)
     executed = np.where(keep, operands.astype(np.int32), fill.astype(np.int32))
     products = executed * layer.weights.reshape(-1).astype(np.int32)[None]
@@ -164,7 +168,8 @@ def _shuffled(
             running = np.where(mine, np.cumsum(np.where(mine, in_time, 0), axis=1), running)
         values = hamming_weight(running)
     macs = _timeline(values, np.ones_like(values, dtype=bool), False, leakage, rng)
-    window_keep = pixel_keep[:, rows[: in_c * k_h * k_w], columns[: in_c * k_h * k_w]]
+    # The first output channel's slots read each window pixel once: their keep bits are the pixels'.
+    window_keep = keep[:, : in_c * k_h * k_w]
     selects = rng.normal(0.0, leakage.noise, size=window_keep.shape).astype(np.float32)
     selects += leakage.control_flow * window_keep
     weights = attacked * in_c * k_h * k_w
