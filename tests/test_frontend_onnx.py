@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx_ir
 import pytest
 import torch
 from conftest import assert_clean_user_error, make_mlp_onnx
@@ -213,3 +214,29 @@ def test_a_pt2_that_would_unpickle_or_does_not_load_is_refused(cli, tmp_path):
     (tmp_path / "garbage.pt2").write_bytes(b"not a zip")
     result = cli("compile", "-m", tmp_path / "garbage.pt2", "-o", parent / "out")
     assert_clean_user_error(result, parent, message="not a zip archive")
+
+
+def _static_batch_model(outputs: list[onnx.NodeProto], shape: list[int]) -> onnx_ir.Model:
+    weight = onnx.numpy_helper.from_array(np.arange(24, dtype=np.float32).reshape(8, 3), "w")
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w"], ["y"]), *outputs],
+        "static",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+        [oh.make_tensor_value_info(outputs[-1].output[0] if outputs else "y", onnx.TensorProto.FLOAT, shape)],
+        initializer=[weight],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
+    return onnx_ir.from_proto(model)
+
+
+def test_a_static_batch_file_runs_any_number_of_rows_in_slices():
+    """Analyses feed whole calibration and evaluation sets; a file fixed at batch 2 takes 5 rows."""
+    from redux_edge.analysis import in_memory_runner
+
+    rows = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    (got,) = in_memory_runner(_static_batch_model([], [2, 3]))({"x": rows})
+    weight = np.arange(24, dtype=np.float32).reshape(8, 3)
+    np.testing.assert_allclose(got, rows @ weight, rtol=1e-5)
+    summed = _static_batch_model([oh.make_node("ReduceSum", ["y"], ["total"], keepdims=0)], [])
+    with pytest.raises(UserError, match="has no batch axis"):
+        in_memory_runner(summed)({"x": rows})

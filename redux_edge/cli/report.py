@@ -17,12 +17,24 @@ from redux_edge.passes.contract import Section
 __all__ = ["print_report"]
 
 
+def _origin(model: Mapping[str, Any]) -> str:
+    """Where the model came from, in the words of the frontend that read it."""
+    if model.get("description"):
+        return str(model["description"])
+    if "huggingface" in model:
+        return f"Hugging Face {', '.join(model.get('architectures') or ['model'])} in {model['huggingface']}"
+    for kind in ("onnx", "pt2", "module"):
+        if kind in model:
+            return f"{kind} {model[kind]}"
+    return "unknown origin"
+
+
 def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
     recorded = cast(Mapping[str, Any], manifest)  # sections are read by their registered keys
     model, target, backend = manifest["model"], manifest["target"], manifest["backend"]
     original, compiled = manifest["metrics"]["original"], manifest["metrics"]["compiled"]
     out.print(f"[bold]bundle[/] {path}  [dim](created {manifest['created']})[/]")
-    out.print(f"  model    {model['name']} — {model.get('description') or model.get('onnx')}")
+    out.print(f"  model    {model['name']} — {_origin(model)}")
     out.print(
         f"  target   {target['name']} ({target['arch']}, cpu {target['cpu']})   backend {backend['name']} "
         f"{backend['version']}, threads {backend['session']['threads'] or 'all cores'}"

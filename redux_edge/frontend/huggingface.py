@@ -164,6 +164,7 @@ def load_directory(folder: Path, step: Step = no_progress) -> Directory:
     sentence = None if head or vision else _sentence_transformer(folder)
     options: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True}
     auto = getattr(transformers, _HEADS[head]) if head else transformers.AutoModel
+    transformers.utils.logging.disable_progress_bar()  # the step line reports the load; a bar would garble it
     with step(f"loading {folder} with transformers"):
         try:
             loaded = auto.from_pretrained(folder, **options).eval()

@@ -164,7 +164,8 @@ class ProtectionSection(Section):
         lines.append(quality_line(section["quality"]))
         if kernel := section.get("kernel"):
             checked = (
-                f"built with gcc and integer-exact on {kernel['samples']} samples"
+                f"built with gcc and integer-exact on {kernel['samples']} "
+                + ("sample" if kernel["samples"] == 1 else "samples")
                 if kernel["checked"]
                 else f"not checked: {kernel['why']}"
             )
