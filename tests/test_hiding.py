@@ -100,6 +100,29 @@ def test_cortex_m4_builds_are_integer_exact_and_counted_under_qemu(layer):
     assert macs < costs["plain"].instructions < costs["shuffle"].instructions
 
 
+def test_the_simulated_order_runs_each_channel_together_as_the_kernel_does(layer):
+    """The kernel keeps a channel's accumulator in a register from its bias on: without noise, each run of
+    a channel's worth of MACs in a simulated trace is one channel's products, and its running sum ends at
+    that channel's output."""
+    traces, out_c, per_channel = 20, len(layer.weights), layer.weights[0].size
+    start = simulate.shuffle_prefix(layer)
+    products = simulate.simulate(layer, traces, simulate.LeakageModel(noise=0.0), True, seed=3, masking=False)
+    running = simulate.simulate(
+        layer, traces, simulate.LeakageModel("accumulator", noise=0.0), True, seed=3, masking=False
+    )
+    assert np.array_equal(products.operands, running.operands)
+    each = products.operands.astype(np.int32).reshape(traces, out_c, per_channel) * layer.weights.reshape(
+        1, out_c, per_channel
+    ).astype(np.int32)
+    blocks = products.samples[:, start:].reshape(traces, out_c, per_channel).astype(int)
+    ends = running.samples[:, start:].reshape(traces, out_c, per_channel)[:, :, -1].astype(int)
+    outputs = simulate.hamming_weight(each.sum(2) + layer.bias[None])
+    for trace in range(traces):
+        wanted = sorted(tuple(sorted(channel)) for channel in simulate.hamming_weight(each[trace]).tolist())
+        assert sorted(tuple(sorted(block)) for block in blocks[trace].tolist()) == wanted
+        assert sorted(ends[trace].tolist()) == sorted(outputs[trace].tolist())
+
+
 def _attack(bundle, folder, name, count, statistic="windowed", **simulation):
     leak = simulation.pop("leak", "product")
     model = simulate.LeakageModel(
@@ -205,9 +228,11 @@ def test_keep_bits_leaked_by_the_select_take_dummy_macs_out(layer):
     assert recovered((made.samples, made.operands, keep)) > recovered((made.samples, made.operands)) + 5
 
 
-def test_a_users_onnx_cnn_is_protected_with_hiding_and_its_quality_measured(tmp_path, cli):
-    """Another family than the zoo's (5x5 taps, 6 channels, average pooling), exported by the TorchScript
-    exporter: the pass, the checked kernel, and the quality report on the user's --eval-data."""
+@pytest.mark.parametrize("exporter", ["torchscript, dynamic batch", "dynamo, static batch 1"])
+def test_a_users_onnx_cnn_is_protected_with_hiding_and_its_quality_measured(tmp_path, cli, exporter):
+    """Another family than the zoo's (5x5 taps, 6 channels, average pooling), exported both ways: the pass
+    (its importance map and quality run the user's data through a batch-1 file in slices), the checked
+    kernel, and the quality report on the user's --eval-data."""
     import torch
     from torch import nn
 
@@ -217,9 +242,11 @@ def test_a_users_onnx_cnn_is_protected_with_hiding_and_its_quality_measured(tmp_
     ).eval()
     model = tmp_path / "lenet.onnx"
     example = torch.randn(1, 1, 28, 28)
-    torch.onnx.export(
-        net, (example,), str(model), input_names=["pixels"], dynamic_axes={"pixels": {0: "n"}}, dynamo=False
-    )
+    if exporter.startswith("dynamo"):
+        torch.onnx.export(net, (example,), str(model), input_names=["pixels"], dynamo=True)
+    else:
+        axes = {"pixels": {0: "n"}}
+        torch.onnx.export(net, (example,), model, input_names=["pixels"], dynamic_axes=axes, dynamo=False)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "cal.npz", pixels=rng.normal(size=(16, 1, 28, 28)).astype(np.float32))
     pixels = rng.normal(size=(64, 1, 28, 28)).astype(np.float32)

@@ -243,20 +243,28 @@ def test_tvla_flags_the_unprotected_kernel(protected_bundle, tmp_path, cli):
 
 
 def _write_chipwhisperer_project(folder, samples, textin, segments=2):
-    """The layout ChipWhisperer 5 saves: project.cwp (config) and project_data/traces/<segment>_*.npy."""
+    """What ChipWhisperer 5 saves (as in NewAE's cwtraces wheel): project.cwp lists each segment's config,
+    written with Windows separators; a segment's files are <prefix>traces.npy etc., and its trace buffer
+    holds a never-captured row past numTraces."""
+    parts = np.array_split(np.arange(len(samples)), segments)
+    prefixes = [f"2026.11.29-10.0{index}.00_0" for index in range(segments)]
+    listed = "".join(
+        f"tracefile{index} = project_data\\traces\\config_{prefix}.cfg\nenabled{index} = True\n"
+        for index, prefix in enumerate(prefixes)
+    )
     (folder / "project.cwp").write_text(
-        "[ChipWhisperer]\n[[General Settings]]\nProject Name = macprune\n"
-        "[Trace Management]\n"
-        "tracefile0 = project_data/traces/config_2026.11.29-10.00.00_.cfg\nenabled0 = True\n"
+        f"[Trace Management]\n{listed}[ChipWhisperer]\n[[General Settings]]\nProject Name = macprune\n"
     )
     data = folder / "project_data" / "traces"
     data.mkdir(parents=True)
-    for index, part in enumerate(np.array_split(np.arange(len(samples)), segments)):
-        stem = f"2026.11.29-10.0{index}.00"
-        (data / f"config_{stem}_.cfg").write_text(f"[Trace Config]\nnumTraces = {len(part)}\n")
-        np.save(data / f"{stem}_traces.npy", samples[part])
-        np.save(data / f"{stem}_textin.npy", textin[part].view(np.uint8))
-        np.save(data / f"{stem}_textout.npy", np.zeros((len(part), 16), np.uint8))
+    for prefix, part in zip(prefixes, parts, strict=True):
+        (data / f"config_{prefix}.cfg").write_text(
+            f"[Trace Config]\nformat = native\nnumTraces = {len(part)}\nprefix = {prefix}\n"
+        )
+        unused = np.zeros((1, samples.shape[1]), samples.dtype)
+        np.save(data / f"{prefix}traces.npy", np.concatenate([samples[part], unused]))
+        np.save(data / f"{prefix}textin.npy", textin[part].view(np.uint8))
+        np.save(data / f"{prefix}textout.npy", np.zeros((len(part), 16), np.uint8))
     return folder / "project.cwp"
 
 

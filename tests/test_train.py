@@ -20,6 +20,7 @@ import pytest
 from conftest import assert_clean_user_error
 
 from redux_edge.train.launch import train
+from redux_edge.train.recipe import Optim
 
 RECIPES = Path(__file__).resolve().parent.parent / "models" / "minilm-l6"
 SHORT = (
@@ -28,6 +29,7 @@ SHORT = (
     "data.sentences=96",
     "data.max_length=32",
     "checkpoint.every=2",
+    "optim.schedule=cosine",  # a rate that changes every step: resumed and sharded runs must follow it
 )
 PLAN = {"heads": {"0": [0, 1, 2], "2": [5]}, "ffn": {"1": list(range(0, 1536, 3))}, "layers": [4]}
 
@@ -151,6 +153,15 @@ def test_killed_run_resumes_from_its_checkpoint(runs, plan_file, tmp_path):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6)
 
 
+def test_cosine_schedule_is_recorded_and_decays_to_zero(runs):
+    optim = runs["zero1"]["report"]["recipe"]["optim"]
+    assert optim["schedule"] == "cosine"
+    schedule = Optim(steps=6, lr=1e-3, schedule="cosine")
+    assert [schedule.lr_at(step) for step in (0, 3)] == pytest.approx([1e-3, 5e-4])
+    assert schedule.lr_at(5) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 5 / 6)))
+    assert Optim(lr=1e-3).lr_at(150) == 1e-3
+
+
 def test_training_user_errors(cli, tmp_path, plan_file):
     bad = tmp_path / "bad.toml"
     bad.write_text('task = "distill"\n')
@@ -162,6 +173,11 @@ def test_training_user_errors(cli, tmp_path, plan_file):
         cli("train", RECIPES / "train-shrp.toml", "-o", tmp_path / "o", "--set", "optim.stepz=3"),
         tmp_path,
         message="unknown keys ['stepz']",
+    )
+    assert_clean_user_error(
+        cli("train", RECIPES / "train-shrp.toml", "-o", tmp_path / "o", "--set", "optim.schedule=linear"),
+        tmp_path,
+        message="optim.schedule 'linear'",
     )
     assert_clean_user_error(
         cli("train", RECIPES / "train-shrp.toml", "-o", tmp_path / "o", "--nnodes", "2"),

@@ -26,6 +26,8 @@ def leakage() -> None:
       redux-edge leakage attack traces/hidden.ets --attack integrated --bundle build/hidden -o reports/i
       redux-edge leakage attack capture.cwp -o reports/capture
       redux-edge leakage tvla traces/fixed.ets traces/random.ets -o reports/tvla
+      redux-edge leakage noise
+      redux-edge leakage noise capture.cwp --aes-key 2b7e151628aed2a6abf7158809cf4f3c
     """
 
 
@@ -191,4 +193,36 @@ def leakage_tvla(fixed: Path, random: Path, output: Path, as_json: bool) -> None
         f"TVLA {result['traces']['fixed']} fixed vs {result['traces']['random']} random traces: max |t| "
         f"{result['max_abs_t']:.1f} at sample {result['at_sample']}, {result['samples_over_threshold']} "
         f"samples over {result['threshold']}: {verdict}; report {', '.join(result['files'])}"
+    )
+
+
+@leakage.command("noise")
+@click.argument("traces_file", required=False, type=click.Path(path_type=Path))
+@click.option("--inputs", type=click.Path(path_type=Path), help="Inputs .npy for plain .npy traces.")
+@click.option("--aes-key", metavar="HEX", help="The capture ran AES-128 under this key on its inputs.")
+@click.option("--values", type=click.Path(path_type=Path), help="Known intermediate values .npy [traces, k].")
+@click.option("--json", "as_json", is_flag=True)
+def leakage_noise(
+    traces_file: Path | None, inputs: Path | None, aes_key: str | None, values: Path | None, as_json: bool
+) -> None:
+    """The noise of a capture in Hamming-weight bits: the --noise that makes simulate match it.
+
+    Without TRACES_FILE: the packaged ChipWhisperer-Lite capture of an STM32F303 (Cortex-M4).
+    """
+    from redux_edge.leakage import calibrate
+
+    if traces_file is None and (inputs or aes_key or values):
+        raise UserError(
+            "--inputs, --aes-key and --values describe a TRACES_FILE", "give the capture file too"
+        )
+    result = calibrate.measure(traces_file, inputs, aes_key, values)
+    if as_json:
+        emit_json(result)
+        return
+    low, high = result["noise_range"]
+    out.print(
+        f"{result['source']}: {result['traces']} traces, {result['values']} known values; noise "
+        f"{result['noise']} HW bits (range {low}-{high}), SNR {result['snr_median']}, |correlation| "
+        f"{result['correlation_median']} (medians at each value's best sample): simulate with "
+        f"--noise {result['noise']}"
     )

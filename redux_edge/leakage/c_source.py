@@ -7,10 +7,13 @@
 - ``shuffle`` (MACPruning with hiding): constant time and a fresh MAC order. Every MAC runs: a dropped
   pixel's operand is a fresh random value chosen by a branchless select, so a dummy MAC looks and takes
   like a real one and Double Strike's realignment has no branch to parse. The MACs of each output position
-  (every output channel, input channel and kernel tap) run in a fresh random order: a Fisher-Yates
-  permutation drawn per inference, entered at a fresh random rotation per output position. Bounded draws
-  use a multiply-high (no division, whose time depends on its operands on a Cortex-M4, and no rejection
-  loop), so that drawing the permutation takes the same time whatever it is.
+  (every output channel, input channel and kernel tap) run in a random order of two levels: the output
+  channels in a Fisher-Yates permutation drawn per inference and entered at a fresh random rotation per
+  output position, and each channel's MACs in a permutation of their own, drawn per inference. Each MAC
+  can so run at any of the position's MAC slots, uniformly, as under one permutation of them all, while a
+  channel's accumulator stays in a register. Bounded draws use a multiply-high (no division, whose time
+  depends on its operands on a Cortex-M4, and no rejection loop), so that drawing the permutations takes
+  the same time whatever they are.
 
 All three read int8 input in a zero-padded copy, so no variant branches on the border either. The
 generator is xorshift32 (``redux_edge.leakage.kernel.Xorshift32`` draws the same sequence in Python).
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["VARIANTS", "c_initializer", "emit_c"]
 
 VARIANTS = ("plain", "none", "shuffle")
-_MAX_SLOTS = 65535  # the permutation holds uint16 slot numbers
+_MAX_ORDER_BYTES = 64 * 1024
 
 
 def emit_c(
@@ -42,11 +45,11 @@ def emit_c(
     if variant not in VARIANTS:
         raise UserError(f"unknown kernel variant '{variant}'", f"choose one of {', '.join(VARIANTS)}")
     out_c, in_c, k_h, k_w = layer.weights.shape
-    slots = out_c * in_c * k_h * k_w
-    if variant == "shuffle" and slots > _MAX_SLOTS:
+    order_bytes = 2 * out_c * (4 * in_c * k_h * k_w + 8)  # the shuffled kernel's channel records in RAM
+    if variant == "shuffle" and order_bytes > _MAX_ORDER_BYTES:
         raise UserError(
-            f"the shuffled kernel orders at most {_MAX_SLOTS} MACs per output position; "
-            f"this layer has {slots}",
+            f"the shuffled kernel keeps its channel order in {order_bytes:,} bytes of RAM for this layer, "
+            f"more than the {_MAX_ORDER_BYTES:,} a microcontroller can spare",
             "protect a smaller first layer, or use --mac-hiding none",
         )
     prefix = name.upper()
@@ -59,7 +62,6 @@ def emit_c(
         "OUT_WIDTH": layer.width + 2 * layer.padding - k_w + 1,
         "PADDED_HEIGHT": layer.height + 2 * layer.padding,
         "PADDED_WIDTH": layer.width + 2 * layer.padding,
-        "SLOTS": slots,
     }
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.h", folder / f"{name}.c"]
@@ -115,13 +117,13 @@ def _source(layer: QuantizedLayer, name: str, prefix: str, variant: str) -> str:
     out_c, in_c, k_h, k_w = layer.weights.shape
     p = prefix
     scales = c_initializer(layer.weight_scales, float_format=True)
-    # The shuffled variant keeps its weights in its slot descriptors.
+    # The shuffled variant keeps its weights and biases in its channel records.
     weights = (
         f"static const int8_t {name}_weights[{out_c}][{in_c}][{k_h}][{k_w}] = {c_initializer(layer.weights)};"
     )
+    bias = f"static const int32_t {name}_bias[{out_c}] = {c_initializer(layer.bias)};"
     tables = [
-        *([weights] if variant != "shuffle" else []),
-        f"static const int32_t {name}_bias[{out_c}] = {c_initializer(layer.bias)};",
+        *([weights, bias] if variant != "shuffle" else []),
         f"const float {name}_weight_scales[{out_c}] = {scales};",
         "/* The zero-padded int8 operands of this inference. */",
         f"static int8_t {name}_operand[{p}_IN_CHANNELS][{p}_PADDED_HEIGHT][{p}_PADDED_WIDTH];",
@@ -239,57 +241,78 @@ def _run(layer: QuantizedLayer, name: str, p: str, variant: str) -> str:
 
 
 def _shuffled_run(layer: QuantizedLayer, name: str, p: str, arguments: str, copy: str) -> str:
-    """Slot s is weight s in [out, in, ky, kx] order. Its descriptor packs what its MAC needs into one word
-    (the operand's offset from the output position's window, the accumulator, the weight), so that a MAC
-    in shuffled order costs one load more than in the plain loop, not three."""
-    out_c, in_c, k_h, k_w = layer.weights.shape
+    """Each output channel is one record: its taps (every input channel and kernel position: the operand's
+    offset from the output position's window and the weight), its bias and where its outputs go. Per
+    inference the records are shuffled and so are the taps inside each; per output position the records
+    run from a fresh random rotation. A channel's accumulator stays in a register and a tap's offset and
+    weight come from one record, so a shuffled MAC costs one load more than in the plain loop."""
+    _, in_c, k_h, k_w = layer.weights.shape
     padded_h, padded_w = layer.height + 2 * layer.padding, layer.width + 2 * layer.padding
-    channel, ic, ky, kx = np.meshgrid(
-        np.arange(out_c), np.arange(in_c), np.arange(k_h), np.arange(k_w), indexing="ij"
-    )
-    offsets = ((ic * padded_h + ky) * padded_w + kx).reshape(-1).astype(np.int64)
-    if out_c > 256 or offsets.max() >= 2**16:
+    ic, ky, kx = np.meshgrid(np.arange(in_c), np.arange(k_h), np.arange(k_w), indexing="ij")
+    offsets = ((ic * padded_h + ky) * padded_w + kx).reshape(-1)
+    if offsets.max() >= 2**16:
         raise UserError(
-            f"the shuffled kernel packs at most 256 output channels and 65,536 operands; this layer has "
-            f"{out_c} and {in_c * padded_h * padded_w}",
+            f"the shuffled kernel addresses at most 65,536 operands; this layer has "
+            f"{in_c * padded_h * padded_w}",
             "protect a smaller first layer, or use --mac-hiding none",
         )
-    weights = layer.weights.reshape(-1).astype(np.int64) & 0xFF
-    descriptors = (offsets << 16) | (channel.reshape(-1).astype(np.int64) << 8) | weights
-    return f"""/* Slot descriptors: operand offset << 16 | accumulator << 8 | weight (int8). */
-static const uint32_t {name}_slots[{p}_SLOTS] = {c_initializer(descriptors, unsigned=True)};
-/* A permutation of the descriptors, stored twice so that entering it at a rotation needs no modulo. */
-static uint32_t {name}_order[2 * {p}_SLOTS];
-/* Static, so that its address stays in a register through the MAC loop. */
-static int32_t {name}_accumulators[{p}_OUT_CHANNELS];
+    out_size = (padded_h - k_h + 1) * (padded_w - k_w + 1)
+    records = ",\n    ".join(
+        "{{"
+        + ", ".join(
+            f"{{{offset}, {weight}}}" for offset, weight in zip(offsets, row.reshape(-1), strict=True)
+        )
+        + f"}}, {bias}, {channel * out_size}}}"
+        for channel, (row, bias) in enumerate(zip(layer.weights, layer.bias, strict=True))
+    )
+    taps = in_c * k_h * k_w
+    return f"""/* A tap: its operand's offset from the output position's window, and its weight. */
+typedef struct {{ uint16_t offset; int8_t weight; }} {name}_tap;
+/* An output channel: its taps, its bias, and the index of its first output. */
+typedef struct {{ {name}_tap taps[{taps}]; int32_t bias; int32_t output; }} {name}_channel;
+static const {name}_channel {name}_channels[{p}_OUT_CHANNELS] = {{
+    {records}
+}};
+/* This inference's order of channels (and of the taps in each), stored twice so that entering it at a
+   rotation needs no modulo. */
+static {name}_channel {name}_order[2 * {p}_OUT_CHANNELS];
 
 static void {name}_shuffle(void) {{
-    for (uint32_t i = 0; i < {p}_SLOTS; ++i) {name}_order[i] = {name}_slots[i];
-    for (uint32_t i = {p}_SLOTS - 1; i > 0; --i) {{
+    for (uint32_t i = 0; i < {p}_OUT_CHANNELS; ++i) {name}_order[i] = {name}_channels[i];
+    for (uint32_t i = {p}_OUT_CHANNELS - 1; i > 0; --i) {{
         const uint32_t j = {name}_below(i + 1);
-        const uint32_t swapped = {name}_order[i];
+        const {name}_channel swapped = {name}_order[i];
         {name}_order[i] = {name}_order[j];
         {name}_order[j] = swapped;
     }}
-    for (uint32_t i = 0; i < {p}_SLOTS; ++i) {name}_order[{p}_SLOTS + i] = {name}_order[i];
+    for (uint32_t i = 0; i < {p}_OUT_CHANNELS; ++i) {{
+        {name}_tap *taps = {name}_order[i].taps;
+        for (uint32_t t = {taps} - 1; t > 0; --t) {{
+            const uint32_t j = {name}_below(t + 1);
+            const {name}_tap swapped = taps[t];
+            taps[t] = taps[j];
+            taps[j] = swapped;
+        }}
+        {name}_order[{p}_OUT_CHANNELS + i] = {name}_order[i];
+    }}
 }}
 
 void {name}_run({arguments}) {{
 {copy}
     {name}_shuffle();
     const int8_t *operands = &{name}_operand[0][0][0];
-    int32_t *const acc = {name}_accumulators;
     for (int oy = 0; oy < {p}_OUT_HEIGHT; ++oy)
         for (int ox = 0; ox < {p}_OUT_WIDTH; ++ox) {{
             const int8_t *window = operands + oy * {p}_PADDED_WIDTH + ox;
-            const uint32_t *slots = {name}_order + {name}_below({p}_SLOTS);
-            for (int oc = 0; oc < {p}_OUT_CHANNELS; ++oc) acc[oc] = 0;
-            #pragma GCC unroll 4
-            for (int i = 0; i < {p}_SLOTS; ++i) {{
-                const uint32_t slot = slots[i];
-                acc[(slot >> 8) & 0xffu] += (int32_t)(int8_t)(slot & 0xffu) * (int32_t)window[slot >> 16];
+            int32_t *out = &output[0][oy][ox];
+            const {name}_channel *channel = {name}_order + {name}_below({p}_OUT_CHANNELS);
+            for (int j = 0; j < {p}_OUT_CHANNELS; ++j, ++channel) {{
+                int32_t acc = channel->bias;
+                #pragma GCC unroll 64
+                for (int t = 0; t < {taps}; ++t)
+                    acc += (int32_t)channel->taps[t].weight * (int32_t)window[channel->taps[t].offset];
+                out[channel->output] = acc;
             }}
-            for (int oc = 0; oc < {p}_OUT_CHANNELS; ++oc) output[oc][oy][ox] = acc[oc] + {name}_bias[oc];
         }}
 }}
 """

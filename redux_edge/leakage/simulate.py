@@ -12,11 +12,12 @@ every slot (clock jitter, interrupts). The inputs are random int8 images the att
 
 A layer with hiding (``hiding="shuffle"``, the kernel in ``c_source``) has no branch: every MAC of the
 window runs, a dropped pixel's on a random fill value; the window is then all the MACs of the output
-position (every output channel), which the kernel runs in a fresh random order, so each trace is one
-uniform permutation of them (``shuffle_span`` < all: permuted within consecutive spans of that many MACs,
-a weaker shuffle to test attacks with). The branchless select of each window pixel's operand leaks the
-pixel's keep bit with amplitude ``control_flow``, one sample per pixel before the MACs. ``masking=False``
-simulates the shuffle alone (every pixel kept).
+position (every output channel), which the kernel runs in a fresh random order of two levels: each
+trace takes the channels in a uniform permutation and each channel's MACs in one of their own, so every
+MAC can be at any MAC slot of the window (``shuffle_span`` < all: one permutation within each span of that
+many consecutive MACs, a weaker shuffle to test attacks with). The branchless select of each window
+pixel's operand leaks the pixel's keep bit with amplitude ``control_flow``, one sample per pixel before
+the MACs. ``masking=False`` simulates the shuffle alone (every pixel kept).
 """
 
 from __future__ import annotations
@@ -155,17 +156,25 @@ def _shuffled(
     fill = rng.integers(layer.fill_low, layer.fill_high + 1, size=operands.shape)
     executed = np.where(keep, operands.astype(np.int32), fill.astype(np.int32))
     products = executed * layer.weights.reshape(-1).astype(np.int32)[None]
-    # order[n, t]: the slot run at time t; a permutation within each span of consecutive slots.
-    order = np.argsort(np.arange(slots)[None] // span + rng.random((count, slots)), axis=1)
+    per_channel = in_c * k_h * k_w
+    # order[n, t]: the slot run at time t.
+    if span == slots:  # the kernel's: channels in a random order, each channel's MACs in one of their own
+        channels = np.argsort(rng.random((count, out_c)), axis=1)
+        taps = np.argsort(rng.random((count, out_c, per_channel)), axis=2)
+        order = (channels[:, :, None] * per_channel + taps).reshape(count, slots)
+    else:  # a permutation within each span of consecutive slots
+        order = np.argsort(np.arange(slots)[None] // span + rng.random((count, slots)), axis=1)
     in_time = np.take_along_axis(products, order, axis=1)
     if leakage.intermediate == "product":
         values = hamming_weight(in_time)
     else:
-        channel_in_time = (order // (in_c * k_h * k_w)).astype(np.int64)
+        channel_in_time = order // per_channel
         running = np.zeros_like(in_time)
         for channel in range(out_c):
             mine = channel_in_time == channel
-            running = np.where(mine, np.cumsum(np.where(mine, in_time, 0), axis=1), running)
+            # The kernel's accumulator starts at the channel's bias.
+            partial = layer.bias[channel] + np.cumsum(np.where(mine, in_time, 0), axis=1)
+            running = np.where(mine, partial, running)
         values = hamming_weight(running)
     macs = _timeline(values, np.ones_like(values, dtype=bool), False, leakage, rng)
     # The first output channel's slots read each window pixel once: their keep bits are the pixels'.

@@ -1,16 +1,17 @@
 """Trace sets from simulation or from a probe: samples [n, length] and the known inputs [n, weights].
 
 Readers (each validated, never unpickling): plain ``.npy`` traces with their inputs in a second ``.npy``;
-ChipWhisperer projects (``<name>.cwp`` beside ``<name>_data/traces/<segment>_traces.npy`` and
-``<segment>_textin.npy``, segments in name order); estraces ETS files (HDF5: samples and a metadata array
-``operands``, or ``plaintext``); lascar-style ``.npz`` (``leakages`` and ``values``). Captured inputs are
-the int8 operands of the attacked MACs in the kernel's loop order; byte arrays (ChipWhisperer's textin)
-are read as int8. Samples are read lazily (memory-mapped .npy, HDF5 datasets) and handed out in chunks,
-so that a capture larger than memory can be attacked.
+ChipWhisperer 5 projects (``<name>.cwp`` listing each segment's ``config_<prefix>.cfg``, beside which lie
+``<prefix>traces.npy`` and ``<prefix>textin.npy``); estraces ETS files (HDF5: samples and a metadata
+array ``operands``, or ``plaintext``); lascar-style ``.npz`` (``leakages`` and ``values``). Captured
+inputs are the int8 operands of the attacked MACs in the kernel's loop order; byte arrays (ChipWhisperer's
+textin) are read as int8. Samples are read lazily (memory-mapped .npy, HDF5 datasets) and handed out in
+chunks, so that a capture larger than memory can be attacked.
 """
 
 from __future__ import annotations
 
+import configparser
 import dataclasses
 import zipfile
 from collections.abc import Iterator
@@ -107,22 +108,62 @@ def _checked(source: str, samples, operands: np.ndarray) -> TraceSet:
 
 
 def _chipwhisperer(project: Path) -> tuple[np.ndarray, np.ndarray]:
-    folder = project.parent / f"{project.stem}_data" / "traces"
-    segments = sorted(folder.glob("*_traces.npy"))
-    if not segments:
-        raise UserError(
-            f"{project}: no {folder}/*_traces.npy", "is this a ChipWhisperer project with traces?"
-        )
     samples, textins = [], []
-    for segment in segments:
-        textin = segment.with_name(segment.name.removesuffix("_traces.npy") + "_textin.npy")
-        if not textin.is_file():
+    for config in _trace_configs(project):
+        segment = _config(config)
+        prefix = segment.get("Trace Config", "prefix", fallback=None)
+        if prefix is None:
+            raise UserError(f"{project}: {config.name} names no trace prefix", "copy the whole project")
+        files = {name: config.with_name(f"{prefix}{name}.npy") for name in ("traces", "textin")}
+        for path in files.values():
+            if not path.is_file() or not path.resolve().is_relative_to(project.parent.resolve()):
+                raise UserError(f"{project}: segment {prefix} has no {path.name}", "copy the whole project")
+        traces = np.load(files["traces"], mmap_mode="r", allow_pickle=False)
+        textin = np.load(files["textin"], allow_pickle=False)
+        # ChipWhisperer grows its trace buffer ahead of the capture and saves it whole: rows past the
+        # config's numTraces were never captured.
+        count = segment.getint("Trace Config", "numTraces", fallback=len(traces))
+        if count > min(len(traces), len(textin)):
             raise UserError(
-                f"{project}: segment {segment.name} has no {textin.name}", "copy the whole project"
+                f"{project}: segment {prefix} says {count} traces, its files hold {len(traces)} traces and "
+                f"{len(textin)} inputs",
+                "copy the whole project",
             )
-        samples.append(np.load(segment, allow_pickle=False))
-        textins.append(np.load(textin, allow_pickle=False))
+        samples.append(np.asarray(traces[:count]))
+        textins.append(textin[:count])
     return np.concatenate(samples), np.concatenate(textins)
+
+
+def _trace_configs(project: Path) -> list[Path]:
+    """The enabled segments' config files a ChipWhisperer 5 project lists (written with the capturing
+    machine's path separator), else every config in ``<name>_data/traces``."""
+    listed = _config(project)
+    section = "Trace Management"
+    configs = []
+    for key, value in listed.items(section) if listed.has_section(section) else []:
+        enabled = listed.get(section, key.replace("tracefile", "enabled"), fallback="True")
+        if key.startswith("tracefile") and enabled.strip().lower() == "true":
+            path = project.parent / value.replace("\\", "/")
+            if not path.resolve().is_relative_to(project.parent.resolve()):
+                raise UserError(f"{project}: trace file {value} is outside the project", "copy the project")
+            configs.append(path)
+    if not configs:
+        configs = sorted((project.parent / f"{project.stem}_data" / "traces").glob("config_*.cfg"))
+    if not configs:
+        raise UserError(f"{project}: lists no trace segments", "is this a ChipWhisperer project with traces?")
+    missing = [str(path) for path in configs if not path.is_file()]
+    if missing:
+        raise UserError(f"{project}: missing {', '.join(missing)}", "copy the whole project")
+    return configs
+
+
+def _config(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        parser.read_string(path.read_text(errors="replace"))
+    except configparser.Error as exc:
+        raise UserError(f"{path}: not a ChipWhisperer config ({exc})", "check the project file") from exc
+    return parser
 
 
 def _ets(path: Path) -> tuple[Any, np.ndarray]:

@@ -13,6 +13,7 @@
     steps = 300
     global_batch = 32             # split evenly over every rank of every node
     lr = 1e-4
+    schedule = "constant"         # or "cosine": lr decays to 0 over the steps (half a cosine)
     weight_decay = 0.0
     seed = 0
 
@@ -28,15 +29,17 @@ A key that is not known is an error; ``--set section.key=value`` on the command 
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from redux_edge.errors import UserError
 
-__all__ = ["TASKS", "Data", "Optim", "TrainRecipe", "load_train_recipe"]
+__all__ = ["SCHEDULES", "TASKS", "Data", "Optim", "TrainRecipe", "load_train_recipe"]
 
 TASKS = ("shrp", "maskllm", "adapters", "recover", "mask-aware")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -50,8 +53,16 @@ class Optim:
     steps: int = 200
     global_batch: int = 32
     lr: float = 1e-3
+    schedule: str = "constant"
     weight_decay: float = 0.0
     seed: int = 0
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of ``step`` (0-based): a function of the step alone, so a resumed run takes
+        the same rates as an uninterrupted one without keeping a scheduler's state."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
+        return self.lr
 
 
 @dataclass
@@ -141,4 +152,9 @@ def load_train_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise UserError(f"training recipe {path} has unknown keys {sorted(document)}", "remove them")
     if recipe.optim.steps < 1 or recipe.optim.global_batch < 1:
         raise UserError("optim.steps and optim.global_batch must be at least 1", f"fix {path}")
+    if recipe.optim.schedule not in SCHEDULES:
+        raise UserError(
+            f"optim.schedule {recipe.optim.schedule!r} in {path} is not known",
+            f"choose {' or '.join(SCHEDULES)}",
+        )
     return recipe
