@@ -55,9 +55,10 @@ def _block(opset: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
 
 
+@pytest.mark.parametrize("source", [20, 23])
 @pytest.mark.parametrize("target", [13, 17])
-def test_decomposed_and_converted_block_matches_the_original_under_onnx_runtime(target):
-    original = _block(20)
+def test_decomposed_and_converted_block_matches_the_original_under_onnx_runtime(target, source):
+    original = _block(source)
     feeds = {"x": RNG.normal(0, 3, (2, 5, 16)).astype(np.float32)}
     model = ir.from_proto(original)
     assert decompose(model, {"LayerNormalization", "Gelu"}) == {"LayerNormalization": 1, "Gelu": 2}
@@ -75,6 +76,18 @@ def test_decomposed_and_converted_block_matches_the_original_under_onnx_runtime(
     }
     (expected,), (got,) = _run(original, feeds), _run(model, feeds)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_newer_file_comes_down_to_tensorrt_10s_opset_unchanged():
+    """An exporter at opset 23 (torch.onnx.export(..., opset_version=23)) for Orin's TensorRT 10.3 (20):
+    every node's schema is the same at 20, so only the import changes."""
+    original = _block(23)
+    model = ir.from_proto(original)
+    assert convert_opset(model, 20) == {} and model.opset_imports[""] == 20
+    assert [node.op_type for node in model.graph] == ["LayerNormalization", "Gelu", "Gelu", "ReduceMean"]
+    feeds = {"x": RNG.normal(0, 3, (2, 5, 16)).astype(np.float32)}
+    (expected,), (got,) = _run(original, feeds), _run(model, feeds)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_a_node_whose_meaning_changed_is_refused_by_name():

@@ -1,6 +1,7 @@
 """Write a model at an older opset, for parsers that read no newer one (TensorRT 8.2 reads opset 13).
 
-onnxscript's version converter goes first where it can (opsets 18 and up). ONNX's C++ converter is not
+onnxscript's version converter only converts up (down, it raises "downstream version conversion not
+currently handled", seen with 0.7.2 on an opset-23 file for TensorRT 10.3's 20). ONNX's C++ converter is not
 used: it has no down-adapters for operators whose newer versions only widened their types (Sub 14,
 Shape 15, ...), and from 20 to 17 it left ReduceL2 with an attribute opset 17 lacks, a model ONNX Runtime
 refused (measured on MiniLM). Instead this module keeps a node as it is when the older schema takes it
@@ -17,13 +18,11 @@ from __future__ import annotations
 import onnx
 import onnx.defs
 import onnx_ir as ir
-import onnxscript.version_converter
 
 from redux_edge.errors import UserError
 
 __all__ = ["convert_opset"]
 
-_ONNXSCRIPT_OLDEST = 18  # onnxscript's converter handles opsets 18 and up
 _REDUCTIONS_WITH_AXES_INPUT_FROM_18 = {
     "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
     "ReduceProd", "ReduceSumSquare",
@@ -48,10 +47,6 @@ def convert_opset(model: ir.Model, target: int) -> dict[str, int]:
     Raises a UserError naming the first node that has no older form."""
     if model.opset_imports.get("", 0) <= target:
         return {}
-    if target >= _ONNXSCRIPT_OLDEST:
-        onnxscript.version_converter.convert_version(model, target, fallback=False)
-        if model.opset_imports.get("", 0) <= target:
-            return {}
     rewritten: dict[str, int] = {}
     for node in list(model.graph):
         if node.domain in ("", "ai.onnx") and _older_form(model.graph, node, model.opset_imports[""], target):
