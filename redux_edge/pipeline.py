@@ -48,6 +48,7 @@ def compile_model(
     inputs_file: Path | None = None,
     eval_data: Path | None = None,
     calibration_data: Path | None = None,
+    eval_task: str = "auto",
     weights: Path | None = None,
     backend_options: dict | None = None,
     step: Step = no_progress,
@@ -55,9 +56,10 @@ def compile_model(
     """Compile ``model`` (a name ``--model`` takes, or a Source) for ``target_name`` into the bundle ``out``.
 
     ``eval_data`` / ``calibration_data``: the user's files for the quality report and for passes that
-    choose by data (``redux_edge.datasets.user``). ``backend_options``: ``threads``, ``precision``
-    (default: the backend's) and what the backend's flags set (``tune``, ``tuning_db``, ``rpc``,
-    ``dla_core``); see each backend's ``lower``.
+    choose by data (``redux_edge.datasets.user``); ``eval_task``: what the first output is for the quality
+    report ("classification": logits, "embedding", or "auto": as the checkpoint or the zoo card says).
+    ``backend_options``: ``threads``, ``precision`` (default: the backend's) and what the backend's flags
+    set (``tune``, ``tuning_db``, ``rpc``, ``dla_core``); see each backend's ``lower``.
     """
     target = load_target(target_name)
     backend = select_backend(target, backend_name, recipe.passes)
@@ -69,7 +71,7 @@ def compile_model(
         _check_precision(backend, target, options["precision"])
     bundles.check_destination(out, force)
     source = model if isinstance(model, Source) else load_source(model, shapes, inputs_file, step, weights)
-    source.use_data(eval_data, calibration_data)
+    source.use_data(eval_data, calibration_data, eval_task)
     choice = None
     if measured:
         with step("timing the target's backends and precisions (--precision auto)"):

@@ -35,6 +35,17 @@ def _custom_op_model(path):
     return path
 
 
+def _vector_model(path):
+    graph = oh.make_graph(
+        [oh.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [8])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [8])],
+    )
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=9), path)
+    return path
+
+
 CASES = {
     "unknown model": (lambda d, mlp: ["--model", "gpt-17"], "unknown model 'gpt-17'"),
     "unknown target": (lambda d, mlp: ["--model", mlp, "--target", "cray-1"], "unknown target 'cray-1'"),
@@ -86,6 +97,11 @@ CASES = {
     ),
     "threads below one": (lambda d, mlp: ["--model", mlp, "--threads", "0"], "not in the range 1<=x<=256"),
     "unknown option": (lambda d, mlp: ["--model", mlp, "--frobnicate"], "No such option"),
+    "unknown evaluation task": (lambda d, mlp: ["--model", mlp, "--eval-task", "regression"], "--eval-task"),
+    "classification of an output that is not logits": (
+        lambda d, mlp: ["--model", _vector_model(d / "vector.onnx"), "--eval-task", "classification"],
+        "reads the first output as logits [batch, classes], but it is [8]",
+    ),
 }
 
 

@@ -13,6 +13,7 @@ import click
 
 from redux_edge.cli.common import THREADS, emit_json, parse_shapes, progress
 from redux_edge.cli.report import print_report
+from redux_edge.frontend.source import EVAL_TASKS
 from redux_edge.passes.contract import Flag
 
 __all__ = ["compile_command"]
@@ -88,6 +89,14 @@ class _CompileCommand(click.Command):
     "subfolders of images, or an .npz (images or the model's inputs, and labels).",
 )
 @click.option(
+    "--eval-task",
+    type=click.Choice(EVAL_TASKS),
+    default="auto",
+    show_default=True,
+    help="What the first output is for the quality report: classification (logits: accuracy on the "
+    "labels) or embedding (cosine to dense and a linear probe); auto: as the checkpoint or zoo card says.",
+)
+@click.option(
     "--calibration-data",
     type=click.Path(path_type=Path),
     help="Your data for passes that choose by data (same formats, labels optional).",
@@ -125,6 +134,7 @@ def compile_command(
     shapes: str | None,
     inputs_file: Path | None,
     eval_data: Path | None,
+    eval_task: str,
     calibration_data: Path | None,
     weights: Path | None,
     threads: int | None,
@@ -179,6 +189,7 @@ def compile_command(
             shapes=parse_shapes(shapes),
             inputs_file=inputs_file,
             eval_data=eval_data,
+            eval_task=eval_task,
             calibration_data=calibration_data,
             weights=weights,
             tolerance=tolerance,

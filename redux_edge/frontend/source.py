@@ -33,9 +33,18 @@ if TYPE_CHECKING:
     from redux_edge.datasets.user import UserData
     from redux_edge.passes.contract import ReferenceChange
 
-__all__ = ["Calibration", "Reference", "Source", "fit_inputs", "run_onnx_file", "synthetic_inputs"]
+__all__ = [
+    "EVAL_TASKS",
+    "Calibration",
+    "Reference",
+    "Source",
+    "fit_inputs",
+    "run_onnx_file",
+    "synthetic_inputs",
+]
 
 Feeds = dict[str, np.ndarray]
+EVAL_TASKS = ("auto", "classification", "embedding")
 
 
 @dataclass
@@ -100,19 +109,37 @@ class Source:
     # The user's --eval-data and --calibration-data, read by ``use_data``.
     eval_data: UserData | None = None
     calibration_data: UserData | None = None
+    # What the first output is, as the user says (``--eval-task``): "classification", "embedding" or
+    # "auto" (the checkpoint's or the zoo card's word).
+    eval_task: str = "auto"
     _calibrations: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def classifier(self) -> bool:
-        """Whether the first output is class logits: a classification checkpoint, or an image model with
-        one score vector per sample (the zoo's CNN)."""
+        """Whether the first output is class logits: the user says so (``--eval-task``), a classification
+        checkpoint, or an image model with one score vector per sample (the zoo's CNN)."""
+        if self.eval_task != "auto":
+            return self.eval_task == "classification"
         if self.origin.get("output") == "logits" or self.architecture.get("labels"):
             return True
         return isinstance(self.preprocessor, ImagePreprocessor) and self.reference_outputs[0].ndim == 2
 
-    def use_data(self, eval_file: Path | None, calibration_file: Path | None) -> None:
+    def use_data(
+        self, eval_file: Path | None, calibration_file: Path | None, eval_task: str = "auto"
+    ) -> None:
         """Read the user's evaluation (labelled) and calibration files now: a bad file fails before any
-        work is done."""
+        work is done. ``eval_task`` says what the first output is (see ``eval_task``)."""
+        if eval_task not in EVAL_TASKS:
+            raise UserError(
+                f"unknown evaluation task {eval_task!r}", f"choose one of {', '.join(EVAL_TASKS)}"
+            )
+        if eval_task == "classification" and self.reference_outputs[0].ndim != 2:
+            raise UserError(
+                f"--eval-task classification reads the first output as logits [batch, classes], but it is "
+                f"{list(self.reference_outputs[0].shape)}",
+                "export the classifier's logits first, or use --eval-task embedding",
+            )
+        self.eval_task = eval_task
         if eval_file is not None:
             self.eval_data = self._read_data(eval_file, "--eval-data", labels_required=True)
         if calibration_file is not None:
