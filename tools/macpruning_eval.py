@@ -111,8 +111,7 @@ def fine_tuned(
         task.module.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay
     )
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step)
+        schedule.set_lr(optimizer, step)
         task.module(*task.batch(step, 0, 1)).backward()
         optimizer.step()
         optimizer.zero_grad()

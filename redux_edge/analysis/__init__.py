@@ -54,11 +54,11 @@ def _in_batches_of(
     for start in range(0, rows, batch):
         chunk = {name: value[start : start + batch] for name, value in feeds.items()}
         taken = min(batch, rows - start)
-        # The last slice is padded with copies of its final row; their outputs are cut off again.
-        chunk = {
-            name: np.concatenate([value, np.repeat(value[-1:], batch - taken, axis=0)])
-            for name, value in chunk.items()
-        }
+        if taken < batch:  # the last slice: padded with copies of its final row, whose outputs are cut off
+            chunk = {
+                name: np.concatenate([value, np.repeat(value[-1:], batch - taken, axis=0)])
+                for name, value in chunk.items()
+            }
         outputs = run(chunk)
         if any(output.ndim == 0 or output.shape[0] != batch for output in outputs):
             raise UserError(

@@ -45,13 +45,6 @@ def emit_c(
     if variant not in VARIANTS:
         raise UserError(f"unknown kernel variant '{variant}'", f"choose one of {', '.join(VARIANTS)}")
     out_c, in_c, k_h, k_w = layer.weights.shape
-    order_bytes = 2 * out_c * (4 * in_c * k_h * k_w + 8)  # the shuffled kernel's channel records in RAM
-    if variant == "shuffle" and order_bytes > _MAX_ORDER_BYTES:
-        raise UserError(
-            f"the shuffled kernel keeps its channel order in {order_bytes:,} bytes of RAM for this layer, "
-            f"more than the {_MAX_ORDER_BYTES:,} a microcontroller can spare",
-            "protect a smaller first layer, or use --mac-hiding none",
-        )
     prefix = name.upper()
     defines = {
         "IN_CHANNELS": in_c,
@@ -63,11 +56,15 @@ def emit_c(
         "PADDED_HEIGHT": layer.height + 2 * layer.padding,
         "PADDED_WIDTH": layer.width + 2 * layer.padding,
     }
+    # Both texts first: a layer the generator refuses leaves no header behind.
+    texts = {
+        f"{name}.h": _header(name, prefix, defines, variant),
+        f"{name}.c": _source(layer, name, prefix, variant),
+    }
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{name}.h", folder / f"{name}.c"]
-    paths[0].write_text(_header(name, prefix, defines, variant))
-    paths[1].write_text(_source(layer, name, prefix, variant))
-    return paths
+    for file, text in texts.items():
+        (folder / file).write_text(text)
+    return [folder / file for file in texts]
 
 
 def _header(name: str, prefix: str, defines: dict[str, int], variant: str) -> str:
@@ -256,6 +253,15 @@ def _shuffled_run(layer: QuantizedLayer, name: str, p: str, arguments: str, copy
             f"{in_c * padded_h * padded_w}",
             "protect a smaller first layer, or use --mac-hiding none",
         )
+    taps = in_c * k_h * k_w
+    # In RAM: the order, twice, of records of 4-byte taps (uint16 offset, int8 weight, padding), bias, index.
+    order_bytes = 2 * len(layer.weights) * (4 * taps + 8)
+    if order_bytes > _MAX_ORDER_BYTES:
+        raise UserError(
+            f"the shuffled kernel keeps its channel order in {order_bytes:,} bytes of RAM for this layer, "
+            f"more than the {_MAX_ORDER_BYTES:,} a microcontroller can spare",
+            "protect a smaller first layer, or use --mac-hiding none",
+        )
     out_size = (padded_h - k_h + 1) * (padded_w - k_w + 1)
     records = ",\n    ".join(
         "{{"
@@ -265,7 +271,6 @@ def _shuffled_run(layer: QuantizedLayer, name: str, p: str, arguments: str, copy
         + f"}}, {bias}, {channel * out_size}}}"
         for channel, (row, bias) in enumerate(zip(layer.weights, layer.bias, strict=True))
     )
-    taps = in_c * k_h * k_w
     return f"""/* A tap: its operand's offset from the output position's window, and its weight. */
 typedef struct {{ uint16_t offset; int8_t weight; }} {name}_tap;
 /* An output channel: its taps, its bias, and the index of its first output. */

@@ -114,9 +114,12 @@ def _chipwhisperer(project: Path) -> tuple[np.ndarray, np.ndarray]:
         prefix = segment.get("Trace Config", "prefix", fallback=None)
         if prefix is None:
             raise UserError(f"{project}: {config.name} names no trace prefix", "copy the whole project")
-        files = {name: config.with_name(f"{prefix}{name}.npy") for name in ("traces", "textin")}
+        files = {
+            name: _in_project(project, config.with_name(f"{prefix}{name}.npy"))
+            for name in ("traces", "textin")
+        }
         for path in files.values():
-            if not path.is_file() or not path.resolve().is_relative_to(project.parent.resolve()):
+            if not path.is_file():
                 raise UserError(f"{project}: segment {prefix} has no {path.name}", "copy the whole project")
         traces = np.load(files["traces"], mmap_mode="r", allow_pickle=False)
         textin = np.load(files["textin"], allow_pickle=False)
@@ -143,10 +146,7 @@ def _trace_configs(project: Path) -> list[Path]:
     for key, value in listed.items(section) if listed.has_section(section) else []:
         enabled = listed.get(section, key.replace("tracefile", "enabled"), fallback="True")
         if key.startswith("tracefile") and enabled.strip().lower() == "true":
-            path = project.parent / value.replace("\\", "/")
-            if not path.resolve().is_relative_to(project.parent.resolve()):
-                raise UserError(f"{project}: trace file {value} is outside the project", "copy the project")
-            configs.append(path)
+            configs.append(_in_project(project, project.parent / value.replace("\\", "/")))
     if not configs:
         configs = sorted((project.parent / f"{project.stem}_data" / "traces").glob("config_*.cfg"))
     if not configs:
@@ -155,6 +155,13 @@ def _trace_configs(project: Path) -> list[Path]:
     if missing:
         raise UserError(f"{project}: missing {', '.join(missing)}", "copy the whole project")
     return configs
+
+
+def _in_project(project: Path, path: Path) -> Path:
+    """``path``, refused when it leads outside the project's folder (a project file is untrusted)."""
+    if not path.resolve().is_relative_to(project.parent.resolve()):
+        raise UserError(f"{project}: trace file {path} is outside the project", "copy the project")
+    return path
 
 
 def _config(path: Path) -> configparser.ConfigParser:

@@ -33,8 +33,12 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from redux_edge.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SCHEDULES", "TASKS", "Data", "Optim", "TrainRecipe", "load_train_recipe"]
 
@@ -63,6 +67,11 @@ class Optim:
         if self.schedule == "cosine":
             return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
         return self.lr
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Give every parameter group of ``optimizer`` the rate of ``step``."""
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
 
 
 @dataclass

@@ -90,8 +90,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> dict:
     loss_value = float("nan")
     for step in range(start, recipe.optim.steps):
         ticked = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.optim.lr_at(step)
+        recipe.optim.set_lr(optimizer, step)
         loss = module(*task.batch(step, rank, world))
         loss.backward()
         optimizer.step()
