@@ -112,7 +112,16 @@ def run(
         )
         outputs = session.run(feeds)
     names = [spec["name"] for spec in bundle.manifest["outputs"]]
+    if broken := [name for name, value in zip(names, outputs, strict=True) if _has_nan(value)]:
+        raise UserError(
+            f"the model computed NaN in output '{broken[0]}' for these inputs",
+            "check the inputs' values (infinite or out-of-range numbers)",
+        )
     return dict(zip(names, outputs, strict=True)), bundle.manifest
+
+
+def _has_nan(value: np.ndarray) -> bool:
+    return value.dtype.kind in "fc" and bool(np.isnan(value).any())
 
 
 def bench(

@@ -30,7 +30,8 @@ from redux_edge import runtime
 from redux_edge.errors import UserError
 from redux_edge.files import file_digest
 from redux_edge.manifest import FORMAT_VERSION, FileEntry, Manifest, validate
-from redux_edge.runtime.session import unlisted_files
+from redux_edge.runtime.session import paths_outside, unlisted_files
+from redux_edge.untrusted import read_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -221,14 +222,10 @@ def load_bundle(path: Path) -> Bundle:
         raise UserError(
             f"{path} is not a bundle (no {MANIFEST})", "give a directory written by redux-edge compile"
         )
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path / MANIFEST} is not valid JSON: {exc}", "recompile the bundle") from exc
+    manifest = read_json(path / MANIFEST, "recompile the bundle")
     bundle = Bundle(path, validate(manifest, path / MANIFEST))
-    for relative in manifest["files"]:
-        bundle.file(relative)
-    bundle.file(manifest["backend"]["artifact"])
+    if outside := paths_outside(path, manifest):
+        raise UserError(f"bundle {path} names a path outside itself: {outside[0]}", "do not use this bundle")
     return bundle
 
 
@@ -268,7 +265,7 @@ archive = Path(__file__).resolve().with_name("run.pyz")
 manifest = archive.parent.parent / "manifest.json"
 try:
     expected = json.loads(manifest.read_text(encoding="utf-8"))["files"]["runner/run.pyz"]["sha256"]
-except (OSError, ValueError, KeyError, TypeError) as exc:
+except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
     refuse(f"{manifest} does not give run.pyz's checksum ({type(exc).__name__}: {exc})")
 # The archive is checked against the manifest before anything is imported from it: a damaged byte
 # anywhere (zipimport reads headers its own way) stops here, never as a zlib error or altered source.

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from redux_edge.errors import UserError
+from redux_edge.errors import UserError, first_line
+from redux_edge.untrusted import npy_members, read_json
 
 __all__ = [
     "ImagePreprocessor",
@@ -34,10 +36,17 @@ class TextPreprocessor:
 
     kind = "text"
 
-    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        from tokenizers import Tokenizer
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer file read as untrusted text; one the library cannot parse is a user error."""
+        hint = "save the tokenizer again with tokenizers or transformers (a fast tokenizer's tokenizer.json)"
+        read_json(self.tokenizer_file, hint)  # UTF-8, nesting and JSON checked before the library parses it
+        try:
+            return Tokenizer.from_file(str(self.tokenizer_file))
+        except Exception as exc:  # tokenizers raises a bare Exception for what it cannot parse
+            raise UserError(f"{self.tokenizer_file} is not a tokenizer: {first_line(exc)}", hint) from exc
 
-        tokenizer = Tokenizer.from_file(str(self.tokenizer_file))
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        tokenizer = self.tokenizer()
         tokenizer.enable_truncation(self.max_length)
         tokenizer.enable_padding()
         encoded = tokenizer.encode_batch(texts)
@@ -92,7 +101,8 @@ class ImagePreprocessor:
                 with Image.open(path) as image:
                     converted = image.convert("L" if self.channels == 1 else "RGB")
                     pixels.append(np.asarray(self._resized(converted)))
-            except (UnidentifiedImageError, OSError) as exc:
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+                # Pillow refuses images of more than twice MAX_IMAGE_PIXELS (a decompression bomb).
                 raise UserError(f"cannot read image {path}: {exc}", "give a PNG or JPEG file") from exc
         return self.resized(np.stack(pixels))
 
@@ -153,6 +163,7 @@ def from_manifest(spec: dict | None, bundle_dir: Path) -> Preprocessor | None:
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
     """Arrays of a .npy ({"": array}) or .npz file, never unpickling: an input file is untrusted."""
+    npy_members(path, "save plain numeric arrays with numpy.save/savez")
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):

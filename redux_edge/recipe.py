@@ -14,7 +14,6 @@ Every key is checked: a misspelt pass or parameter is an error, never silently i
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from typing import Any
 
 from redux_edge.errors import UserError
 from redux_edge.passes import PASSES, RecipePass, build_pass
+from redux_edge.untrusted import read_json, read_toml
 
 __all__ = ["DEFAULT_RECIPE", "Recipe", "load_recipe", "parse_pass_flag", "passes_from_flags"]
 
@@ -86,17 +86,13 @@ def load_recipe(path: Path | None) -> Recipe:
         return recipe_from_dict(DEFAULT_RECIPE, "default")
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist", "give a recipe .toml or a bundle's manifest.json")
-    try:
-        if path.suffix == ".json":
-            document = json.loads(path.read_text())
-            # A bundle's manifest records its recipe; a JSON recipe file is the recipe itself.
-            spec = document.get("recipe", document) if isinstance(document, dict) else document
-        else:
-            spec = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(
-            f"cannot read recipe {path}: {exc}", "give a recipe .toml or a manifest.json"
-        ) from exc
+    hint = "give a recipe .toml or a manifest.json"
+    if path.suffix == ".json":
+        document = read_json(path, hint)
+        # A bundle's manifest records its recipe; a JSON recipe file is the recipe itself.
+        spec = document.get("recipe", document) if isinstance(document, dict) else document
+    else:
+        spec = read_toml(path, hint)
     return recipe_from_dict(spec, str(path))
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,15 @@ def mnist_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def protected_bundle(tmp_path_factory) -> Path:
+    """mnist-cnn with MACPruning and its emitted C kernel (c/layer.npz): what the leakage commands read."""
+    out = tmp_path_factory.mktemp("macprune") / "protected"
+    argv = ["compile", "--model", "mnist-cnn", "--mac-prune", "0.5", "--mac-keep-top", "0.2"]
+    assert main([*argv, "--mac-seed", "7", "--emit-c", "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def held_out_csv(tmp_path_factory) -> Path:
     """96 held-out Rotten Tomatoes sentences with labels: a user's --eval-data, small enough to be quick."""
     from redux_edge.datasets import rotten_tomatoes
@@ -79,6 +90,19 @@ def add_local_device(cli, name: str, root: Path, target: str = "host", *extra: s
         "devices", "add", name, "--target", target, "--address", "local", "--root", root,
         "--python", sys.executable, *extra,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def tiny_file_system(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size``: a real file system that runs out of space (needs root, as in CI)."""
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder]
+    if subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root, as in CI)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", folder], check=False)
 
 
 def make_mlp_onnx(path: Path, hidden: int = 16) -> Path:

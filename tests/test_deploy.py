@@ -276,7 +276,7 @@ def test_file_corrupted_on_the_device_is_caught(cli, registry, mnist_bundle, tmp
     assert row["health"]["healthy"] and row["health"]["max_abs"] == 0.0
 
 
-# 5. Unknown device, unreachable host, wrong key, unknown host key: one line, exit code 2.
+# 5. Unknown device, unreachable host, wrong key, unknown or changed host key: one line, exit code 2.
 def test_connection_user_errors(cli, registry, sshd, mnist_bundle, tmp_path):
     assert_clean_user_error(
         cli("flash", mnist_bundle, "--device", "nope"), tmp_path, message="unknown device 'nope'"
@@ -285,13 +285,15 @@ def test_connection_user_errors(cli, registry, sshd, mnist_bundle, tmp_path):
     wrong_key = _keygen(tmp_path / "wrong_key")
     stranger = tmp_path / "stranger_known_hosts"
     other_host_key = _keygen(tmp_path / "other_host_key")
-    stranger.write_text(
-        f"[127.0.0.1]:{sshd.port} {' '.join(Path(f'{other_host_key}.pub').read_text().split()[:2])}\n"
-    )
+    other_key = " ".join(Path(f"{other_host_key}.pub").read_text().split()[:2])
+    stranger.write_text(f"[127.0.0.1]:{sshd.port} {other_key}\n")
+    elsewhere = tmp_path / "elsewhere_known_hosts"
+    elsewhere.write_text(f"[10.9.9.9]:22 {other_key}\n")
     cases = {
         "unreachable": ({"address": f"ssh://{sshd.user}@127.0.0.1:{_free_port()}"}, "cannot reach device"),
         "wrong-key": ({"key": str(wrong_key)}, "refused"),
-        "unknown-host-key": ({"known_hosts": str(stranger)}, "is not trusted"),
+        "unknown-host-key": ({"known_hosts": str(elsewhere)}, f"is not in {elsewhere}"),
+        "changed-host-key": ({"known_hosts": str(stranger)}, "has CHANGED: it offers SHA256:"),
         "no-known-hosts": ({"known_hosts": str(tmp_path / "missing")}, "known_hosts file"),
     }
     for name, (changes, _) in cases.items():
@@ -300,7 +302,10 @@ def test_connection_user_errors(cli, registry, sshd, mnist_bundle, tmp_path):
     for name, (_, message) in cases.items():
         for command in (("flash", mnist_bundle), ("devices", "check"), ("profile", mnist_bundle)):
             argv = [*command, "--device", name] if command[0] != "devices" else [*command, name]
-            assert_clean_user_error(cli(*argv), tmp_path, message=message)
+            result = cli(*argv)
+            assert_clean_user_error(result, tmp_path, message=message)
+            # A changed key is never to be appended over: no ssh-keyscan advice.
+            assert name != "changed-host-key" or ">>" not in result.stderr
         assert not (tmp_path / name).exists()
 
 

@@ -104,7 +104,7 @@ def test_external_data_inside_the_folder_loads(tmp_path):
 @pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../secret.bin"])
 def test_external_data_may_not_escape_the_folder(tmp_path, location):
     (tmp_path / "secret.bin").write_bytes(b"\0" * 8)
-    with pytest.raises(UserError, match="outside the model's folder"):
+    with pytest.raises(UserError, match=r"leads outside its folder|not relative to its folder"):
         load_onnx(_with_external_weights(tmp_path, location))
 
 

@@ -1,8 +1,12 @@
 """The fuzz suite: seeded mutations of what users hand the tool, each through the command that reads it.
 
-Four targets: ONNX files through ``compile``, bundles (manifest edits, unlisted files, symlinks, damaged
-files) through ``inspect``, ``run`` and the bundle's own runner, recipes through ``compile --recipe``, and
-input files through ``run``. The property for every case: exit 0 with a verified bundle (or outputs), or
+Seven targets: ONNX files through ``compile``; bundles (manifest edits, unlisted files, symlinks, damaged
+files) through ``inspect``, ``run`` and the bundle's own runner; recipes through ``compile --recipe``;
+input files through ``run``; Hugging Face directories (config fields, safetensors headers, weight indexes,
+``modules.json``, tokenizers) through ``compile``; trace files (ETS/HDF5 with links and external storage,
+``.npy``, lascar ``.npz``, ChipWhisperer projects) through ``leakage attack``; device registries through
+``devices list`` and ``devices check``. Every JSON and TOML target also gets documents nested thousands of
+levels deep. The property for every case: exit 0 with a verified bundle (or outputs), or
 exit 2 with one ``error:`` line; never exit 1, never a traceback, never a file written outside the
 output, never a change to a bundle that was there before. Hypothesis draws the cases (derandomized, so CI
 runs the same ones every time); the counts are ``EXAMPLES``.
@@ -29,7 +33,15 @@ from hypothesis import strategies as st
 from redux_edge.passes import PASSES
 from redux_edge.passes.contract import parameter_fields
 
-EXAMPLES = {"onnx": 200, "bundle": 150, "recipe": 100, "inputs": 100}
+EXAMPLES = {
+    "onnx": 200,
+    "bundle": 150,
+    "recipe": 100,
+    "inputs": 100,
+    "directory": 150,
+    "traces": 150,
+    "devices": 150,
+}
 RUNNER_EXAMPLES = 40  # the bundle cases that also start the runner (a process each)
 
 
@@ -179,6 +191,16 @@ JSON_VALUES = st.recursive(
 )
 
 
+def _deep(depth: int, kind: str) -> str:
+    """A JSON (or TOML inline) document nested ``depth`` levels: Python's parsers recurse per level."""
+    if kind == "list":
+        return "[" * depth + "]" * depth
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+DEEP = st.builds(_deep, st.sampled_from([70, 3000, 100_000]), st.sampled_from(["list", "table"]))
+
+
 def _paths(document, prefix=()):
     yield prefix
     if isinstance(document, dict):
@@ -190,6 +212,9 @@ def _paths(document, prefix=()):
 
 
 def _edit_manifest(bundle: Path, draw) -> None:
+    if draw(st.integers(0, 9)) == 0:
+        (bundle / "manifest.json").write_text(draw(DEEP))
+        return
     manifest = json.loads((bundle / "manifest.json").read_text())
     path = draw(st.sampled_from(sorted(_paths(manifest), key=str)))
     if not path:
@@ -274,6 +299,9 @@ def recipes(draw) -> tuple[str, bytes]:
     names = sorted(PASSES)
     if draw(st.integers(0, 9)) == 0:
         return draw(st.sampled_from([".toml", ".json"])), draw(st.binary(max_size=64))
+    if draw(st.integers(0, 9)) == 0:
+        deep = draw(DEEP)
+        return draw(st.sampled_from([(".json", deep), (".toml", f"passes = {deep}")]))[0], deep.encode()
     steps = []
     for _ in range(draw(st.integers(0, 3))):
         name = draw(st.sampled_from([*names, "shrink-ray", ""]))
@@ -314,9 +342,11 @@ DTYPES = st.sampled_from(
 
 @st.composite
 def input_files(draw) -> tuple[str, bytes | dict]:
-    kind = draw(st.sampled_from(["npz", "npy", "text", "bytes"]))
+    kind = draw(st.sampled_from(["npz", "npy", "text", "bytes", "header"]))
     if kind in ("text", "bytes"):
         return draw(st.sampled_from([".txt", ".png", ".npz", ".npy", ""])), draw(st.binary(max_size=200))
+    if kind == "header":
+        return ".npy", _lying_npy(draw)
     shape = draw(st.lists(st.integers(0, 9), max_size=3))
     value = draw(st.one_of(st.floats(-1e6, 1e6), st.just(float("nan")), st.integers(-(2**40), 2**40)))
     with np.errstate(invalid="ignore", over="ignore"):
@@ -325,6 +355,17 @@ def input_files(draw) -> tuple[str, bytes | dict]:
         return ".npy", {"": array}
     names = draw(st.lists(st.sampled_from(["x", "y", "input_ids", ""]), min_size=0, max_size=2, unique=True))
     return ".npz", {name or "arr_0": array for name in names}
+
+
+def _lying_npy(draw) -> bytes:
+    """A .npy header that declares what it likes (10^12 elements, object dtype, a negative dim) over
+    a few bytes of data."""
+    shape = draw(st.sampled_from(["(1000000, 1000000)", "(-3, 8)", "(2, 8)", "(0,)", "()", "(2, 8, 'x')"]))
+    dtype = draw(st.sampled_from(["'<f4'", "'|O'", "'<i8'", "'V3'", "'<f4", "[('a', '<f4')]"]))
+    header = f"{{'descr': {dtype}, 'fortran_order': False, 'shape': {shape}, }}"
+    header += " " * (63 - (len(header) + 10) % 64) + "\n"
+    body = draw(st.binary(max_size=128))
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1") + body
 
 
 @_settings("inputs")
@@ -346,3 +387,281 @@ def test_fuzzed_input_files_through_run(cli, workdir, case):
         assert_contract(result, f"run on {suffix} {content!r:.200}")
         assert _tree(workdir / "bundle") == before
         assert set(Path(scratch).iterdir()) <= {path, Path(scratch) / "out.npz"}
+
+
+# --- Hugging Face directories through compile ----------------------------------------------------------
+
+_CONFIG_VALUES = st.one_of(
+    st.sampled_from([-1, 0, 1, 2, 10**9, 10**12, 1e9, 1.5, "12", "bert", None, True, [], {}, [2], {"a": 1}]),
+    JSON_VALUES,
+)
+_CONFIG_KEYS = [
+    "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
+    "max_position_embeddings", "type_vocab_size", "model_type", "architectures", "auto_map", "id2label",
+    "hidden_act", "layer_norm_eps", "pad_token_id",
+]  # fmt: skip
+_PATHS = st.sampled_from(
+    ["../outside.safetensors", "/etc/passwd", "missing.safetensors", "", "model.safetensors"]
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_directory(workdir) -> Path:
+    """A BERT of one layer, width 16, with a 32-word tokenizer, saved by transformers: a directory that
+    compiles in seconds, so that the benign mutations stay affordable."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        *["the", "a", "film", "is", "good", "bad", "not", "very", "story", "plot", "fun", "dull"],
+    ]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    folder = workdir / "tiny-bert"
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def _safetensors_edit(path: Path, draw) -> None:
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header, body = json.loads(data[8 : 8 + length]), data[8 + length :]
+    kind = draw(st.sampled_from(["length", "entry", "truncate", "flip", "append", "header"]))
+    if kind == "length":
+        new_length = draw(st.sampled_from([0, 1, length - 1, length + 1, 2**40, 2**64 - 1]))
+        path.write_bytes(new_length.to_bytes(8, "little") + data[8:])
+        return
+    if kind == "truncate":
+        path.write_bytes(data[: draw(st.integers(0, len(data) - 1))])
+        return
+    if kind == "flip":
+        path.write_bytes(_byte_flips(data[: 8 + length], draw) + body)
+        return
+    if kind == "append":
+        path.write_bytes(data + draw(st.binary(min_size=1, max_size=64)))
+        return
+    if kind == "header":
+        header = draw(JSON_VALUES)
+    else:
+        name = draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+        field = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        header[name][field] = draw(
+            st.one_of(
+                st.sampled_from(["F32", "Q7", "F16", [], [-1, 4], [10**6, 10**6], [0, 10**12], [8, 0]]),
+                JSON_VALUES,
+            )
+        )
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + body)
+
+
+def _directory_edit(folder: Path, draw) -> str:
+    kind = draw(st.sampled_from(["config", "safetensors", "index", "modules", "tokenizer", "deep"]))
+    if kind == "config":
+        config = json.loads((folder / "config.json").read_text())
+        for key in draw(st.lists(st.sampled_from(_CONFIG_KEYS), min_size=1, max_size=3, unique=True)):
+            config[key] = draw(_CONFIG_VALUES)
+        (folder / "config.json").write_text(json.dumps(config))
+    elif kind == "safetensors":
+        _safetensors_edit(folder / "model.safetensors", draw)
+    elif kind == "index":
+        weight_map = {"embeddings.word_embeddings.weight": draw(_PATHS), "pooler.dense.weight": draw(_PATHS)}
+        index = draw(st.sampled_from([{"weight_map": weight_map}, {"weight_map": draw(JSON_VALUES)}, []]))
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif kind == "modules":
+        entry = {
+            "path": draw(st.sampled_from(["../..", "/etc", "1_Pooling", "", "missing"])),
+            "type": "x.Pooling",
+        }
+        modules = draw(st.sampled_from([[entry], [{"type": 5}], {"a": 1}, "x"]))
+        (folder / "modules.json").write_text(json.dumps(modules))
+        if draw(st.booleans()):
+            (folder / "1_Pooling").mkdir()
+            (folder / "1_Pooling" / "config.json").write_text(json.dumps(draw(JSON_VALUES)))
+    elif kind == "tokenizer":
+        tokenizer = folder / "tokenizer.json"
+        tokenizer.write_bytes(
+            draw(
+                st.sampled_from(
+                    [
+                        tokenizer.read_bytes()[: draw(st.integers(0, 200))],
+                        json.dumps(draw(JSON_VALUES)).encode(),
+                        draw(st.binary(max_size=64)),
+                    ]
+                )
+            )
+        )
+    else:
+        name = draw(st.sampled_from(["config.json", "tokenizer.json", "model.safetensors.index.json"]))
+        (folder / name).write_text(draw(DEEP))
+    return kind
+
+
+@pytest.mark.slow
+@_settings("directory")
+@given(data=st.data())
+def test_fuzzed_huggingface_directories_through_compile(cli, tiny_directory, data):
+    with tempfile.TemporaryDirectory(dir=tiny_directory.parent) as scratch:
+        folder = Path(scratch) / "model"
+        shutil.copytree(tiny_directory, folder)
+        (Path(scratch) / "outside.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+        kind = _directory_edit(folder, data.draw)
+        before = _tree(Path(scratch))
+        result = cli("compile", "--model", folder, "-o", Path(scratch) / "out")
+        assert_contract(result, f"compile of a directory with a {kind} mutation")
+        after = _tree(Path(scratch))
+        assert {k: v for k, v in after.items() if not k.startswith("out/")} == before
+
+
+# --- trace files through leakage attack ---------------------------------------------------------------
+
+
+def _ets_case(folder: Path, draw) -> Path:
+    import h5py
+
+    path = folder / "traces.ets"
+    rng = np.random.default_rng(0)
+    shape = draw(st.sampled_from([(40, 12), (0, 12), (40,), (40, 0), (5, 3, 2)]))
+    dtype = draw(st.sampled_from(["float32", "int8", "float64", "bool", "S4"]))
+    operand_shape = draw(st.sampled_from([(40, 4), (40,), (39, 4), (40, 0), ()]))
+    operand_dtype = draw(st.sampled_from(["int8", "uint8", "float32", "int64"]))
+    with h5py.File(path, "w") as handle:
+        link = draw(st.sampled_from(["dataset", "soft", "external-link", "external-storage", "missing"]))
+        samples = rng.standard_normal(shape).astype(dtype) if dtype != "S4" else np.zeros(shape, "S4")
+        if link == "dataset":
+            handle["traces"] = samples
+        elif link == "soft":
+            handle["stored"] = samples
+            handle["traces"] = h5py.SoftLink("/stored")
+        elif link == "external-link":
+            with h5py.File(folder / "secret.h5", "w") as other:
+                other["traces"] = samples
+            handle["traces"] = h5py.ExternalLink(str(folder / "secret.h5"), "/traces")
+        elif link == "external-storage":
+            samples.tofile(folder / "secret.bin")
+            handle.create_dataset(
+                "traces",
+                samples.shape,
+                samples.dtype,
+                external=[(str(folder / "secret.bin"), 0, samples.nbytes)],
+            )
+        key = draw(st.sampled_from(["operands", "plaintext", "other"]))
+        handle[f"metadata/{key}"] = np.asarray(
+            rng.integers(-128, 127, operand_shape) if operand_shape else 3
+        ).astype(operand_dtype)
+    return path
+
+
+def _chipwhisperer_case(folder: Path, draw) -> Path:
+    data = folder / "capture_data" / "traces"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    np.save(data / "2024_traces.npy", rng.standard_normal((30, 10)).astype(np.float32))
+    np.save(data / "2024_textin.npy", rng.integers(0, 255, (30, 16)).astype(np.uint8))
+    count = draw(st.sampled_from(["30", "10", "0", "-5", "31", "10000000000", "abc", ""]))
+    prefix = draw(st.sampled_from(["2024_", "../2024_", "missing_", "/etc/"]))
+    (data / "config_2024_.cfg").write_text(f"[Trace Config]\nnumTraces = {count}\nprefix = {prefix}\n")
+    listed = draw(
+        st.sampled_from(["capture_data\\traces\\config_2024_.cfg", "../../x.cfg", "/etc/hostname", ""])
+    )
+    project = folder / "capture.cwp"
+    project.write_text(f"[Trace Management]\ntracefile0 = {listed}\nenabled0 = True\n")
+    return project
+
+
+def _npy_traces_case(folder: Path, draw) -> list:
+    traces = folder / "traces.npy"
+    if draw(st.booleans()):
+        traces.write_bytes(_lying_npy(draw))
+    else:
+        np.save(traces, np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
+    inputs = folder / "inputs.npy"
+    inputs.write_bytes(draw(st.sampled_from([b"", _lying_npy(draw), b"\x93NUMPY garbage"])))
+    return [traces, "--inputs", inputs]
+
+
+@_settings("traces")
+@given(data=st.data())
+def test_fuzzed_trace_files_through_leakage_attack(cli, workdir, data):
+    draw = data.draw
+    with tempfile.TemporaryDirectory(dir=workdir) as scratch:
+        folder = Path(scratch)
+        kind = draw(st.sampled_from(["ets", "cwp", "npy", "npz", "bytes"]))
+        if kind == "ets":
+            arguments: list = [_ets_case(folder, draw)]
+        elif kind == "cwp":
+            arguments = [_chipwhisperer_case(folder, draw)]
+        elif kind == "npy":
+            arguments = _npy_traces_case(folder, draw)
+        elif kind == "npz":
+            names = draw(st.lists(st.sampled_from(["leakages", "values", "other"]), max_size=2, unique=True))
+            np.savez(
+                folder / "set.npz",
+                **{name: np.zeros(draw(st.sampled_from([(9, 4), (9,), ()]))) for name in names},
+            )
+            arguments = [folder / "set.npz"]
+        else:
+            (folder / "junk.ets").write_bytes(draw(st.binary(max_size=100)))
+            arguments = [folder / "junk.ets"]
+        secrets = {p: p.read_bytes() for p in folder.glob("secret*")}
+        result = cli("leakage", "attack", *arguments, "-o", folder / "report", "--checkpoints", "10,20")
+        assert_contract(result, f"leakage attack on a {kind} case")
+        assert all(p.read_bytes() == content for p, content in secrets.items())
+
+
+# --- device registries through devices list and devices check -----------------------------------------
+
+
+@_settings("devices")
+@given(data=st.data())
+def test_fuzzed_device_registries_through_devices_commands(cli, workdir, data):
+    draw = data.draw
+    with tempfile.TemporaryDirectory(dir=workdir) as scratch:
+        folder = Path(scratch)
+        registry = folder / "devices.toml"
+        roots = ["", ".", "/", "/etc", "/usr/lib/x", "relative", "~", "/tmp", str(folder / "device"), 5, None]
+        entry = {
+            "target": draw(st.sampled_from(["host", "jetson", "nope", 3, None])),
+            "address": draw(st.sampled_from(["local", "ssh://u@[::1", "http://x", 7])),
+            "root": draw(st.sampled_from(roots)),
+            "python": draw(st.sampled_from([sys.executable, "python3", 1.5, None])),
+            "storage_limit": draw(st.sampled_from(["1 GiB", "lots", -3, 10**30, None])),
+        }
+        entry = {key: value for key, value in entry.items() if value is not None}
+        if draw(st.integers(0, 4)) == 0:
+            entry[draw(st.sampled_from(["colour", "root", "target"]))] = draw(JSON_VALUES)
+        document = draw(
+            st.sampled_from(
+                [
+                    {"devices": {"box": entry}, "groups": {"lab": ["box"]}},
+                    {"devices": {"box": entry}, "groups": draw(JSON_VALUES)},
+                    {"devices": draw(JSON_VALUES)},
+                    {"devices": {"box": entry}},
+                ]
+            )
+        )
+        if draw(st.integers(0, 9)) == 0:
+            registry.write_text(f"devices = {draw(DEEP)}")
+        else:
+            try:
+                registry.write_text(tomli_w.dumps(document))
+            except TypeError:  # TOML has no null
+                registry.write_text(json.dumps(document))
+        for command in (["devices", "list", "--json"], ["devices", "check", "box"]):
+            assert_contract(cli(*command, "--devices", registry), f"{command[1]} of {document!r:.300}")
+        stray = {p.name for p in folder.iterdir()} - {"devices.toml", "device"}
+        assert not stray, f"nothing written beside the registry and its device root: {stray}"

@@ -31,16 +31,6 @@ def digits():
     return images.mnist()
 
 
-@pytest.fixture(scope="module")
-def protected_bundle(tmp_path_factory):
-    from redux_edge.cli import main
-
-    out = tmp_path_factory.mktemp("macprune") / "protected"
-    argv = ["compile", "--model", "mnist-cnn", "--mac-prune", "0.5", "--mac-keep-top", "0.2"]
-    assert main([*argv, "--mac-seed", "7", "--emit-c", "-o", str(out)]) == 0
-    return out
-
-
 def _session(model: ir.Model) -> ort.InferenceSession:
     return ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -319,7 +309,7 @@ def test_bad_trace_files_are_user_errors(tmp_path, cli):
     np.save(tmp_path / "inputs.npy", np.zeros((10, 3), np.int8))
     np.save(tmp_path / "floats.npy", np.zeros((10, 3), np.float32))
     cases = [
-        (["junk.npy", "--inputs", "inputs.npy"], "cannot read traces"),
+        (["junk.npy", "--inputs", "inputs.npy"], "junk.npy: ValueError: the magic string is not correct"),
         (["traces.npy"], "need their inputs"),
         (["traces.npy", "--inputs", "short.npy"], "10 traces but 9 input rows"),
         (["nan.npy", "--inputs", "inputs.npy"], "trace 4 holds NaN"),

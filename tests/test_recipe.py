@@ -42,7 +42,7 @@ def test_manifest_recipe_round_trips(tmp_path):
         ('[[passes]]\npass = "cleanup"\niterations = "many"\n', "must be int"),
         ("[[passes]]\niterations = 2\n", "names no pass"),
         ("passes = 3\n", "must be a list"),
-        ("[[passes]\n", "cannot read recipe"),
+        ("[[passes]\n", "is not valid TOML"),
         (
             '[[passes]]\npass = "prune-heads"\n[[passes]]\npass = "prune-heads"\n',
             "prune-heads more than once",

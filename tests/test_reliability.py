@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -18,7 +17,13 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from conftest import assert_clean_user_error, assert_one_error_line, make_mlp_onnx, make_nan_onnx
+from conftest import (
+    assert_clean_user_error,
+    assert_one_error_line,
+    make_mlp_onnx,
+    make_nan_onnx,
+    tiny_file_system,
+)
 
 from redux_edge.runtime.tolerance import Tolerance, compare, mismatch
 
@@ -340,21 +345,8 @@ def test_run_output_that_cannot_be_written(cli, tmp_path, mlp_bundle):
     )
 
 
-@contextlib.contextmanager
-def _tiny_file_system(folder: Path, size: str):
-    """A tmpfs of ``size``: a real file system that runs out of space (needs root, as in CI)."""
-    folder.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder]
-    if subprocess.run(mount, capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root, as in CI)")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", folder], check=False)
-
-
 def test_run_output_on_a_full_disk_leaves_no_empty_file(cli, mlp_bundle, tmp_path):
-    with _tiny_file_system(tmp_path / "tiny", "4k") as tiny:
+    with tiny_file_system(tmp_path / "tiny", "4k") as tiny:
         (tiny / "filler").write_bytes(b"\0" * 4096)
         assert_one_error_line(cli("run", mlp_bundle, "--output", tiny / "out.npz"), "cannot write")
         assert sorted(p.name for p in tiny.iterdir()) == ["filler"]
@@ -377,7 +369,7 @@ def test_output_that_is_the_current_directory(cli, tmp_path, monkeypatch, output
 
 def test_a_full_tmpdir_during_a_compile(cli, tmp_path, monkeypatch):
     mlp = make_mlp_onnx(tmp_path / "mlp.onnx", hidden=4096)  # 200 KB: more than TMPDIR holds
-    with _tiny_file_system(tmp_path / "tiny", "8k") as tiny:
+    with tiny_file_system(tmp_path / "tiny", "8k") as tiny:
         monkeypatch.setenv("TMPDIR", str(tiny))
         monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile reads TMPDIR once per process
         result = cli("compile", "--model", mlp, "-o", tmp_path / "out")

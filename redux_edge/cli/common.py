@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -18,8 +20,11 @@ from redux_edge.files import human_bytes
 __all__ = [
     "AT_LEAST_ONE",
     "DEVICES_OPTION",
+    "FINITE",
     "NON_NEGATIVE",
+    "SEED",
     "THREADS",
+    "FiniteFloatRange",
     "emit_json",
     "err",
     "human_bytes",
@@ -28,8 +33,23 @@ __all__ = [
     "progress",
 ]
 
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, refusing NaN and infinities (every comparison with NaN is false, so a range
+    alone lets ``nan`` through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 # The numbers the command line takes, checked where they come in (click prints the range on a mistake).
+FINITE = FiniteFloatRange()
 AT_LEAST_ONE = click.IntRange(min=1)
+# numpy's generators take seeds from 0; torch's take 64 bits: one range both accept.
+SEED = click.IntRange(0, 2**32 - 1)
 NON_NEGATIVE = click.IntRange(min=0)
 # More intra-op threads than any edge device or this machine has cores only slows a run down.
 THREADS = click.IntRange(1, 256)

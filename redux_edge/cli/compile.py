@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from redux_edge.cli.common import THREADS, emit_json, parse_shapes, progress
+from redux_edge.cli.common import FINITE, THREADS, FiniteFloatRange, emit_json, parse_shapes, progress
 from redux_edge.cli.report import print_report
 from redux_edge.frontend.source import EVAL_TASKS
 from redux_edge.passes.contract import Flag
@@ -28,7 +28,7 @@ def _option(flag: Flag) -> click.Option:
     elif isinstance(flag.type, tuple):
         settings["type"] = click.Choice(flag.type)
     else:
-        settings["type"] = flag.type
+        settings["type"] = FINITE if flag.type is float else flag.type
     if flag.metavar:
         settings["metavar"] = flag.metavar
     return click.Option([flag.option], **settings)
@@ -114,12 +114,12 @@ class _CompileCommand(click.Command):
 )
 @click.option(
     "--tolerance-cosine",
-    type=click.FloatRange(0, 1),
+    type=FiniteFloatRange(0, 1),
     help="Minimum cosine vs the reference [0.9999; 0.999 below fp32].",
 )
 @click.option(
     "--tolerance-atol",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     help="Maximum abs difference vs the reference, scaled by its magnitude above 1 [1e-3; 5e-2 below fp32].",
 )
 @click.option("-f", "--force", is_flag=True, help="Replace an existing bundle directory.")

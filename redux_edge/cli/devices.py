@@ -12,6 +12,7 @@ from redux_edge.cli.common import (
     DEVICES_OPTION,
     NON_NEGATIVE,
     THREADS,
+    FiniteFloatRange,
     emit_json,
     err,
     human_bytes,
@@ -282,7 +283,7 @@ _STORE_OPTION = click.option(
 @click.option("--iterations", type=AT_LEAST_ONE, default=100, show_default=True)
 @click.option(
     "--duration",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     help="Measure for this many seconds instead of --iterations.",
 )
 @click.option(

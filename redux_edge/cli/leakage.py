@@ -8,7 +8,7 @@ import click
 import numpy as np
 from rich.table import Table
 
-from redux_edge.cli.common import AT_LEAST_ONE, NON_NEGATIVE, emit_json, out
+from redux_edge.cli.common import AT_LEAST_ONE, FINITE, NON_NEGATIVE, SEED, FiniteFloatRange, emit_json, out
 from redux_edge.errors import UserError
 
 __all__ = ["leakage"]
@@ -37,7 +37,7 @@ def leakage() -> None:
 @click.option("--traces", "count", type=AT_LEAST_ONE, default=1000, show_default=True)
 @click.option(
     "--noise",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=1.0,
     show_default=True,
     help="Gaussian noise sigma per sample.",
@@ -58,6 +58,7 @@ def leakage() -> None:
 )
 @click.option(
     "--control-flow",
+    type=FiniteFloatRange(min=0),
     default=0.0,
     show_default=True,
     help="Amplitude of the keep/skip branch leak (Double Strike); 0: a balanced branch.",
@@ -71,7 +72,7 @@ def leakage() -> None:
 )
 @click.option("--no-masking", is_flag=True, help="Hiding: keep every pixel (the shuffle alone).")
 @click.option("--fixed", is_flag=True, help="One fixed input for every trace (a TVLA fixed set).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def leakage_simulate(
     bundle: Path,
@@ -115,7 +116,7 @@ def leakage_simulate(
 @click.option("--bundle", type=click.Path(path_type=Path), help="Score against this bundle's true weights.")
 @click.option(
     "--realign",
-    type=float,
+    type=FINITE,
     metavar="THRESHOLD",
     help="Double Strike: parse each trace by its branch samples (above THRESHOLD = MAC ran) first; on "
     "traces of the kernel with hiding, read the keep bits its select leaks (integrated, second-order).",

@@ -67,8 +67,30 @@ for command in (
     cli.add_command(command)
 
 
-# Errors that are the state of the user's file systems, not a bug: full, over quota, read-only, no access.
-_FILE_SYSTEM_STATES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+# What the operating system says about a file, with the way out; any other OSError is a file the user
+# named or a state of their machine too (a missing file, a file-size limit), named by its own message.
+_FILE_SYSTEM_HINTS = {
+    errno.ENOSPC: "free space there, or set TMPDIR to a file system with room",
+    errno.EDQUOT: "free space within your quota, or set TMPDIR elsewhere",
+    errno.EROFS: "choose a writable place",
+    errno.EACCES: "fix the permissions there, or choose another place",
+    errno.ENOENT: "check the path",
+    errno.EFBIG: "a file-size limit (the file system's, or ulimit -f) stops it: raise it or write elsewhere",
+}
+
+
+def _user_state(exc: BaseException) -> tuple[str, str] | None:
+    """(message, hint) for an exception that is the user's input or machine and not a bug of ours: the
+    operating system's answer about a file, input nested deeper than a parser recurses, or more memory
+    than the machine has; None for everything else."""
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}", _FILE_SYSTEM_HINTS.get(exc.errno or 0, "check that file")
+    if isinstance(exc, RecursionError):
+        return "an input file is nested too deeply to read", "no real model, recipe or manifest is; fix it"
+    if isinstance(exc, MemoryError):
+        return "this input needs more memory than the machine has", "give a smaller input"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,25 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
-    except OSError as exc:
-        if exc.errno not in _FILE_SYSTEM_STATES:
-            raise
-        # Where the code knows the file it names it (UserError above); this is the rest, e.g. a
-        # library's temporary file on a full TMPDIR.
-        if debug:
-            err.print_exception()
-        where = f" writing {exc.filename}" if exc.filename else ""
-        click.echo(
-            f"error: {exc.strerror}{where} (free space or fix permissions there, or set TMPDIR to a "
-            "file system with room)",
-            err=True,
-        )
-        return 2
     except Exception as exc:
         if debug:
             err.print_exception()
+        # Where the code knows the file it names it (a UserError above); this is the rest, e.g. a
+        # library's temporary file on a full TMPDIR.
+        if (state := _user_state(exc)) is not None:
+            click.echo(f"error: {state[0]} ({state[1]})", err=True)
+            return 2
         click.echo(
-            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)", err=True
+            f"internal error: {type(exc).__name__}: {exc} (a bug in redux-edge: please report it with "
+            "the output of the same command with --debug)",
+            err=True,
         )
         return 1
     return code if isinstance(code, int) else 0

@@ -39,6 +39,11 @@ def run(
         raise UserError(
             f"--output {output_file} is a directory", f"give a file: {output_file / 'outputs.npz'}"
         )
+    if output_file is not None and output_file.resolve().is_relative_to(bundle.resolve()):
+        # A bundle holds only what its manifest lists; a file written into it would make it refused.
+        raise UserError(
+            f"--output {output_file} is inside the bundle {bundle}", "write the outputs outside the bundle"
+        )
     outputs, manifest = api.run(bundle, inputs_file, adapter)
     if output_file is not None:
         write_atomically(output_file, lambda partial: save_arrays(partial, outputs))

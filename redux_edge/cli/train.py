@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from redux_edge.cli.common import AT_LEAST_ONE, NON_NEGATIVE, emit_json, out, progress
+from redux_edge.cli.common import AT_LEAST_ONE, NON_NEGATIVE, SEED, emit_json, out, progress
 from redux_edge.errors import UserError
 
 __all__ = ["learn_masks_command", "train_adapter_command", "train_command"]
@@ -22,7 +22,7 @@ __all__ = ["learn_masks_command", "train_adapter_command", "train_command"]
 @click.option("--rank", type=AT_LEAST_ONE, default=4, show_default=True)
 @click.option("--sentences", type=AT_LEAST_ONE, default=2000, show_default=True, help="Training sentences.")
 @click.option("--epochs", type=AT_LEAST_ONE, default=2, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def train_adapter_command(
     model: str,
@@ -75,7 +75,7 @@ def train_adapter_command(
     show_default=True,
     help="Calibration sentences (task data).",
 )
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def learn_masks_command(
     model: str, plan_file: Path, pattern: str, steps: int, sentences: int, seed: int, as_json: bool

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,9 @@ __all__ = ["UserData", "read_feeds", "read_images", "read_texts"]
 
 _TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_INDEX = re.compile(r"-?[0-9]+")
+# Class indices a label may be: far more classes than any classifier has, and within int64.
+_MOST_CLASSES = 1 << 31
 _FORMATS = "a CSV/JSONL file with text and label columns, a folder of class subfolders, or an .npz"
 
 
@@ -82,7 +86,7 @@ def _label_ids(values: list[object], classes: dict[str, str] | None, path: Path)
     """Class indices for labels given as indices or names; checked against the model's classes."""
     if classes is not None:
         names = {str(name): int(index) for index, name in classes.items()}
-    elif all(str(v).strip().lstrip("-").isdigit() for v in values):
+    elif all(_INDEX.fullmatch(str(v).strip()) for v in values):
         names = {}  # indices already
     else:
         names = {name: index for index, name in enumerate(sorted({str(v).strip() for v in values}))}
@@ -91,7 +95,11 @@ def _label_ids(values: list[object], classes: dict[str, str] | None, path: Path)
         text = str(value).strip()
         if text in names:
             ids.append(names[text])
-        elif text.lstrip("-").isdigit():
+        elif _INDEX.fullmatch(text):
+            if not 0 <= int(text) < _MOST_CLASSES:
+                raise UserError(
+                    f"{path}: label {text} is not a class index", f"labels are 0 to {_MOST_CLASSES - 1}"
+                )
             ids.append(int(text))
         else:
             raise UserError(

@@ -74,8 +74,49 @@ def _current(root: Path) -> str | None:
 
 
 def _history(root: Path) -> list[dict]:
+    """The activations in order; a damaged file (cut short, edited) is an error before anything moves."""
     path = root / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        history = json.loads(path.read_text())
+        readable = isinstance(history, list) and all(
+            isinstance(entry, dict) and isinstance(entry.get("release"), str) for entry in history
+        )
+    except (ValueError, RecursionError):
+        readable = False
+    if not readable:
+        raise AgentError(
+            f"{path} is damaged; nothing was changed on the device",
+            "redux-edge rollback rebuilds it from the releases on the device (it keeps the damaged copy)",
+        )
+    return history
+
+
+def _rebuilt_history(root: Path) -> list[dict]:
+    """A history from the releases on the device, in the order they were made (their folders' times),
+    ending with the current one: what ``rollback`` walks when ``history.json`` is damaged."""
+    current = _current(root)
+    made = sorted(
+        _releases(root),
+        key=lambda release: (release == current, (root / "releases" / release).stat().st_mtime),
+    )
+    return [
+        {"release": release, "activated": (root / "releases" / release).stat().st_mtime, "rebuilt": True}
+        for release in made
+    ]
+
+
+def _repaired_history(root: Path) -> list[dict]:
+    """The history, or, when it is damaged, the rebuilt one, with the damaged file kept beside it."""
+    try:
+        return _history(root)
+    except AgentError:
+        path = root / "history.json"
+        os.replace(path, path.with_name(f"history.damaged-{int(time.time())}.json"))
+        history = _rebuilt_history(root)
+        _write_json(path, history)
+        return history
 
 
 def _write_json(path: Path, payload: object) -> None:
@@ -130,11 +171,16 @@ def storage(root: Path, limit: int | None = None) -> dict:
 
 
 def state(root: Path) -> dict:
+    try:
+        history, damaged = _history(root), None
+    except AgentError as exc:
+        history, damaged = _rebuilt_history(root), str(exc)
     return {
         "root": str(root),
         "current": _current(root),
         "releases": _releases(root),
-        "history": _history(root),
+        "history": history,
+        "history_damaged": damaged,
     }
 
 
@@ -197,7 +243,9 @@ def _link_or_copy(source: Path, target: Path) -> bool:
 def prepare(root: Path, release: str, wanted: dict[str, dict], limit: int | None) -> dict:
     """Make ``<release>.partial`` hold every wanted file it can without an upload: files already there
     with the right sha256 stay, files another release holds are hard-linked; the rest are listed as
-    missing. A release whose missing files would not fit is refused before anything is written."""
+    missing. A release whose missing files would not fit, or a damaged history, is refused before anything
+    is written."""
+    _history(root)
     final = _release_dir(root, release)
     if final.is_dir():
         return {
@@ -291,21 +339,21 @@ def _switch(root: Path, release: str) -> None:
 def activate(root: Path, release: str, bundle: dict) -> dict:
     """Rename the verified upload into place and point ``current`` at it; returns the release it replaced."""
     partial, final = _release_dir(root, release, partial=True), _release_dir(root, release)
+    history = _history(root)  # read before anything moves: a damaged file stops the flash here
     if partial.is_dir() and not final.is_dir():
         os.rename(partial, final)
     previous = _current(root)
     _switch(root, release)
-    history = _history(root)
     history.append({"release": release, "activated": time.time(), "previous": previous, **bundle})
     _write_json(root / "history.json", history)
     return {"previous": previous, "current": release}
 
 
 def switch(root: Path, release: str, reason: str) -> dict:
-    """Point ``current`` at an existing release (rollback), recording why."""
+    """Point ``current`` at an existing release (rollback), recording why; a damaged history is rebuilt."""
+    history = _repaired_history(root)
     previous = _current(root)
     _switch(root, release)
-    history = _history(root)
     history.append({"release": release, "activated": time.time(), "previous": previous, "reason": reason})
     _write_json(root / "history.json", history)
     return {"previous": previous, "current": release}
@@ -436,6 +484,9 @@ _VERBS = {
 def main(argv: list[str]) -> int:
     verb, root, args = argv[0], Path(os.path.expanduser(argv[1])), argv[2:]
     try:
+        # The host checks roots fully (deploy/devices.py); this keeps a bad one from writing anywhere.
+        if not root.is_absolute() or root.resolve() == Path("/"):
+            raise AgentError(f"the device root {argv[1]!r} is not an absolute folder below /", "fix root")
         root.mkdir(parents=True, exist_ok=True)
         with (root / ".lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -445,6 +496,9 @@ def main(argv: list[str]) -> int:
         return 3
     except (OSError, subprocess.SubprocessError) as exc:
         print(json.dumps({"error": str(exc)}))
+        return 3
+    except Exception as exc:  # the host needs one JSON reply, whatever the device's state
+        print(json.dumps({"error": f"the agent failed on {verb}: {type(exc).__name__}: {exc}"}))
         return 3
     print(json.dumps(result))
     return 0

@@ -21,10 +21,10 @@ overrides both) and is rewritten atomically.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
-import tomllib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import tomli_w
@@ -32,6 +32,7 @@ import tomli_w
 from redux_edge.errors import UserError
 from redux_edge.files import write_atomically
 from redux_edge.targets import load_target
+from redux_edge.untrusted import read_toml
 
 __all__ = ["Device", "Registry", "default_registry_path", "load_registry"]
 
@@ -163,13 +164,13 @@ def load_registry(path: Path | None = None) -> Registry:
     path = path or default_registry_path()
     if not path.is_file():
         return Registry(path)
-    try:
-        with path.open("rb") as handle:
-            document = tomllib.load(handle)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid TOML: {exc}", "fix the file or remove it") from exc
+    hint = "fix the file or remove it"
+    document = read_toml(path, hint)
+    devices, groups = document.get("devices", {}), document.get("groups", {})
+    if not isinstance(devices, dict) or not isinstance(groups, dict):
+        raise UserError(f"{path}: devices and groups must be tables", hint)
     registry = Registry(path)
-    for name, entry in document.get("devices", {}).items():
+    for name, entry in devices.items():
         if not isinstance(entry, dict) or set(entry) - _FIELDS:
             raise UserError(
                 f"device '{name}' in {path} has unknown keys", f"allowed: {', '.join(sorted(_FIELDS))}"
@@ -182,16 +183,43 @@ def load_registry(path: Path | None = None) -> Registry:
             ) from exc
         _check_device(device)
         registry.devices[name] = device
-    for group, members in document.get("groups", {}).items():
+    for group, members in groups.items():
+        if not isinstance(members, list) or not all(isinstance(member, str) for member in members):
+            raise UserError(f"group '{group}' in {path} is not a list of device names", hint)
         if missing := [member for member in members if member not in registry.devices]:
             raise UserError(f"group '{group}' in {path} names unknown devices {missing}", "fix the group")
         registry.groups[group] = list(members)
     return registry
 
 
+# A device root is a folder of its own: flashing writes releases/, current, history.json and .lock into it
+# and `devices check` walks it. Not a system tree, nor a shared folder itself.
+_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/run", "/sbin",
+                 "/sys", "/usr")  # fmt: skip
+_SHARED_FOLDERS = {"/", "/home", "/root", "/tmp", "/opt", "/mnt", "/media", "/srv", "/var", "~"}
+
+
+def _check_root(device: Device) -> None:
+    root = device.root
+    hint = 'give a folder of its own, e.g. root = "/opt/redux-edge" or "~/redux-edge"'
+    if not root.startswith(("/", "~/")) or ".." in PurePosixPath(root).parts:
+        raise UserError(f"device '{device.name}' has root {root!r}, which is not an absolute path", hint)
+    normal = posixpath.normpath(root)
+    if normal in _SHARED_FOLDERS or any(normal == t or normal.startswith(t + "/") for t in _SYSTEM_TREES):
+        raise UserError(f"device '{device.name}' has root {root!r}, a system or shared folder", hint)
+
+
 def _check_device(device: Device) -> None:
     if not _NAME.match(device.name):
         raise UserError(f"bad device name '{device.name}'", "use letters, digits, '-', '_' and '.'")
+    for key, value in asdict(device).items():
+        if (
+            not isinstance(value, str)
+            and not (key == "storage_limit" and type(value) is int)
+            and (value is not None or key in ("target", "address", "root", "python"))
+        ):
+            raise UserError(f"device '{device.name}': {key} is {value!r}, not text", "write it in quotes")
+    _check_root(device)
     load_target(device.target)
     device.storage_limit_bytes  # noqa: B018  (parsing it is the check)
     if device.is_local:

@@ -169,6 +169,11 @@ def flash(
             )
         except UserError as exc:
             result.error = str(exc)
+        except OSError as exc:
+            # A file this machine cannot read or send (a file-size limit, a vanished file): this device's row.
+            result.error = f"device {device.name}: {exc.strerror or exc}" + (
+                f" ({exc.filename})" if exc.filename else ""
+            )
         result.seconds = time.perf_counter() - started
         return result
 
@@ -236,8 +241,16 @@ async def _flash_device(
     if not result.health["healthy"]:
         if result.previous is not None:
             await agent.call("switch", result.previous, f"health check of {release} failed")
-        await agent.call("discard", release)
-        back = f"rolled back to {result.previous}" if result.previous else "nothing is active"
+        # A release that was on the device before this flash (re-flashed, or an older one flashed again)
+        # is not this flash's to delete: the device keeps what it had.
+        if not prepared["complete"]:
+            await agent.call("discard", release)
+        if result.previous is not None:
+            back = f"rolled back to {result.previous}"
+        elif state["previous"] == release:
+            back = f"{release} stays active, as it was before this flash"
+        else:
+            back = "nothing is active"
         raise UserError(f"device {name}: health check failed ({result.health['why']}); {back}", _HINT)
     pruned = await agent.call("prune", str(keep))
     result.removed, result.free_bytes = pruned["removed"], pruned["free"]

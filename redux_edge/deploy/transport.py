@@ -166,10 +166,7 @@ async def connect(device: Device) -> Transport:
             asyncssh.connect(device.host, device.port, username=device.user, **options), CONNECT_TIMEOUT_S
         )
     except asyncssh.HostKeyNotVerifiable as exc:
-        raise UserError(
-            f"host key of device {device.name} ({where}) is not trusted by {device.known_hosts_path}",
-            f"if the device is yours: {_keyscan(device)}",
-        ) from exc
+        raise await _untrusted_host_key(device, where) from exc
     except asyncssh.PermissionDenied as exc:
         offered = device.key or "your agent's keys"
         raise UserError(
@@ -186,6 +183,36 @@ async def connect(device: Device) -> Transport:
             "check the address in devices.toml and that sshd runs on the device",
         ) from exc
     return SSHTransport(device, connection)
+
+
+async def _untrusted_host_key(device: Device, where: str) -> UserError:
+    """Why a host key was not trusted: no entry for the device (a first connection), or entries for it that
+    hold another key, which is what an interception looks like, and is never to be appended over."""
+    import asyncssh
+
+    try:
+        known = asyncssh.read_known_hosts(str(device.known_hosts_path))
+        stored = [key.get_fingerprint() for key in known.match(device.host, "", device.port)[0]]
+    except (OSError, ValueError, asyncssh.Error):
+        stored = []
+    if not stored:
+        return UserError(
+            f"host key of device {device.name} ({where}) is not in {device.known_hosts_path}",
+            f"if the device is yours: {_keyscan(device)}",
+        )
+    try:
+        offered_key = await asyncio.wait_for(
+            asyncssh.get_server_host_key(device.host, device.port), CONNECT_TIMEOUT_S
+        )
+        offered = offered_key.get_fingerprint() if offered_key else "no key"
+    except (TimeoutError, OSError, asyncssh.Error):
+        offered = "a key it would not show again"
+    return UserError(
+        f"host key of device {device.name} ({where}) has CHANGED: it offers {offered}, "
+        f"{device.known_hosts_path} holds {', '.join(stored)}",
+        "someone may be intercepting the connection, or the device was reinstalled: confirm the new key "
+        "with the device itself before replacing the old entry",
+    )
 
 
 def _keyscan(device: Device) -> str:

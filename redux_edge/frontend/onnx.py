@@ -12,9 +12,12 @@ version lowered to the one its opsets need.
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.external_data_helper
 import onnx.helper
@@ -25,8 +28,11 @@ from redux_edge.errors import UserError, first_line
 from redux_edge.frontend.source import Source, check_feeds, fit_inputs, run_onnx_file, synthetic_inputs
 from redux_edge.passes.contract import Step, no_progress
 from redux_edge.preprocess import read_inputs
+from redux_edge.untrusted import check_memory, inside
 
 __all__ = ["load_onnx", "onnx_source"]
+
+logger = logging.getLogger(__name__)
 
 
 # Domains whose operators ONNX Runtime's CPU provider implements beyond the ONNX standard.
@@ -53,12 +59,16 @@ def load_onnx(path: Path) -> ir.Model:
         )
     _check_io_types(proto, path)
     _check_external_data(proto, path.parent)
+    densified = _densify_sparse_initializers(proto, path)
     try:
-        onnx.checker.check_model(str(path))
+        # A file over 2 GiB only checks by path; a densified one only as the proto changed here.
+        onnx.checker.check_model(proto if densified else str(path))
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.shape_inference.InferenceError) as exc:
         raise UserError(f"{path} fails the ONNX checker: {first_line(exc)}", "re-export the model") from exc
     _check_operators(proto, path)
-    model = ir.load(str(path))
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    _separate_outputs_from_inputs(model)
     # Weights in external files (torch's dynamo exporter writes model.onnx + model.onnx.data) are read
     # into memory, checked to lie inside the folder above: the IR is then saved anywhere as one file.
     ir.external_data.load_to_model(model)
@@ -94,8 +104,15 @@ def _check_io_types(proto: onnx.ModelProto, path: Path) -> None:
     for role, values in (("input", proto.graph.input), ("output", proto.graph.output)):
         initializers = {init.name for init in proto.graph.initializer}
         for value in values:
-            if value.name in initializers or not value.type.HasField("tensor_type"):
+            if value.name in initializers:
                 continue
+            if not value.type.HasField("tensor_type"):
+                kind = value.type.WhichOneof("value") or "untyped"
+                raise UserError(
+                    f"{path}: model {role} '{value.name}' is a {kind.removesuffix('_type')}, not a tensor, "
+                    "which redux-edge cannot feed or read",
+                    f"export the model with tensor {role}s (e.g. without a ZipMap at the end)",
+                )
             element = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
             if element not in _IO_TYPES:
                 kinds = ", ".join(sorted(_IO_TYPES))
@@ -106,7 +123,6 @@ def _check_io_types(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
-    root = folder.resolve()
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
@@ -117,23 +133,82 @@ def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
                 f"tensor '{tensor.name}' has unreadable external-data fields ({exc})", "re-export the model"
             ) from exc
         location = info.location
-        target = (root / location).resolve()
-        if Path(location).is_absolute() or not target.is_relative_to(root):
-            raise UserError(
-                f"tensor '{tensor.name}' points outside the model's folder ({location})",
-                "external data must be a relative path inside the model's folder",
-            )
+        target = inside(folder, location, f"tensor '{tensor.name}'")
         if not target.is_file():
             raise UserError(
                 f"tensor '{tensor.name}' needs external data file {location}, which is missing",
                 f"put {location} beside the model",
             )
-        offset, length = info.offset or 0, info.length
-        if offset < 0 or (length is not None and (length < 0 or offset + length > target.stat().st_size)):
+        offset, length, size = info.offset or 0, info.length, target.stat().st_size
+        hint = "the data file does not belong to this model, or is truncated: re-export it"
+        if offset < 0 or (length is not None and (length < 0 or offset + length > size)):
             raise UserError(
                 f"tensor '{tensor.name}' reads bytes {offset}..{offset + (length or 0)} of {location}, "
-                f"which holds {target.stat().st_size}",
-                "the data file does not belong to this model, or is truncated: re-export it",
+                f"which holds {size}",
+                hint,
+            )
+        needed = _tensor_bytes(tensor)
+        available = size - offset if length is None else length
+        if needed is not None and available < needed:
+            raise UserError(
+                f"tensor '{tensor.name}' is {list(tensor.dims)} and needs {needed:,} bytes, and its external "
+                f"data in {location} holds {max(available, 0):,}",
+                hint,
+            )
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The bytes a tensor's dims and element type take; None for element types of no fixed size."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) or any(
+        dim < 0 for dim in tensor.dims
+    ):
+        return None
+    bits = 4 if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else itemsize * 8
+    return (math.prod(tensor.dims) * bits + 7) // 8
+
+
+def _densify_sparse_initializers(proto: onnx.ModelProto, path: Path) -> bool:
+    """Sparse initializers as the dense ones ONNX Runtime makes of them (the checker and the IR take dense
+    initializers only); True when there were any."""
+    graph = proto.graph
+    for sparse in graph.sparse_initializer:
+        try:
+            values = onnx.numpy_helper.to_array(sparse.values)
+            indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+            dense = np.zeros(math.prod(sparse.dims), dtype=values.dtype)
+            flat = (
+                indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), tuple(sparse.dims))
+            )
+            check_memory(dense.nbytes, f"sparse initializer '{sparse.values.name}'", "re-export the model")
+            dense[flat] = values
+        except (ValueError, IndexError, TypeError) as exc:
+            raise UserError(
+                f"{path}: sparse initializer '{sparse.values.name}' is malformed ({exc})",
+                "re-export the model",
+            ) from exc
+        graph.initializer.append(onnx.numpy_helper.from_array(dense.reshape(sparse.dims), sparse.values.name))
+    densified = len(graph.sparse_initializer) > 0
+    del graph.sparse_initializer[:]
+    return densified
+
+
+def _separate_outputs_from_inputs(model: ir.Model) -> None:
+    """A graph input that is also a graph output (ONNX Runtime passes it through) gets an Identity whose
+    output is named ``<input>_output``: the IR's passes would otherwise rename the input, and the bundle
+    must take the inputs the file takes."""
+    for index, value in enumerate(model.graph.outputs):
+        if value.is_graph_input():
+            node = ir.node("Identity", inputs=[value])
+            node.outputs[0].name = f"{value.name}_output"
+            node.outputs[0].shape, node.outputs[0].type = value.shape, value.type
+            model.graph.append(node)
+            model.graph.outputs[index] = node.outputs[0]
+            logger.warning(
+                "output '%s' is also an input: the bundle names it '%s'", value.name, node.outputs[0].name
             )
 
 

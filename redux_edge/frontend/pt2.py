@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -30,18 +31,54 @@ from redux_edge.preprocess import read_inputs
 __all__ = ["pt2_source"]
 
 _HINT = "save the program with torch.export.save from plain tensors (no custom objects), or export to ONNX"
-_COMPILED = ("data/aotinductor/", "data/executorch/", "data/mtia", "xl_model_weights/")
+# Every entry torch.export.save writes for one program named "model" without pickles. torch.export.load
+# loads a program for *any* entry under models/ and reads that program's weights by its own configs and
+# legacy pickled files, so an entry that is not on this list is refused, whatever its name.
+_FIXED_ENTRIES = frozenset(
+    {
+        "archive_format",
+        "archive_version",
+        "byteorder",
+        ".data/version",
+        ".data/serialization_id",
+        "models/model.json",
+        "data/weights/model_weights_config.json",
+        "data/constants/model_constants_config.json",
+        "data/sample_inputs/model.pt",
+    }
+)
+_WEIGHTS = "data/weights/model_weights_config.json"
+_CONSTANTS = "data/constants/model_constants_config.json"
+# Raw tensor payloads: weight_<n> and tensor_<n> (custom_obj_/opaque_obj_ constants are pickles).
+_PAYLOAD = re.compile(r"(weight|tensor)_[0-9]+")
 
 
 def _refuse(path: Path, why: str) -> UserError:
     return UserError(f"{path} is not a .pt2 redux-edge loads: {why}", _HINT)
 
 
-def _payloads(archive: zipfile.ZipFile, name: str, path: Path) -> dict:
+def _payloads(archive: zipfile.ZipFile, name: str, path: Path) -> dict[str, dict]:
     try:
-        return json.loads(archive.read(name))["config"]
-    except (KeyError, ValueError, TypeError) as exc:
+        config = json.loads(archive.read(name))["config"]
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
         raise _refuse(path, f"{PurePosixPath(name).name} is missing or not JSON") from exc
+    if not isinstance(config, dict) or not all(isinstance(entry, dict) for entry in config.values()):
+        raise _refuse(path, f"{PurePosixPath(name).name} is not a table of payloads")
+    return config
+
+
+def _entries(archive: zipfile.ZipFile, path: Path) -> tuple[str, set[str]]:
+    """The archive's one root folder and the entries under it; duplicates and escapes refused."""
+    names = archive.namelist()
+    if len(set(names)) != len(names):
+        raise _refuse(path, "it holds two entries of the same name")
+    parts = [PurePosixPath(name).parts for name in names]
+    roots = {part[0] for part in parts if part}
+    escapes = any(".." in part or name.startswith("/") for name, part in zip(names, parts, strict=True))
+    if len(roots) != 1 or escapes:
+        raise _refuse(path, "its files do not sit in one archive folder")
+    root = roots.pop() + "/"
+    return root, {name[len(root) :] for name in names if name != root}
 
 
 def vet_archive(path: Path) -> None:
@@ -51,28 +88,24 @@ def vet_archive(path: Path) -> None:
     except (OSError, zipfile.BadZipFile) as exc:
         raise _refuse(path, f"not a zip archive ({exc})") from exc
     with archive:
-        names = archive.namelist()
-        roots = {PurePosixPath(name).parts[0] for name in names if PurePosixPath(name).parts}
-        if len(roots) != 1 or any(".." in PurePosixPath(n).parts or n.startswith("/") for n in names):
-            raise _refuse(path, "its files do not sit in one archive folder")
-        root = roots.pop() + "/"
-        inside = {name[len(root) :] for name in names}
+        root, inside = _entries(archive, path)
         if "archive_format" not in inside or archive.read(root + "archive_format").strip() != b"pt2":
             raise _refuse(path, "no pt2 archive_format (a legacy layout, which loads with pickle)")
-        models = sorted(name for name in inside if name.startswith("models/") and name.endswith(".json"))
-        if models != ["models/model.json"]:
-            raise _refuse(path, f"it holds the programs {models}, not one 'model'")
-        if compiled := sorted(name for name in inside if name.startswith(_COMPILED)):
-            raise _refuse(path, f"it carries compiled code ({compiled[0]})")
-        if {"data/weights/model.pt", "data/constants/model.pt"} & inside:
-            raise _refuse(path, "its weights are in the legacy pickled file")
-        weights = _payloads(archive, root + "data/weights/model_weights_config.json", path)
-        constants = _payloads(archive, root + "data/constants/model_constants_config.json", path)
-        for fqn, payload in {**weights, **constants}.items():
-            if payload.get("use_pickle") or not str(payload.get("path_name", "")).startswith(
-                ("weight_", "tensor_")
-            ):
-                raise _refuse(path, f"'{fqn}' is stored as a pickled object")
+        if "models/model.json" not in inside:
+            raise _refuse(path, "it holds no program 'model'")
+        weights = _payloads(archive, root + _WEIGHTS, path)
+        constants = _payloads(archive, root + _CONSTANTS, path)
+        allowed = set(_FIXED_ENTRIES)
+        for folder, table in (("data/weights/", weights), ("data/constants/", constants)):
+            for fqn, payload in table.items():
+                name = str(payload.get("path_name", ""))
+                if payload.get("use_pickle") or not _PAYLOAD.fullmatch(name):
+                    raise _refuse(path, f"'{fqn}' is stored as a pickled object")
+                allowed.add(folder + name)
+        if unknown := sorted(name for name in inside - allowed if not name.endswith("/")):
+            raise _refuse(
+                path, f"it holds {unknown[0]}, which torch would load and a plain save never writes"
+            )
         try:
             torch.load(io.BytesIO(archive.read(root + "data/sample_inputs/model.pt")), weights_only=True)
         except Exception as exc:  # torch.load raises many types for what it refuses

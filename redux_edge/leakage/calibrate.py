@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from redux_edge.errors import UserError
+from redux_edge.untrusted import npy_members
 
 __all__ = ["NoiseFit", "aes_sbox_outputs", "fit_noise", "measure", "summary"]
 
@@ -180,6 +181,7 @@ def _key(text: str) -> np.ndarray:
 
 
 def _known_values(path: Path, traces: int) -> np.ndarray:
+    npy_members(path, "store an integer .npy [traces, k]")
     try:
         known = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:

@@ -13,6 +13,7 @@ from redux_edge.errors import UserError
 from redux_edge.files import write_atomically
 from redux_edge.leakage import attack, report, simulate, traces, tvla
 from redux_edge.leakage.kernel import QuantizedLayer
+from redux_edge.untrusted import check_memory
 
 __all__ = ["attack_file", "load_layer", "simulate_file", "tvla_files"]
 
@@ -43,6 +44,13 @@ def simulate_file(
     if count < 1:
         raise UserError("--traces must be at least 1", "e.g. --traces 1000")
     layer = load_layer(bundle)
+    # Every trace is simulated in memory: float64 noise and its float32 copy per sample, each attacked
+    # MAC's slot up to jitter + 2 samples long, and its product and operand.
+    check_memory(
+        count * layer.weights.size * ((leakage.jitter + 2) * 12 + 16),
+        f"{count:,} simulated traces of {layer.weights.size} MACs with jitter {leakage.jitter}",
+        "simulate fewer --traces (several files can be attacked in turn) or a smaller --jitter",
+    )
     hidden = protected and layer.hiding == "shuffle"
     if (shuffle_span is not None or not masking) and not hidden:
         raise UserError(

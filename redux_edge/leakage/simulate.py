@@ -23,6 +23,7 @@ the MACs. ``masking=False`` simulates the shuffle alone (every pixel kept).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -42,8 +43,11 @@ class LeakageModel:
     def __post_init__(self) -> None:
         if self.intermediate not in ("product", "accumulator"):
             raise UserError(f"unknown leakage '{self.intermediate}'", "choose product or accumulator")
-        if self.noise < 0 or self.jitter < 0 or self.control_flow < 0:
-            raise UserError("noise, jitter and control-flow amplitude must be >= 0", "e.g. --noise 1")
+        numbers = (self.noise, self.jitter, self.control_flow)
+        if not all(math.isfinite(number) and number >= 0 for number in numbers):
+            raise UserError(
+                "noise, jitter and control-flow amplitude must be finite numbers >= 0", "e.g. --noise 1"
+            )
 
 
 @dataclasses.dataclass

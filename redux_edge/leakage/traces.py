@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from redux_edge.errors import UserError
+from redux_edge.untrusted import npy_members
 
 __all__ = ["TraceSet", "read_traces", "write_ets"]
 
@@ -64,23 +65,30 @@ def read_traces(path: Path, inputs: Path | None = None, need_inputs: bool = True
         elif suffix == ".npz":
             samples, operands = _lascar(path)
         elif suffix == ".npy":
-            samples = np.load(path, mmap_mode="r", allow_pickle=False)
+            samples = _npy(path, mmap=True)
             if inputs is None and need_inputs:
                 raise UserError(f"{path}: plain .npy traces need their inputs", "add --inputs inputs.npy")
             operands = _array(inputs) if inputs is not None else np.zeros((samples.shape[0], 1), np.int8)
         else:
             raise UserError(f"{path}: unknown trace format '{suffix}'", "use .npy, .npz, .ets/.h5 or .cwp")
-    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read traces from {path}: {exc}", "check the file and its format") from exc
     return _checked(str(path), samples, operands)
 
 
+def _npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """A .npy file whose header has been checked against its size and the memory budget; samples are
+    memory-mapped (``mmap``), so that a capture larger than memory is read in chunks."""
+    npy_members(path, "save the array with numpy.save")
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
 def _array(path: Path) -> np.ndarray:
-    return np.load(path, allow_pickle=False)
+    return _npy(path)
 
 
 def _checked(source: str, samples, operands: np.ndarray) -> TraceSet:
-    if len(samples.shape) != 2 or samples.shape[0] == 0:
+    if len(samples.shape) != 2 or 0 in samples.shape:
         raise UserError(
             f"{source}: samples must be [traces, samples], got {list(samples.shape)}", "one row a trace"
         )
@@ -89,7 +97,7 @@ def _checked(source: str, samples, operands: np.ndarray) -> TraceSet:
     operands = np.asarray(operands)
     if operands.ndim == 1:
         operands = operands[:, None]
-    if operands.ndim != 2 or not np.issubdtype(operands.dtype, np.integer):
+    if operands.ndim != 2 or operands.shape[1] == 0 or not np.issubdtype(operands.dtype, np.integer):
         raise UserError(
             f"{source}: inputs must be integers [traces, weights], got {operands.dtype} "
             f"{list(operands.shape)}",
@@ -121,12 +129,11 @@ def _chipwhisperer(project: Path) -> tuple[np.ndarray, np.ndarray]:
         for path in files.values():
             if not path.is_file():
                 raise UserError(f"{project}: segment {prefix} has no {path.name}", "copy the whole project")
-        traces = np.load(files["traces"], mmap_mode="r", allow_pickle=False)
-        textin = np.load(files["textin"], allow_pickle=False)
+        traces, textin = _npy(files["traces"], mmap=True), _npy(files["textin"])
         # ChipWhisperer grows its trace buffer ahead of the capture and saves it whole: rows past the
         # config's numTraces were never captured.
         count = segment.getint("Trace Config", "numTraces", fallback=len(traces))
-        if count > min(len(traces), len(textin)):
+        if not 0 <= count <= min(len(traces), len(textin)):
             raise UserError(
                 f"{project}: segment {prefix} says {count} traces, its files hold {len(traces)} traces and "
                 f"{len(textin)} inputs",
@@ -178,9 +185,41 @@ def _ets(path: Path) -> tuple[Any, np.ndarray]:
 
     handle = h5py.File(path, "r")
     for key in ("operands", "plaintext"):
-        if f"metadata/{key}" in handle:
-            return handle["traces"], np.asarray(handle[f"metadata/{key}"])
+        if _hard_link(handle, f"metadata/{key}") is not None:
+            traces = _hard_link(handle, "traces")
+            if traces is None:
+                raise UserError(f"{path}: no dataset 'traces'", "write the samples as an ETS file")
+            return traces, np.asarray(_hard_link(handle, f"metadata/{key}"))
     raise UserError(f"{path}: no metadata 'operands' or 'plaintext'", "write the inputs as ETS metadata")
+
+
+_LINKS = {"ExternalLink": "an external link", "SoftLink": "a soft link"}
+
+
+def _hard_link(handle: Any, name: str) -> Any:
+    """The dataset at ``name`` when every step to it is a link inside the file and its data is stored in
+    the file; None when it is absent. HDF5 follows external links, external raw storage and virtual
+    datasets into other files, which an untrusted trace file may not make us read."""
+    import h5py
+
+    node = handle
+    for part in name.split("/"):
+        if not isinstance(node, h5py.Group) or part not in node:
+            return None
+        link = node.get(part, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise UserError(
+                f"{handle.filename}: '{name}' is {_LINKS.get(type(link).__name__, 'a link')}, which could "
+                "lead outside the file",
+                "store the traces in the file itself",
+            )
+        node = node[part]
+    if isinstance(node, h5py.Dataset) and (node.external or node.is_virtual):
+        raise UserError(
+            f"{handle.filename}: '{name}' keeps its data in other files",
+            "store the traces in the file itself",
+        )
+    return node
 
 
 def _lascar(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -26,6 +27,7 @@ from redux_edge.ir.surgery import finish, new_initializer
 from redux_edge.ir.weights import Weight, find_weights
 from redux_edge.passes.compression import WeightsMasked
 from redux_edge.passes.contract import Flag, RecipePass, parameter
+from redux_edge.untrusted import npy_members
 
 __all__ = ["SparsityPass", "load_mask_plan"]
 
@@ -131,8 +133,12 @@ class SparsityPass(RecipePass):
 
 def load_mask_plan(path: str) -> dict[str, np.ndarray]:
     """Keep masks by weight name from a plan file (numpy ``.npz`` of boolean arrays; never unpickled)."""
+    hint = "give the .npz learn-masks wrote"
+    if not Path(path).is_file():
+        raise UserError(f"cannot read mask plan {path}: no such file", hint)
+    npy_members(Path(path), hint)
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name].astype(bool) for name in archive.files}
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read mask plan {path}: {exc}", "give the .npz learn-masks wrote") from exc
+        raise UserError(f"cannot read mask plan {path}: {exc}", hint) from exc

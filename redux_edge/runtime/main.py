@@ -78,7 +78,17 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
     except EngineBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as exc:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        EOFError,
+        RecursionError,
+        MemoryError,
+        zipfile.BadZipFile,
+    ) as exc:
         # The manifest, sample and --inputs are data this runner reads without a schema (it has numpy only).
         print(f"error: the bundle or --inputs cannot be read ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 2

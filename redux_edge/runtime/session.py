@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import posixpath
 import re
 import resource
 import time
@@ -26,8 +27,10 @@ __all__ = [
     "check_inputs",
     "executor_module",
     "latency_stats",
+    "named_paths",
     "one_line",
     "open_artifact",
+    "paths_outside",
     "ranked",
     "refuse_unlisted_files",
     "unlisted_files",
@@ -92,13 +95,52 @@ def open_artifact(
 
 
 def refuse_unlisted_files(bundle_dir: Path) -> None:
-    """The runner's check before it opens a bundle it is handed (a compile's staging folder is not one)."""
+    """The runner's check before it opens a bundle it is handed (a compile's staging folder is not one):
+    every path the manifest names stays inside the bundle, and the bundle holds nothing else."""
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    if outside := paths_outside(bundle_dir, manifest):
+        raise InputError(
+            f"the manifest names a path outside the bundle ({outside[0]}): copy the bundle again"
+        )
     if unlisted := unlisted_files(bundle_dir, manifest):
         raise InputError(
             f"the bundle holds files its manifest does not list ({', '.join(unlisted[:3])}): "
             "remove them, or flash or copy the bundle again"
         )
+
+
+def named_paths(manifest: Mapping[str, Any]) -> list[Any]:
+    """Every path a manifest names: its files, the artifact, packed weights and their dense twins, the
+    engine folder, adapter packs and the tokenizer (values as found: the caller checks they are text)."""
+    backend = manifest["backend"]
+    paths = [*manifest["files"], backend["artifact"]]
+    for relative, index in ((manifest.get("storage") or {}).get("packed_files") or {}).items():
+        paths += [relative, posixpath.join(posixpath.dirname(relative), index["dense"])]
+    if engine_dir := (backend.get("engine_build") or {}).get("engine_dir"):
+        paths.append(engine_dir)
+    paths += [pack["file"] for pack in (manifest.get("adapters") or {}).get("packs", [])]
+    if tokenizer := (manifest.get("preprocess") or {}).get("tokenizer"):
+        paths.append(tokenizer)
+    return paths
+
+
+def paths_outside(bundle_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """The paths a manifest names that are not relative, lead outside the bundle (links followed), or,
+    for the artifact, are not among the files it lists and checksums."""
+    root = Path(bundle_dir).resolve()
+    outside = [
+        str(path)
+        for path in named_paths(manifest)
+        if not isinstance(path, str)
+        or not path
+        or "\x00" in path
+        or posixpath.isabs(path)
+        or not (root / path).resolve().is_relative_to(root)
+    ]
+    artifact = manifest["backend"]["artifact"]
+    if not outside and artifact not in manifest["files"]:
+        outside.append(f"{artifact}, which it does not list")
+    return outside
 
 
 def unlisted_files(bundle_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
@@ -238,6 +280,9 @@ def check_inputs(specs: list[dict], feeds: dict[str, np.ndarray]) -> dict[str, n
             elif dim != size:
                 raise InputError(f"input '{spec['name']}' has shape {list(array.shape)}, expected {shape}")
         checked[spec["name"]] = _cast_losslessly(spec["name"], array, np.dtype(_DTYPES[spec["dtype"]]))
+        if checked[spec["name"]].dtype.kind == "f" and np.isnan(checked[spec["name"]]).any():
+            # A NaN input gives NaN outputs, which would be printed as an answer ("class 0").
+            raise InputError(f"input '{spec['name']}' holds NaN values")
     return checked
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,9 @@ from redux_edge.train.worker import ERROR_FILE
 from redux_edge.train.zero import STAGES
 
 __all__ = ["train"]
+
+# More ranks than this per core only time-slice: a run of 1,000 ranks on 2 cores exhausted memory first.
+_RANKS_PER_CORE = 4
 
 
 def train(
@@ -44,6 +48,13 @@ def train(
 ) -> dict:
     """Run the recipe on ``nnodes`` x ``nproc_per_node`` processes; rank 0's run report."""
     recipe = load_train_recipe(recipe_path, overrides)  # a bad recipe fails here, before any process starts
+    cores = os.cpu_count() or 1
+    if nproc_per_node > _RANKS_PER_CORE * cores:
+        raise UserError(
+            f"--nproc-per-node {nproc_per_node} would start more than {_RANKS_PER_CORE} ranks per core "
+            f"of this machine's {cores}; each rank holds its own copy of the model and data",
+            f"give at most {_RANKS_PER_CORE * cores} (one per GPU, or about one per core)",
+        )
     if zero not in STAGES:
         raise UserError(f"--zero {zero}", f"choose one of: {', '.join(map(str, STAGES))}")
     if engine == "deepspeed":

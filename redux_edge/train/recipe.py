@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from redux_edge.errors import UserError
+from redux_edge.untrusted import read_toml
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +103,8 @@ class TrainRecipe:
 
 def _section(document: dict, name: str, kind: type, path: Path):
     values = document.pop(name, {})
+    if not isinstance(values, dict):
+        raise UserError(f"[{name}] in {path} is {values!r}, not a table", f"write a [{name}] section")
     known = {f.name: f.type for f in fields(kind)}
     if unknown := set(values) - set(known):
         raise UserError(f"[{name}] in {path} has unknown keys {sorted(unknown)}", f"known: {sorted(known)}")
@@ -110,8 +113,12 @@ def _section(document: dict, name: str, kind: type, path: Path):
         expected = type(getattr(defaults, key))
         if expected is float and isinstance(value, int):
             value = float(value)
-        if not isinstance(value, expected) or isinstance(value, bool):
-            raise UserError(f"[{name}] {key} in {path} is {value!r}", f"give a {expected.__name__}")
+        if (
+            not isinstance(value, expected)
+            or isinstance(value, bool)
+            or (expected is float and not math.isfinite(value))
+        ):
+            raise UserError(f"[{name}] {key} in {path} is {value!r}", f"give a finite {expected.__name__}")
         setattr(defaults, key, value)
     return defaults
 
@@ -134,19 +141,17 @@ def _override(document: dict, assignment: str) -> None:
 
 
 def load_train_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainRecipe:
-    try:
-        with Path(path).open("rb") as handle:
-            document = tomllib.load(handle)
-    except FileNotFoundError as exc:
-        raise UserError(f"training recipe {path} does not exist", "see models/*/train-*.toml") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"training recipe {path} is not valid TOML: {exc}", "fix the file") from exc
+    if not Path(path).is_file():
+        raise UserError(f"training recipe {path} does not exist", "see models/*/train-*.toml")
+    document = read_toml(Path(path), "fix the training recipe")
     for assignment in overrides:
         _override(document, assignment)
     task = document.pop("task", None)
     if task not in TASKS:
         raise UserError(f"training recipe {path} has task {task!r}", f"choose one of: {', '.join(TASKS)}")
     model = document.pop("model", "minilm-l6")
+    if not isinstance(model, str) or not isinstance(document.get(task, {}), dict):
+        raise UserError(f"training recipe {path}: model must be a name and [{task}] a table", "fix the file")
     recipe = TrainRecipe(
         task=task,
         model=model,
