@@ -41,6 +41,8 @@ class Verify(TypedDict, total=False):
     artifact_vs_onnxruntime: dict[str, dict[str, Any]]
     artifact_run: str
     random_outputs: list[str]
+    # How far passes that change numerics on purpose moved the outputs from the float model, and the gate.
+    shift: dict[str, Any]
 
 
 class BackendEntry(TypedDict, total=False):

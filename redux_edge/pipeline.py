@@ -19,6 +19,8 @@ import numpy as np
 import onnx_ir as ir
 
 from redux_edge import bundle as bundles
+from redux_edge.analysis import in_memory_runner
+from redux_edge.analysis.shift import GATES, Gate, failures, output_shift
 from redux_edge.backends import BACKENDS, Backend, select_backend
 from redux_edge.backends.measured import fastest
 from redux_edge.errors import UserError
@@ -51,6 +53,7 @@ def compile_model(
     eval_task: str = "auto",
     weights: Path | None = None,
     backend_options: dict | None = None,
+    waive_gate: bool = False,
     step: Step = no_progress,
 ) -> bundles.Bundle:
     """Compile ``model`` (a name ``--model`` takes, or a Source) for ``target_name`` into the bundle ``out``.
@@ -59,7 +62,8 @@ def compile_model(
     choose by data (``redux_edge.datasets.user``); ``eval_task``: what the first output is for the quality
     report ("classification": logits, "embedding", or "auto": as the checkpoint or the zoo card says).
     ``backend_options``: ``threads``, ``precision`` (default: the backend's) and what the backend's flags
-    set (``tune``, ``tuning_db``, ``rpc``, ``dla_core``); see each backend's ``lower``.
+    set (``tune``, ``tuning_db``, ``rpc``, ``dla_core``); see each backend's ``lower``. ``waive_gate``:
+    write a result whose outputs moved beyond the default gate of its lossy passes (the report says so).
     """
     target = load_target(target_name)
     backend = select_backend(target, backend_name, recipe.passes)
@@ -140,6 +144,9 @@ def compile_model(
                     )
             manifest["verify"]["artifact_run"] = how
         context.verified_outputs = outputs if outputs is not None else ir_outputs
+        if context.float_model is not None:
+            with step("measuring the shift from the float model"):
+                manifest["verify"]["shift"] = _gated_shift(context, waive_gate)
         for section in context.sections:
             section.verify(context)
         verified = zip(names, context.verified_outputs, strict=True)
@@ -150,6 +157,42 @@ def compile_model(
             manifest |= section.report(context)
         bundles.write_manifest(stage, manifest)
     return bundles.load_bundle(out)
+
+
+def _gated_shift(context: CompileContext, waived: bool) -> dict:
+    """How far the compiled outputs moved from the float model's on the verification inputs, against the
+    loosest default gate of the passes that changed numerics; beyond it the compile is refused unless
+    ``waived``."""
+    assert context.float_model is not None
+    source = context.source
+    lossy = [p for p in context.passes if p.gate() is not None]
+    gate = Gate.loosest(GATES[p.gate() or ""] for p in lossy)
+    float_outputs = in_memory_runner(context.float_model)(source.inputs)
+    # Outputs a pass added (mac-prune's pixel mask) have nothing to be compared with.
+    names = [str(value.name) for value in context.float_model.graph.outputs]
+    compiled = dict(zip(source.output_names, context.verified_outputs, strict=True))
+    logits = names[:1] if source.classifier else []
+    shift = output_shift(float_outputs, [compiled[name] for name in names], names, logits)
+    beyond = failures(shift, gate)
+    samples = next(iter(source.inputs.values())).shape[0] if source.inputs else 0
+    entry = {
+        "passes": [p.name for p in lossy],
+        "on": f"{samples} verification samples" + (" (made-up inputs)" if source.synthetic_inputs else ""),
+        "gate": gate.to_json(),
+        "outputs": shift,
+        "beyond": beyond,
+        "waived": waived,
+    }
+    if beyond and not waived:
+        more = f" (and {len(beyond) - 1} more)" if len(beyond) > 1 else ""
+        changed = " + ".join(p.name for p in lossy)
+        raise UserError(
+            f"{changed} moved the outputs beyond the default gate from the float model: "
+            f"{beyond[0]}{more} on {entry['on']}",
+            "exclude the weights that move most, use a milder change (int8-dynamic, fp16, learned masks), or "
+            "pass --waive-gate to write it anyway (judge it by --eval-data and --min-quality)",
+        )
+    return entry
 
 
 def _check_backend_flags(backend: Backend, options: dict) -> None:
@@ -207,6 +250,8 @@ def _run_passes(context: CompileContext) -> tuple[list[dict], list[PassOutcome]]
     for configured in context.passes:
         if context.dense is None and configured.compares_with_dense:
             context.dense = copy_model(model)
+        if context.float_model is None and configured.gate() is not None:
+            context.float_model = copy_model(model)
         configured.prepare(context)
         with context.step(f"pass {configured.name}"):
             started = time.perf_counter()

@@ -122,6 +122,12 @@ class _CompileCommand(click.Command):
     type=FiniteFloatRange(min=0),
     help="Maximum abs difference vs the reference, scaled by its magnitude above 1 [1e-3; 5e-2 below fp32].",
 )
+@click.option(
+    "--waive-gate",
+    is_flag=True,
+    help="Write a result whose outputs moved beyond the default gate of its lossy passes (quantize, "
+    "embedding-tables, sparsity, mac-prune) from the float model; the report says the gate was waived.",
+)
 @click.option("-f", "--force", is_flag=True, help="Replace an existing bundle directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def compile_command(
@@ -141,6 +147,7 @@ def compile_command(
     precision: str | None,
     tolerance_cosine: float | None,
     tolerance_atol: float | None,
+    waive_gate: bool,
     force: bool,
     as_json: bool,
     **shortcuts: Any,
@@ -194,6 +201,7 @@ def compile_command(
             weights=weights,
             tolerance=tolerance,
             backend_options=options,
+            waive_gate=waive_gate,
             step=progress,
         )
     if as_json:

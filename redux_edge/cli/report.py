@@ -29,6 +29,31 @@ def _origin(model: Mapping[str, Any]) -> str:
     return "unknown origin"
 
 
+_SHIFT_LABELS = {"rel_l2": "rel L2", "min_cosine": "min cosine", "top1": "top-1 kept", "equal": "equal"}
+
+
+def shift_lines(shift: Mapping[str, Any]) -> list[str]:
+    """The shift from the float model and its gate: passed, or refused but waived (said loudly)."""
+    gate = shift["gate"]
+    bounds = (
+        f"rel L2 <= {gate['max_rel_l2']}, min cosine >= {gate['min_cosine']}, "
+        f"top-1 kept >= {gate['min_top1']}"
+    )
+    changed, where = " + ".join(shift["passes"]), shift.get("on", "the samples")
+    lines = [f"  shift    {changed} vs the float model, on {where}:"]
+    for name, numbers in shift["outputs"].items():
+        shown = ", ".join(
+            f"{_SHIFT_LABELS[key]} {value:.4g}" for key, value in numbers.items() if key in _SHIFT_LABELS
+        )
+        lines.append(f"           {name}: {shown or numbers}")
+    if not shift["beyond"]:
+        lines.append(f"  gate     passed ({bounds})")
+    else:
+        beyond = "; ".join(shift["beyond"])
+        lines.append(f"  [bold red]gate     WAIVED[/] (--waive-gate): {beyond} ({bounds})")
+    return lines
+
+
 def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
     recorded = cast(Mapping[str, Any], manifest)  # sections are read by their registered keys
     model, target, backend = manifest["model"], manifest["target"], manifest["backend"]
@@ -99,7 +124,7 @@ def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
         # is against ONNX Runtime on the changed model.onnx.
         rows = [
             (rebased["ir_checked"], recorded["verify"]["ir"]),
-            (f"model.onnx vs{rebased['ir_checked'].removeprefix('the model')} (not gated)", rebased["shift"]),
+            (f"model.onnx vs{rebased['ir_checked'].removeprefix('the model')}", rebased["shift"]),
             (f"{backend['artifact']} vs ONNX Runtime on model.onnx", recorded["verify"].get("artifact", {})),
         ]
     for label, entries in rows:
@@ -108,6 +133,9 @@ def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
     out.print(checks)
     if "artifact_run" in verify:
         out.print(f"  artifact {verify['artifact_run']}")
+    if shift := recorded["verify"].get("shift"):
+        for line in shift_lines(shift):
+            out.print(line)
     files = manifest["files"]
     out.print(
         f"  files    {len(files)}, {human_bytes(sum(f['bytes'] for f in files.values()))}, sha256 "

@@ -144,6 +144,12 @@ class RecipePass(ir.passes.InPlacePass):
         before it chooses the backend, so a target's next backend serves when its first one cannot."""
         return ""
 
+    def gate(self) -> str | None:
+        """The kind of change (a key of ``analysis.shift.GATES``) when this pass, as configured, changes
+        numerics on purpose: the compile then measures how far the outputs moved from the float model
+        and refuses a result beyond that kind's gate. None for passes that keep numerics."""
+        return None
+
     def check(self, context: CompileContext) -> None:
         """Refuse (UserError) a recipe, backend or target this pass cannot work with."""
 
@@ -335,6 +341,8 @@ class CompileContext:
     step: Step = no_progress
     sections: list[Section] = field(default_factory=list)
     dense: ir.Model | None = None
+    # The model before the first pass that changes numerics on purpose: what the shift is measured from.
+    float_model: ir.Model | None = None
     stage: Path | None = None
     manifest: dict = field(default_factory=dict)
     # The outputs of the verified run of the artifact (or of model.onnx when it cannot run here).

@@ -73,6 +73,9 @@ class EmbeddingTablesPass(RecipePass):
                 f"embedding-tables: unknown dtype '{self.dtype}'", f"choose one of: {', '.join(DTYPES)}"
             )
 
+    def gate(self) -> str | None:
+        return f"tables-{self.dtype}"
+
     def check(self, context: CompileContext) -> None:
         position = context.passes.index(self)
         later = [p.name for p in context.passes[position + 1 :] if not (p.exact or p.rebases)]

@@ -290,6 +290,9 @@ class MacPrunePass(RecipePass):
         self.calibration: dict[str, np.ndarray] | None = None
         self.calibrated_on: str | None = None
 
+    def gate(self) -> str | None:
+        return "mac-prune"
+
     def refuses(self, backend: Backend, target: Target) -> str:
         from redux_edge.backends import backends_with
 

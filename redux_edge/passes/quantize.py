@@ -188,6 +188,9 @@ class QuantizePass(RecipePass):
         self.calibration: dict[str, np.ndarray] | None = None
         self.calibrated_on = ""
 
+    def gate(self) -> str | None:
+        return self.precision
+
     def refuses(self, backend: Backend, target: Target) -> str:
         if self.precision not in backend.quantized:
             return f"the {backend.name} backend cannot run --quantize {self.precision}"

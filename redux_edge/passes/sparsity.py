@@ -78,6 +78,9 @@ class SparsityPass(RecipePass):
                 raise UserError(f"sparsity: bad pattern {pattern!r}: {exc}", "give a regex") from exc
         self.planned = load_mask_plan(self.plan) if self.mask == "learned" else {}
 
+    def gate(self) -> str | None:
+        return "sparsity"
+
     def eligibility(self) -> nm.Eligibility:
         m = nm.parse_pattern(self.pattern)[1]
         return nm.Eligibility(
