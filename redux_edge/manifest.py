@@ -43,6 +43,8 @@ class Verify(TypedDict, total=False):
     random_outputs: list[str]
     # How far passes that change numerics on purpose moved the outputs from the float model, and the gate.
     shift: dict[str, Any]
+    # What made-up inputs hold, when the model came without inputs (frontend/made_up.py).
+    made_up_inputs: list[str]
 
 
 class BackendEntry(TypedDict, total=False):

@@ -27,6 +27,7 @@ from redux_edge.errors import UserError
 from redux_edge.files import save_arrays
 from redux_edge.frontend import load_source
 from redux_edge.frontend.source import Reference, Source, input_specs, run_onnx_file
+from redux_edge.ir.batch import Batches
 from redux_edge.ir.cost import model_cost
 from redux_edge.ir.surgery import copy_model
 from redux_edge.ir.verify import Tolerance, compare, require_match
@@ -86,6 +87,7 @@ def compile_model(
     original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
     exact = tolerance or Tolerance.for_precision("fp32")
     context = CompileContext(source, target, backend, options, exact, recipe.passes, step)
+    _require_real_inputs(source, recipe)
     for configured in recipe.passes:
         configured.check(context)
     # A pass may have chosen the precision the backend computes in (quantize): the artifact is held to it.
@@ -120,8 +122,9 @@ def compile_model(
         for section in context.sections:
             staged |= section.stage(context)
         # The health-check sample is one batch the artifact takes: all samples, or one static batch.
-        sample_count = next(iter(options["shapes"].values()))[0] if backend.static_shapes else None
-        _write_runner(stage, source, sample_count)
+        batches = Batches.of(source.model)
+        sample_count = batches.size(options["shapes"]) if backend.static_shapes else None
+        _write_runner(stage, source, batches, sample_count)
         manifest = _manifest(context, backend_entry, recipe, pass_log, original_cost, ir_report)
         manifest["verify"]["reference"] = reference.kind
         if rebased is not None:
@@ -132,7 +135,7 @@ def compile_model(
         context.manifest = manifest
         bundles.write_manifest(stage, manifest)
         with step("verifying the artifact"):
-            outputs, how = _run_artifact(backend, target, stage, source.inputs, options["shapes"])
+            outputs, how = _run_artifact(backend, target, stage, source.inputs, batches, sample_count, names)
             if outputs is not None:
                 checks = [(expected(outputs), "artifact"), (ir_outputs, "artifact_vs_onnxruntime")]
                 if random or rebase is not None:
@@ -151,7 +154,8 @@ def compile_model(
             section.verify(context)
         verified = zip(names, context.verified_outputs, strict=True)
         save_arrays(
-            stage / "sample" / "outputs.npz", {name: value[:sample_count] for name, value in verified}
+            stage / "sample" / "outputs.npz",
+            {name: batches.first(name, value, sample_count) for name, value in verified},
         )
         for section in context.sections:
             manifest |= section.report(context)
@@ -193,6 +197,18 @@ def _gated_shift(context: CompileContext, waived: bool) -> dict:
             "pass --waive-gate to write it anyway (judge it by --eval-data and --min-quality)",
         )
     return entry
+
+
+def _require_real_inputs(source: Source, recipe: Recipe) -> None:
+    """A pass that changes numerics on purpose is judged by how far the outputs move; on made-up inputs
+    that says little about the inputs the model is for, so real ones are required."""
+    lossy = [p.name for p in recipe.passes if p.gate() is not None]
+    if lossy and source.synthetic_inputs and source.calibration_data is None and source.eval_data is None:
+        raise UserError(
+            f"{' + '.join(lossy)} changes numerics on purpose, and {source.name} came without inputs: its "
+            "shift would be measured on made-up ones",
+            "give real samples with --inputs FILE.npz, or --calibration-data / --eval-data",
+        )
 
 
 def _check_backend_flags(backend: Backend, options: dict) -> None:
@@ -284,7 +300,13 @@ def _sections(outcomes: list[PassOutcome]) -> list[Section]:
 
 
 def _run_artifact(
-    backend: Backend, target: Target, stage: Path, inputs: dict[str, np.ndarray], shapes: dict[str, list]
+    backend: Backend,
+    target: Target,
+    stage: Path,
+    inputs: dict[str, np.ndarray],
+    batches: Batches,
+    batch: int | None,
+    names: list[str],
 ) -> tuple[list[np.ndarray] | None, str]:
     """The artifact's outputs where this machine can produce them, and how they were produced."""
     runs, why = backend.can_run_here(target)
@@ -296,19 +318,20 @@ def _run_artifact(
         if emulated is None:
             return None, f"not run here: {why}" + (f"; {how}" if how else "")
         run = emulated
-    if not backend.static_shapes:
+    total = batches.size({name: list(array.shape) for name, array in inputs.items()})
+    if batch is None or total is None or total == batch:
         return run(inputs), how
-    # A static-shape artifact takes one batch at a time.
-    batch = next(iter(shapes.values()))[0]
-    total = next(iter(inputs.values())).shape[0]
-    chunks = [run({k: v[i : i + batch] for k, v in inputs.items()}) for i in range(0, total, batch)]
-    return [np.concatenate(parts) for parts in zip(*chunks, strict=True)], how
+    # A static-shape artifact takes one batch at a time, each input cut along its own batch axis.
+    chunks = [run(batches.take(inputs, start, start + batch)) for start in range(0, total, batch)]
+    parts = zip(*chunks, strict=True)
+    return [batches.join(name, part) for name, part in zip(names, parts, strict=True)], how
 
 
-def _write_runner(stage: Path, source: Source, sample_count: int | None) -> None:
+def _write_runner(stage: Path, source: Source, batches: Batches, sample_count: int | None) -> None:
     bundles.write_runner(stage)
     (stage / "sample").mkdir()
-    save_arrays(stage / "sample" / "inputs.npz", {k: v[:sample_count] for k, v in source.inputs.items()})
+    samples = {name: batches.first(name, array, sample_count) for name, array in source.inputs.items()}
+    save_arrays(stage / "sample" / "inputs.npz", samples)
     if source.preprocessor is not None:
         for relative, path in source.preprocessor.assets().items():
             (stage / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -354,6 +377,7 @@ def _manifest(
             **_structure(source.model),
         },
         "verify": {
+            **({"made_up_inputs": source.made_up} if source.made_up else {}),
             "reference": source.reference_kind,
             "samples": int(next(iter(source.inputs.values())).shape[0]) if source.inputs else 0,
             "tolerance": context.tolerance.to_json(),

@@ -131,6 +131,8 @@ def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
         for name, numbers in entries.items():
             checks.add_row(label, name, f"{numbers['max_abs']:.3g}", f"{numbers['min_cosine']:.7f}")
     out.print(checks)
+    if made_up := recorded["verify"].get("made_up_inputs"):
+        out.print(f"  inputs   made up (no --inputs): {'; '.join(made_up)}")
     if "artifact_run" in verify:
         out.print(f"  artifact {verify['artifact_run']}")
     if shift := recorded["verify"].get("shift"):

@@ -60,7 +60,9 @@ def run(
                     f"  sample {index}: class {int(row.argmax())}{label} (logit {float(row.max()):.3f})"
                 )
         else:
-            for index, row in enumerate(value.reshape(value.shape[0], -1)):
+            for index, row in enumerate(
+                value.reshape(value.shape[0], -1) if value.ndim else value.reshape(1, 1)
+            ):
                 shown = ", ".join(f"{x:+.4f}" for x in row[:6])
                 out.print(f"  sample {index}: [{shown}, ...] norm={float(np.linalg.norm(row)):.4f}")
 

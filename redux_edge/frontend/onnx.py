@@ -25,7 +25,9 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError, Message
 
 from redux_edge.errors import UserError, first_line
-from redux_edge.frontend.source import Source, check_feeds, fit_inputs, run_onnx_file, synthetic_inputs
+from redux_edge.frontend.made_up import made_up_inputs
+from redux_edge.frontend.source import Source, check_feeds, check_sample_size, fit_inputs, run_onnx_file
+from redux_edge.ir.batch import Batches
 from redux_edge.passes.contract import Step, no_progress
 from redux_edge.preprocess import read_inputs
 from redux_edge.untrusted import check_memory, inside
@@ -69,6 +71,7 @@ def load_onnx(path: Path) -> ir.Model:
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     _separate_outputs_from_inputs(model)
+    _name_free_dimensions(model)
     # Weights in external files (torch's dynamo exporter writes model.onnx + model.onnx.data) are read
     # into memory, checked to lie inside the folder above: the IR is then saved anywhere as one file.
     ir.external_data.load_to_model(model)
@@ -196,6 +199,34 @@ def _densify_sparse_initializers(proto: onnx.ModelProto, path: Path) -> bool:
     return densified
 
 
+def _name_free_dimensions(model: ir.Model) -> None:
+    """Exporters write a dimension of no fixed size as -1, "?" or without a name. Each is its own: a graph
+    input or output gets a name of its own (``<value>_<axis>``), so that no two are taken to be equal and
+    none is taken for the size -1; inside the graph such a dimension is unknown."""
+    graph_values = {id(value) for value in (*model.graph.inputs, *model.graph.outputs)}
+    for value in _all_values(model.graph):
+        if value.shape is None:
+            continue
+        dims = list(value.shape)
+        free = [
+            axis
+            for axis, dim in enumerate(dims)
+            if (isinstance(dim, int) and dim < 0) or (not isinstance(dim, int) and dim.value in (None, "?"))
+        ]
+        if not free:
+            continue
+        for axis in free:
+            dims[axis] = ir.SymbolicDim(f"{value.name}_{axis}" if id(value) in graph_values else None)
+        value.shape = ir.Shape(dims)
+
+
+def _all_values(graph: ir.Graph):
+    yield from graph.inputs
+    yield from graph.outputs
+    for node in graph:
+        yield from node.outputs
+
+
 def _separate_outputs_from_inputs(model: ir.Model) -> None:
     """A graph input that is also a graph output (ONNX Runtime passes it through) gets an Identity whose
     output is named ``<input>_output``: the IR's passes would otherwise rename the input, and the bundle
@@ -246,10 +277,12 @@ def onnx_source(
     shapes = shapes or {}
     with step(f"checking {path}"):
         model = load_onnx(path)
+    made_up: list[str] = []
     if inputs_file is not None:
-        inputs = fit_inputs(read_inputs(inputs_file, [str(v.name) for v in model.graph.inputs], None), shapes)
+        given = read_inputs(inputs_file, [str(v.name) for v in model.graph.inputs], None)
+        inputs = fit_inputs(given, shapes, Batches.of(model).axes)
     else:
-        inputs = synthetic_inputs(model, shapes)
+        inputs, made_up = made_up_inputs(model, shapes, check_sample_size)
     check_feeds(model, inputs)
     with step("running the original model for reference outputs"), tempfile.TemporaryDirectory() as scratch:
         # The IR as loaded, not the file: loading may lower an IR version the runtime would refuse.
@@ -266,4 +299,5 @@ def onnx_source(
         reference_kind="onnxruntime on the original file"
         + (" (synthetic inputs)" if inputs_file is None else ""),
         synthetic_inputs=inputs_file is None,
+        made_up=made_up,
     )

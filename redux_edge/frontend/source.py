@@ -38,9 +38,9 @@ __all__ = [
     "Calibration",
     "Reference",
     "Source",
+    "check_sample_size",
     "fit_inputs",
     "run_onnx_file",
-    "synthetic_inputs",
 ]
 
 Feeds = dict[str, np.ndarray]
@@ -104,6 +104,8 @@ class Source:
     architecture: dict = field(default_factory=dict)
     task_data: str | None = None
     synthetic_inputs: bool = False
+    # What made-up inputs hold, one phrase per input (frontend/made_up.py), for the report.
+    made_up: list[str] = field(default_factory=list)
     # The PyTorch module of a source that has one (what learned masks and adapters are trained on).
     module: Any = None
     # The user's --eval-data and --calibration-data, read by ``use_data``.
@@ -331,10 +333,13 @@ def check_sample_size(name: str, shape: tuple[int, ...], dtype: np.typing.DTypeL
         )
 
 
-def fit_inputs(inputs: Feeds, shapes: dict[str, list[int]]) -> Feeds:
-    """Real inputs brought to the shapes asked for. Along the batch axis every sample is kept, cycled up to
-    a whole number of batches (a static-batch artifact is verified chunk by chunk); other axes are
-    zero-padded or cut (a zero token id is BERT's [PAD] and a zero mask hides it, so text stays valid)."""
+def fit_inputs(
+    inputs: Feeds, shapes: dict[str, list[int]], batch_axes: dict[str, int | None] | None = None
+) -> Feeds:
+    """Real inputs brought to the shapes asked for. Along an input's batch axis (``batch_axes``, else axis
+    0) every sample is kept, cycled up to a whole number of batches (a static-batch artifact is verified
+    chunk by chunk); other axes are zero-padded or cut (a zero token id is BERT's [PAD] and a zero mask
+    hides it, so text stays valid)."""
     if unknown := set(shapes) - set(inputs):
         raise UserError(
             f"--shapes names unknown inputs {sorted(unknown)}", f"the model's inputs are {list(inputs)}"
@@ -348,10 +353,13 @@ def fit_inputs(inputs: Feeds, shapes: dict[str, list[int]]) -> Feeds:
                 f"write --shapes {name}:{'x'.join(str(d) for d in array.shape)}",
             )
         check_sample_size(name, tuple(shape), array.dtype)
-        if shape:
-            batches = -(-array.shape[0] // shape[0])
-            array = np.resize(array, (batches * shape[0], *array.shape[1:]))
-        for axis, size in enumerate(shape[1:], start=1):
+        batch = (batch_axes or {}).get(name, 0) if shape else None
+        if batch is not None:
+            batches = -(-array.shape[batch] // shape[batch])
+            array = np.take(array, np.arange(batches * shape[batch]) % array.shape[batch], axis=batch)
+        for axis, size in enumerate(shape):
+            if axis == batch:
+                continue
             if array.shape[axis] > size:
                 array = np.take(array, range(size), axis=axis)
             elif array.shape[axis] < size:
@@ -362,40 +370,32 @@ def fit_inputs(inputs: Feeds, shapes: dict[str, list[int]]) -> Feeds:
     return fitted
 
 
-def synthetic_inputs(model: ir.Model, shapes: dict[str, list[int]]) -> Feeds:
-    """Random inputs from the model's signature; named dimensions default to 1 unless --shapes sets them."""
-    rng = np.random.default_rng(0)
-    names = [value.name for value in model.graph.inputs]
-    if unknown := set(shapes) - set(names):
-        raise UserError(f"--shapes names unknown inputs {sorted(unknown)}", f"the model's inputs are {names}")
-    inputs = {}
-    for value in model.graph.inputs:
-        name = str(value.name)
-        if name in shapes:
-            shape = tuple(shapes[name])
-        else:
-            shape = tuple(dim if isinstance(dim, int) else 1 for dim in value.shape or ())
-        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
-        check_sample_size(name, shape, dtype)
-        if np.issubdtype(dtype, np.floating):
-            inputs[name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            # Small non-negative integers are valid indices, ids and masks for almost any model.
-            inputs[name] = rng.integers(0, 2, shape).astype(dtype)
-    return inputs
-
-
 def input_specs(model: ir.Model) -> list[dict]:
     specs = []
     for value in model.graph.inputs:
+        # A dimension without a name of its own ("?", a negative size) is free: it agrees with nothing.
         shape = [
-            dim if isinstance(dim, int) else (str(dim) if dim.value else f"{value.name}_{axis}")
+            dim
+            if isinstance(dim, int) and dim >= 0
+            else (
+                str(dim)
+                if not isinstance(dim, int) and dim.value not in (None, "?")
+                else f"{value.name}_{axis}"
+            )
             for axis, dim in enumerate(value.shape or ())
         ]
         specs.append(
             {"name": value.name, "dtype": value.dtype.name if value.dtype else "FLOAT", "shape": shape}
         )
     return specs
+
+
+def _spec_dim(dim: int | ir.SymbolicDim, anonymous: str) -> int | str:
+    """A size, a shared name, or for a dimension without a name of its own ("?", no name, a negative size)
+    a name of its own, which agrees with nothing else."""
+    if isinstance(dim, int):
+        return dim if dim >= 0 else anonymous
+    return str(dim) if dim.value not in (None, "?") else anonymous
 
 
 def check_feeds(model: ir.Model, inputs: Feeds) -> None:

@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
+import onnx.version_converter
 import onnx_ir as ir
 
 from redux_edge.errors import UserError, first_line
@@ -233,10 +235,25 @@ class QuantizePass(RecipePass):
         before = copy_model(model)
         chosen, in_float = self._choose(model)
         if not chosen:
+            branched = [entry for entry in in_float if entry["why"] == _IN_BRANCH]
             raise UserError(
-                "quantize: no MatMul, Gemm or Conv with a constant weight is left to quantize",
-                "check the exclude patterns",
+                "quantize: no MatMul, Gemm or Conv with a constant weight is left to quantize"
+                + (
+                    f": the model's {len(branched)} weights sit inside control-flow branches"
+                    f" ({branched[0]['weight']}), which are not quantized"
+                    if branched
+                    else (" (the exclude patterns keep every weight in float)" if in_float else "")
+                ),
+                "use --quantize fp16/bf16 where the backend has them, or compile without --quantize",
             )
+        if model.opset_imports.get("", 0) < _PER_AXIS_OPSET:
+            # Per-channel QuantizeLinear/DequantizeLinear take an axis from opset 13: ONNX Runtime's
+            # quantizer writes it whatever the opset, which made an opset-11 file invalid. ONNX's own
+            # converter brings it up (onnxscript's takes 18 and newer only).
+            upgraded = ir.from_proto(
+                onnx.version_converter.convert_version(ir.to_proto(model), _PER_AXIS_OPSET)
+            )
+            model.graph = upgraded.graph  # the graph holds the opset imports
         _name_nodes(model)
         with tempfile.TemporaryDirectory(prefix="redux-edge-quantize-") as scratch:
             given, written = Path(scratch) / "float.onnx", Path(scratch) / "quantized.onnx"
@@ -277,6 +294,7 @@ class QuantizePass(RecipePass):
         if self.precision == "int8" and self.ffn_down_in_float:
             down = {id(block.down.matmul) for block in find_structure(model).feed_forward}
         chosen, in_float = [], []
+        in_float += [{"weight": name, "why": _IN_BRANCH} for name in _branch_weights(model.graph)]
         for weight in find_weights(model):
             if id(weight.node) in down:
                 why = "feed-forward down projection: its input's outliers do not fit one INT8 range"
@@ -317,6 +335,22 @@ class QuantizePass(RecipePass):
             calibrate_method=_calibration_method(self.method),
             extra_options=_extra_options(self.scheme),
         )
+
+
+_IN_BRANCH = "inside a control-flow branch (If/Loop/Scan): ONNX Runtime's quantizer leaves subgraphs alone"
+_PER_AXIS_OPSET = 13
+
+
+def _branch_weights(graph: ir.Graph) -> list[str]:
+    """The constant MatMul/Gemm/Conv weights inside the subgraphs of ``graph``'s nodes."""
+    found = []
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.graph is graph or node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if weight is not None and (weight.const_value is not None or weight.is_initializer()):
+            found.append(f"{weight.name} of a {node.op_type}")
+    return found
 
 
 def _calibration_method(method: str) -> Any:
