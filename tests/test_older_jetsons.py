@@ -117,3 +117,70 @@ def test_minilm_compiles_for_an_older_jetson_exact_against_onnx_runtime(tmp_path
     verify = bundle.manifest["verify"]
     assert verify["artifact_vs_onnxruntime"]["sentence_embedding"]["max_abs"] <= 1e-5
     assert verify["artifact"]["sentence_embedding"]["min_cosine"] >= 0.99999
+
+
+def _llama_block() -> onnx.ModelProto:
+    """RMSNorm as torch exports it (rsqrt: Sqrt then Reciprocal), then Split(num_outputs), opset 18."""
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [16, 16], RNG.standard_normal(256).astype(np.float32))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Mul", ["h", "h"], ["squared"]),
+        helper.make_node("ReduceMean", ["squared", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Add", ["mean", "eps"], ["shifted"]),
+        helper.make_node("Sqrt", ["shifted"], ["rms"]),
+        helper.make_node("Reciprocal", ["rms"], ["inverse"]),
+        helper.make_node("Mul", ["h", "inverse"], ["normed"]),
+        helper.make_node("Split", ["normed"], ["gate", "up"], axis=1, num_outputs=2),
+        helper.make_node("Mul", ["gate", "up"], ["y"]),
+    ]
+    initializers = [
+        weight,
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-6]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "llama_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+@pytest.mark.parametrize("target", ["jetson", "jetson-nano", "jetson-xavier-nx", "jetson-orin-nano"])
+def test_rmsnorm_and_split_by_count_compile_for_every_jetson_and_equal_the_original(tmp_path, target):
+    block = _llama_block()
+    onnx.save(block, tmp_path / "block.onnx")
+    feeds = {"x": RNG.standard_normal((4, 16)).astype(np.float32)}
+    np.savez(tmp_path / "x.npz", **feeds)
+    out = tmp_path / target
+    bundle = api.compile_model(
+        str(tmp_path / "block.onnx"), target, load_recipe(None), out, inputs_file=tmp_path / "x.npz"
+    )
+    lowered = onnx.load(out / "artifact" / "model.trt.onnx")
+    if target != "jetson-orin-nano":  # TensorRT 10.3 parses opset 20, Reciprocal and Split by count
+        assert "Reciprocal" not in {node.op_type for node in lowered.graph.node}
+        splits = [node for node in lowered.graph.node if node.op_type == "Split"]
+        assert splits and not [a for node in splits for a in node.attribute if a.name == "num_outputs"]
+    (expected,) = _run(block, feeds)
+    (got,) = _run(lowered, feeds)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert bundle.manifest["verify"]["artifact"]["y"]["min_cosine"] > 0.9999
+
+
+def test_a_model_only_newer_jetsons_parse_is_refused_naming_them(cli, tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Mod", ["x", "two"], ["y"], fmod=1)],
+        "mod",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
+        tmp_path / "m.onnx",
+    )
+    result = cli("compile", "-m", tmp_path / "m.onnx", "-t", "jetson", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "cannot parse 1 node(s)" in result.stderr
+    assert "jetson-orin-nano (TensorRT 10.3)" in result.stderr and "take this model" in result.stderr

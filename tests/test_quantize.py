@@ -217,7 +217,7 @@ def test_bad_quantize_inputs_get_the_user_error_contract(cli, tmp_path):
         "no backend of target x86-64-avx2 can run this recipe": [
             "--model", "mnist-cnn", "--target", "x86-64-avx2", "--quantize", "bf16",
         ],
-        "static INT8 needs real calibration data": ["--model", mlp, "--quantize", "int8"],
+        "mlp came without inputs": ["--model", mlp, "--quantize", "int8"],
         "input 'x' has shape [4, 5]": ["--model", mlp, "--quantize", "int8", "--calibration-data", misfit],
         "--calibration-method needs --quantize": ["--model", "mnist-cnn", "--calibration-method", "entropy"],
         "has no precision 'int8'": ["--model", "mnist-cnn", "--precision", "int8"],
@@ -259,7 +259,7 @@ def test_precision_auto_times_the_backends_here_and_keeps_the_fastest(tmp_path):
 def test_int8_stacks_on_2_4_for_orins_sparse_tensor_cores(tmp_path, held_out_csv):
     recipe = load_recipe(None).extended(passes_from_flags({"sparsity": "2:4", "quantize": "int8"}))
     out = tmp_path / "orin"
-    api.compile_model("minilm-l6", "jetson-orin-nano", recipe, out, eval_data=held_out_csv)
+    api.compile_model("minilm-l6", "jetson-orin-nano", recipe, out, eval_data=held_out_csv, waive_gate=True)
     manifest = json.loads((out / "manifest.json").read_text())
     argv = manifest["backend"]["engine_build"]["argv"]
     assert {"--int8", "--fp16", "--sparsity=enable"} <= set(argv)

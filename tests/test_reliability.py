@@ -83,7 +83,7 @@ def test_shapes_that_are_empty_negative_or_huge_are_refused_before_allocating(cl
 
 @pytest.mark.parametrize(
     ("dims", "message"),
-    [([-5, 8], "every dimension must be at least 1"), ([1 << 40, 8], "would take 32,768.0 GiB")],
+    [([1 << 40, 8], "would take 32,768.0 GiB"), ([8, 1 << 40], "would take 32,768.0 GiB")],
 )
 def test_a_declared_input_dimension_that_cannot_be_sampled_is_refused(cli, tmp_path, dims, message):
     model = _declared_shape_model(tmp_path / "m.onnx", dims)

@@ -108,7 +108,9 @@ def test_the_report_says_why_a_weight_stays_dense(tmp_path):
 def sparse_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "sparse"
     recipe = load_recipe(None).extended([build_pass("sparsity", {"pattern": "2:4"})])
-    return api.compile_model("minilm-l6", "host", recipe, out)
+    # Magnitude 2:4 without recovery moves MiniLM's embeddings beyond the sparsity gate (docs/QUALITY.md):
+    # these tests are about what the bundle stores and runs.
+    return api.compile_model("minilm-l6", "host", recipe, out, waive_gate=True)
 
 
 def test_sparse_bundle_is_verified_against_torch_and_reports_quality(sparse_bundle):
@@ -277,19 +279,11 @@ def test_a_jetson_bundle_asks_tensorrt_for_sparse_tactics_and_ships_packed_weigh
     model = make_mlp_onnx(tmp_path / "mlp.onnx", hidden=256)
     relaxed = "sparsity:min_weights=0,tensor_core_shapes=false"
     out = tmp_path / "orin"
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32))
+    # Random weights lose half their magnitude to 2:4; the test is about what TensorRT is asked for.
     result = cli(
-        "compile",
-        "-m",
-        model,
-        "-t",
-        "jetson-orin-nano",
-        "--shapes",
-        "x:4x8",
-        "--pass",
-        relaxed,
-        "-o",
-        out,
-        "--json",
+        *("compile", "-m", model, "-t", "jetson-orin-nano", "--shapes", "x:4x8", "--pass", relaxed),
+        *("--inputs", tmp_path / "x.npz", "--waive-gate", "-o", out, "--json"),
     )
     assert result.exit_code == 0, result.stderr
     manifest = json.loads(result.stdout)

@@ -108,6 +108,36 @@ def _local_engine_build() -> bool:
     return shutil.which("trtexec") is not None and shutil.which("nvidia-smi") is not None
 
 
+def _parser_ready(model_file: Path, shapes: dict, version: str) -> tuple[ir.Model, dict]:
+    """The model at static shapes as TensorRT ``version``'s parser reads it, and its support report:
+    operators it rejects become their definitions (the older opsets lack them), then the opset is lowered."""
+    model = ir.load(str(model_file))
+    for value in model.graph.inputs:
+        value.shape = ir.Shape(shapes[value.name])
+    onnxscript.optimizer.optimize(model)
+    decomposed = decompose(model, {entry["op"] for entry in support_report(model, version)["unsupported"]})
+    rewritten = convert_opset(model, _SUPPORT[_release_line(version)]["max_opset"])
+    onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
+    return model, support_report(model, version) | {"decomposed": decomposed, "opset_rewritten": rewritten}
+
+
+def _other_boards(model_file: Path, shapes: dict, target: Target, otherwise: str) -> str:
+    """The hint of a refusal: the Jetson boards whose TensorRT parses this model, if any."""
+    takers = []
+    for board in map(load_target, load_target("jetson").members):
+        if board.name == target.name or board.runtime["tensorrt"] == target.runtime["tensorrt"]:
+            continue
+        try:
+            _, report = _parser_ready(model_file, shapes, board.runtime["tensorrt"])
+        except UserError:
+            continue
+        if not report["unsupported"]:
+            takers.append(f"{board.name} (TensorRT {board.runtime['tensorrt']})")
+    if not takers:
+        return otherwise
+    return f"{', '.join(takers)} take this model: compile for that target; or {otherwise}"
+
+
 class TensorRtBackend(Backend):
     name = "tensorrt"
     precisions = ("fp16", "fp32")
@@ -149,24 +179,21 @@ class TensorRtBackend(Backend):
 
     def lower(self, model_file: Path, target: Target, artifact_dir: Path, options: dict) -> dict:
         version = target.runtime["tensorrt"]
-        model = ir.load(str(model_file))
-        for value in model.graph.inputs:
-            value.shape = ir.Shape(options["shapes"][value.name])
-        onnxscript.optimizer.optimize(model)
-        # Operators the parser rejects become their definitions first: the older opsets lack them.
-        decomposed = decompose(
-            model, {entry["op"] for entry in support_report(model, version)["unsupported"]}
-        )
-        rewritten = convert_opset(model, _SUPPORT[_release_line(version)]["max_opset"])
-        onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
-        report = support_report(model, version) | {"decomposed": decomposed, "opset_rewritten": rewritten}
+        try:
+            model, report = _parser_ready(model_file, options["shapes"], version)
+        except UserError as exc:
+            raise UserError(
+                exc.message, _other_boards(model_file, options["shapes"], target, exc.hint)
+            ) from exc
         if report["unsupported"]:
             logger.debug("nodes TensorRT %s cannot parse: %s", version, report["unsupported"])
             first = report["unsupported"][0]
             raise UserError(
                 f"TensorRT {version} cannot parse {len(report['unsupported'])} node(s) of this model, "
                 f"e.g. {first['op']} ({first['node']}): {first['why']}",
-                "--debug shows all; choose another backend or change the model",
+                _other_boards(
+                    model_file, options["shapes"], target, "choose another backend or change the model"
+                ),
             )
         artifact_dir.mkdir(parents=True, exist_ok=True)
         onnx_file = artifact_dir / "model.trt.onnx"

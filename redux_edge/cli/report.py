@@ -92,6 +92,10 @@ def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
     )
     table.add_row("MACs", f"{original['macs']:,}", f"{compiled['macs']:,}")
     out.print(table)
+    if uncounted := recorded["metrics"]["compiled"].get("macs_not_counted"):
+        out.print(
+            f"  MACs     not counted inside {', '.join(uncounted)} (their work depends on run-time values)"
+        )
     if "structure" in manifest["metrics"]:
         structure = manifest["metrics"]["structure"]
         out.print(

@@ -200,24 +200,45 @@ def _densify_sparse_initializers(proto: onnx.ModelProto, path: Path) -> bool:
 
 
 def _name_free_dimensions(model: ir.Model) -> None:
-    """Exporters write a dimension of no fixed size as -1, "?" or without a name. Each is its own: a graph
-    input or output gets a name of its own (``<value>_<axis>``), so that no two are taken to be equal and
-    none is taken for the size -1; inside the graph such a dimension is unknown."""
+    """Exporters write a dimension of no fixed size as -1, "?", without a name, or (spox) as 0 on a graph
+    input or output, where it could carry no data. Each is its own: a graph input or output gets a name of
+    its own (``<value>_<axis>``), so that no two are taken to be equal and none is taken for a size; inside
+    the graph such a dimension is unknown."""
     graph_values = {id(value) for value in (*model.graph.inputs, *model.graph.outputs)}
     for value in _all_values(model.graph):
         if value.shape is None:
             continue
-        dims = list(value.shape)
+        dims, io = list(value.shape), id(value) in graph_values
         free = [
             axis
             for axis, dim in enumerate(dims)
-            if (isinstance(dim, int) and dim < 0) or (not isinstance(dim, int) and dim.value in (None, "?"))
+            if (isinstance(dim, int) and (dim < 0 or (dim == 0 and io)))
+            or (not isinstance(dim, int) and dim.value in (None, "?"))
         ]
         if not free:
             continue
         for axis in free:
-            dims[axis] = ir.SymbolicDim(f"{value.name}_{axis}" if id(value) in graph_values else None)
+            dims[axis] = ir.SymbolicDim(f"{value.name}_{axis}" if io else None)
         value.shape = ir.Shape(dims)
+
+
+def _correct_declared_outputs(model: ir.Model, computed: list[np.ndarray]) -> None:
+    """An output whose declared shape contradicts what ONNX Runtime computes (a file edited after export:
+    ddddocr's ORT-quantized CNN declares [1, seqlen] and computes [40, 1, 8210]) loses that shape: the
+    optimizer would otherwise believe it and rewrite the graph to produce it."""
+    for value, array in zip(model.graph.outputs, computed, strict=True):
+        declared = list(value.shape) if value.shape is not None else None
+        if declared is None:
+            continue
+        fits = len(declared) == array.ndim and all(
+            not isinstance(dim, int) or dim == size for dim, size in zip(declared, array.shape, strict=True)
+        )
+        if not fits:
+            logger.warning(
+                "output '%s' is declared %s and ONNX Runtime computes %s: the declared shape is dropped",
+                value.name, [str(d) for d in declared], list(array.shape),
+            )  # fmt: skip
+            value.shape = ir.Shape([ir.SymbolicDim(f"{value.name}_{axis}") for axis in range(array.ndim)])
 
 
 def _all_values(graph: ir.Graph):
@@ -288,6 +309,7 @@ def onnx_source(
         # The IR as loaded, not the file: loading may lower an IR version the runtime would refuse.
         ir.save(model, str(Path(scratch) / "original.onnx"))
         reference = run_onnx_file(Path(scratch) / "original.onnx", inputs, what=str(path))
+    _correct_declared_outputs(model, reference)
     with path.open("rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
     return Source(

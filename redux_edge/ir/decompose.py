@@ -1,11 +1,13 @@
 """Operators that an older parser rejects, rewritten as the older operators that define them.
 
-TensorRT 8.2 (JetPack 4.6) parses opset 13 and TensorRT 8.5 (JetPack 5.1) has no LayerNormalization, while
-exporters emit LayerNormalization (opset 17) and Gelu (opset 20) for every transformer. Both are defined
-in the ONNX spec by a short formula over opset-13 operators (ReduceMean, Sub, Mul, Add, Sqrt, Div, Erf,
-Tanh), which is what is written here, at the model's own opset (ReduceMean takes its axes as an attribute
-before opset 18 and as an input from 18 on). The rewrite is exact up to float rounding; the backend that
-uses it checks the result under ONNX Runtime against the reference like any artifact.
+TensorRT 8.2 (JetPack 4.6) parses opset 13, and TensorRT 8.2 and 8.5 (JetPack 5.1) have no
+LayerNormalization or Reciprocal, while exporters emit LayerNormalization (opset 17) and Gelu (opset 20)
+for every transformer and Reciprocal for RMSNorm's rsqrt (every Llama-style decoder). Reciprocal is
+1 / x; the other two are defined in the ONNX spec by a short formula over opset-13 operators (ReduceMean,
+Sub, Mul, Add, Sqrt, Div, Erf, Tanh), which is what is written here, at the model's own opset (ReduceMean
+takes its axes as an attribute before opset 18 and as an input from 18 on). The rewrite is exact up to
+float rounding; the backend that uses it checks the result under ONNX Runtime against the reference like
+any artifact.
 """
 
 from __future__ import annotations
@@ -79,9 +81,24 @@ def _gelu(node: ir.Node, graph: ir.Graph, opset: int, name: str) -> tuple[list[i
     return list(builder.nodes), result
 
 
+def _reciprocal(
+    node: ir.Node, graph: ir.Graph, opset: int, name: str
+) -> tuple[list[ir.Node], ir.Value] | None:
+    (x,) = node.inputs
+    if x is None or x.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        return None
+    builder = ir_tape.Tape()
+    result = builder.op("Div", [_scalar(graph, 1.0, x.dtype, f"{name}_one"), x])
+    return list(builder.nodes), result
+
+
 # (node, graph, opset, a name unique in the graph for what it adds) -> (new nodes, the new output)
 Decomposition = Callable[[ir.Node, ir.Graph, int, str], "tuple[list[ir.Node], ir.Value] | None"]
-DECOMPOSABLE: dict[str, Decomposition] = {"LayerNormalization": _layer_normalization, "Gelu": _gelu}
+DECOMPOSABLE: dict[str, Decomposition] = {
+    "LayerNormalization": _layer_normalization,
+    "Gelu": _gelu,
+    "Reciprocal": _reciprocal,
+}
 
 
 def decompose(model: ir.Model, op_types: set[str]) -> dict[str, int]:

@@ -15,9 +15,11 @@ Runtime against the reference.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx.defs
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from redux_edge.errors import UserError
 
@@ -47,6 +49,9 @@ def convert_opset(model: ir.Model, target: int) -> dict[str, int]:
     Raises a UserError naming the first node that has no older form."""
     if model.opset_imports.get("", 0) <= target:
         return {}
+    if any(node.op_type == "Split" and "num_outputs" in node.attributes for node in model.graph):
+        # Split's older form needs the size it splits: shapes are inferred where the model lacks them.
+        onnx_ir.passes.common.ShapeInferencePass()(model)
     rewritten: dict[str, int] = {}
     for node in list(model.graph):
         if node.domain in ("", "ai.onnx") and _older_form(model.graph, node, model.opset_imports[""], target):
@@ -79,6 +84,9 @@ def _older_form(graph: ir.Graph, node: ir.Node, opset: int, target: int) -> bool
         or not (_is_default(newer, name, attribute) or _IRRELEVANT.get((node.op_type, name), _never)(node))
     }
     inputs = list(node.inputs)
+    if node.op_type == "Split" and "num_outputs" in attributes and older.since_version < 18:
+        attributes.pop("num_outputs")
+        inputs = _split_sizes(graph, node, inputs, attributes, older.since_version)
     if (
         node.op_type in _REDUCTIONS_WITH_AXES_INPUT_FROM_18
         and newer.since_version >= 18 > older.since_version
@@ -111,6 +119,26 @@ def _older_form(graph: ir.Graph, node: ir.Node, opset: int, target: int) -> bool
         graph, node, [node], [older_node], list(node.outputs), list(older_node.outputs)
     )
     return True
+
+
+def _split_sizes(graph: ir.Graph, node: ir.Node, inputs: list, attributes: dict, older: int) -> list:
+    """Split(num_outputs=n) from opset 18 as explicit sizes: ceil(d/n) each, the rest last. Before opset
+    13 they are an attribute, from 13 an input."""
+    x, count = node.inputs[0], len(node.outputs)
+    axis = node.attributes.get_int("axis", 0)
+    size = x.shape[axis] if x is not None and x.shape is not None else None
+    if not isinstance(size, int):
+        raise _no_older_form(node, older, "its split size along the axis is known only at run time")
+    chunk = -(-size // count)
+    sizes = [chunk] * (count - 1) + [size - chunk * (count - 1)]
+    if older < 13:
+        attributes["split"] = ir.AttrInt64s("split", sizes)
+        return inputs[:1]
+    constant = ir.Value(
+        name=f"{node.name or 'split'}_sizes", const_value=ir.tensor(np.array(sizes, np.int64))
+    )
+    graph.register_initializer(constant)
+    return [inputs[0], constant]
 
 
 def _never(node: ir.Node) -> bool:

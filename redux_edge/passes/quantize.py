@@ -45,6 +45,7 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from redux_edge.errors import UserError, first_line
+from redux_edge.ir.batch import Batches
 from redux_edge.ir.surgery import copy_model
 from redux_edge.passes.contract import (
     CompileContext,
@@ -235,15 +236,9 @@ class QuantizePass(RecipePass):
         before = copy_model(model)
         chosen, in_float = self._choose(model)
         if not chosen:
-            branched = [entry for entry in in_float if entry["why"] == _IN_BRANCH]
             raise UserError(
                 "quantize: no MatMul, Gemm or Conv with a constant weight is left to quantize"
-                + (
-                    f": the model's {len(branched)} weights sit inside control-flow branches"
-                    f" ({branched[0]['weight']}), which are not quantized"
-                    if branched
-                    else (" (the exclude patterns keep every weight in float)" if in_float else "")
-                ),
+                + _why_none(model, in_float),
                 "use --quantize fp16/bf16 where the backend has them, or compile without --quantize",
             )
         if model.opset_imports.get("", 0) < _PER_AXIS_OPSET:
@@ -259,7 +254,7 @@ class QuantizePass(RecipePass):
             given, written = Path(scratch) / "float.onnx", Path(scratch) / "quantized.onnx"
             ir.save(model, str(given))
             try:
-                self._quantize(given, written, [weight.node.name for weight in chosen])
+                self._quantize(given, written, [weight.node.name for weight in chosen], Batches.of(model))
             except Exception as exc:  # onnxruntime.quantization raises bare errors from its calibrators
                 raise UserError(
                     f"quantize: ONNX Runtime's quantizer failed: {first_line(exc)}",
@@ -306,7 +301,7 @@ class QuantizePass(RecipePass):
             in_float.append({"weight": weight.name, "why": why})
         return chosen, in_float
 
-    def _quantize(self, given: Path, written: Path, nodes: list[str]) -> None:
+    def _quantize(self, given: Path, written: Path, nodes: list[str], axes: Batches) -> None:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
         assert self.scheme is not None
@@ -325,7 +320,7 @@ class QuantizePass(RecipePass):
         quantize_static(
             given,
             written,
-            _Batches(self.calibration),
+            _Batches(self.calibration, axes),
             quant_format=QuantFormat.QDQ,
             per_channel=self.per_channel,
             reduce_range=self.scheme.reduce_range,
@@ -339,6 +334,22 @@ class QuantizePass(RecipePass):
 
 _IN_BRANCH = "inside a control-flow branch (If/Loop/Scan): ONNX Runtime's quantizer leaves subgraphs alone"
 _PER_AXIS_OPSET = 13
+
+
+_QUANTIZED_OPERATORS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DequantizeLinear"}
+
+
+def _why_none(model: ir.Model, in_float: list[dict]) -> str:
+    """Why no weight is left to quantize, as the end of the refusal's sentence."""
+    branched = [entry for entry in in_float if entry["why"] == _IN_BRANCH]
+    if branched:
+        return (
+            f": the model's {len(branched)} weights sit inside control-flow branches "
+            f"({branched[0]['weight']}), which are not quantized"
+        )
+    if done := sorted({node.op_type for node in model.graph} & _QUANTIZED_OPERATORS):
+        return f": the model is quantized already ({', '.join(done)})"
+    return " (the exclude patterns keep every weight in float)" if in_float else ""
 
 
 def _branch_weights(graph: ir.Graph) -> list[str]:
@@ -371,13 +382,14 @@ def _extra_options(scheme: Scheme) -> dict:
 
 
 class _Batches:
-    """Calibration inputs in equal batches (the percentile and entropy calibrators stack them)."""
+    """Calibration inputs in equal batches (the percentile and entropy calibrators stack them), each input
+    cut along its own batch axis (a recurrent state's is 1; a scalar, such as a sample rate, has none)."""
 
-    def __init__(self, feeds: Mapping[str, np.ndarray]) -> None:
-        count = next(iter(feeds.values())).shape[0]
+    def __init__(self, feeds: Mapping[str, np.ndarray], axes: Batches) -> None:
+        count = axes.size({name: list(array.shape) for name, array in feeds.items()}) or 1
         self._batches: Iterator[dict[str, np.ndarray]] = iter(
             [
-                {name: array[start : start + _CALIBRATION_BATCH] for name, array in feeds.items()}
+                axes.take(dict(feeds), start, min(start + _CALIBRATION_BATCH, count))
                 for start in range(0, count, _CALIBRATION_BATCH)
             ]
         )
