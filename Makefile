@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := g++-aarch64-linux-gnu qemu-user-static gcc gcc-arm-none-eabi dataset-fashion-mnist \
 	openssh-server openssh-client espeak-ng
 
-.PHONY: demo test bench system-packages aarch64-board clean
+.PHONY: demo test check bench system-packages aarch64-board clean
 
 $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt requirements/corpus.txt tools/fetch_tvm_aarch64_runtime.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt requireme
 	touch $(STAMP)
 
 # Installs the Debian packages when they are missing and we are root (as in CI); otherwise says what to do.
-# The demo needs them too: the README's arm64 examples cross-compile right after it.
+# The demo needs them too: the arm64 examples of docs/TARGETS.md cross-compile right after it.
 system-packages:
 	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null \
 		&& command -v gcc >/dev/null && command -v arm-none-eabi-gcc >/dev/null \
@@ -47,8 +47,16 @@ demo: $(STAMP) system-packages
 test: $(STAMP) system-packages aarch64-board
 	$(BIN)/ruff check redux_edge tests tools
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile.jetson
 	$(BIN)/pytest
+
+# The inner loop: the same checks and every test not marked slow (a few minutes on 2 cores).
+check: $(STAMP) system-packages
+	$(BIN)/ruff check redux_edge tests tools
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/pytest -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py

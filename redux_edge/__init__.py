@@ -40,7 +40,7 @@ def compile(
     inputs by name (the first axis is the batch); ``recipe``: steps as ``{"pass": name, **parameters}``,
     or a recipe file; the default is the cleanup recipe, as for ``redux-edge compile``."""
     from redux_edge.frontend.torch import module_source
-    from redux_edge.pipeline import compile_model
+    from redux_edge.pipeline import CompileOptions, compile_model
     from redux_edge.recipe import load_recipe, recipe_from_dict
 
     if isinstance(recipe, list):
@@ -48,7 +48,7 @@ def compile(
     else:
         chosen = load_recipe(Path(recipe) if recipe is not None else None)
     source = module_source(module, example_inputs, name)
-    return compile_model(source, target, chosen, Path(output), force=force, backend_name=backend)
+    return compile_model(source, CompileOptions(target, chosen, Path(output), force=force, backend=backend))
 
 
 def run(bundle: str | Path, inputs: str | Path | None = None) -> tuple[dict[str, np.ndarray], dict]:

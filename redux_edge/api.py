@@ -12,21 +12,26 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from redux_edge import bundle as bundles
+from redux_edge import pipeline
 from redux_edge.backends import BACKENDS, Backend
 from redux_edge.errors import UserError
 from redux_edge.frontend import Source, load_source
+from redux_edge.interfaces import Step, no_progress
 from redux_edge.manifest import Manifest
-from redux_edge.pipeline import compile_model
+from redux_edge.pipeline import CompileOptions
 from redux_edge.preprocess import from_manifest, read_inputs
+from redux_edge.recipe import Recipe
 from redux_edge.runtime.session import BundleSession, InputError
-from redux_edge.targets import Target, load_target
+from redux_edge.targets import Target, available_targets, load_target
 from redux_edge.train.once import learn_mask_plan, train_adapter_pack
 
 __all__ = [
+    "CompileOptions",
     "Source",
     "bench",
     "compile_model",
@@ -38,6 +43,33 @@ __all__ = [
     "target_status",
     "train_adapter_pack",
 ]
+
+
+def compile_model(
+    model: str | Source,
+    target_name: str,
+    recipe: Recipe,
+    out: Path,
+    *,
+    backend_name: str | None = None,
+    backend_options: dict | None = None,
+    step: Step = no_progress,
+    **asked: Any,
+) -> bundles.Bundle:
+    """``pipeline.compile_model`` with the options as keywords (``CompileOptions``' fields), the backend
+    by name, and ``backend_options``: ``threads``, ``precision`` and what the backends' flags set."""
+    settings = dict(backend_options or {})
+    options = CompileOptions(
+        target_name,
+        recipe,
+        out,
+        backend=backend_name,
+        threads=settings.pop("threads", None),
+        precision=settings.pop("precision", None),
+        backend_flags=settings,
+        **asked,
+    )
+    return pipeline.compile_model(model, options, step)
 
 
 @contextlib.contextmanager
@@ -147,7 +179,6 @@ def bench(
 def target_status() -> list[dict]:
     """Every target with, per backend it lists, whether that backend can build and run for it here and
     the precisions it computes for it (float precisions and what ``--quantize`` can make)."""
-    from redux_edge.targets import available_targets
 
     known = BACKENDS
     rows = []

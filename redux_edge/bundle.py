@@ -30,6 +30,7 @@ from redux_edge import runtime
 from redux_edge.errors import UserError
 from redux_edge.files import file_digest
 from redux_edge.manifest import FORMAT_VERSION, FileEntry, Manifest, validate
+from redux_edge.packing import PORTABLE_IR
 from redux_edge.runtime.session import paths_outside, unlisted_files
 from redux_edge.untrusted import read_json
 
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-IR = "model.onnx"
+IR = PORTABLE_IR
 _TOOLCHAIN = ("torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime")
 
 

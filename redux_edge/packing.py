@@ -1,4 +1,11 @@
-"""Bundle storage of N:M-sparse weights: standard ONNX external data in the bundle, packed on the device.
+"""Bundle storage of weights: one copy of each shared weight on the host, N:M-sparse weights packed.
+
+A host bundle holds two ONNX graphs when the backend's artifact is one (ONNX Runtime's optimised
+graph beside the portable ``model.onnx``); their weights are mostly the same bytes. ``share_weights`` stores
+each such weight once, in the artifact's standard external data (``artifact/weights.bin``), which both
+graphs name, so the bundle is not twice its model and a device (which receives the artifact) is unchanged.
+
+N:M-sparse weights:
 
 Every ONNX file of a sparse bundle keeps its N:M weights as standard ONNX external data in a dense file
 (``model.onnx.data``), so that ``onnx``, ONNX Runtime, TensorRT's parser and Netron open the bundle's files
@@ -13,7 +20,9 @@ manifest, under ``storage``.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import posixpath
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +31,11 @@ from onnx import numpy_helper
 
 from redux_edge.ir import nm
 
-__all__ = ["pack_bundle_models"]
+__all__ = ["PORTABLE_IR", "pack_bundle_models", "share_weights"]
 
 _PACKED_SUFFIX, _DENSE_SUFFIX = ".packed", ".data"
+# The bundle's portable IR, which a device does not receive (``redux_edge.bundle``).
+PORTABLE_IR = "model.onnx"
 
 
 def _reduction_axis(node: onnx.NodeProto, rank: int) -> int | None:
@@ -112,15 +123,18 @@ def pack_model_file(path: Path, n: int, m: int, min_bytes: int = 4096) -> dict |
 
 
 def pack_bundle_models(stage: Path, n: int, m: int) -> dict:
-    """Pack every ONNX file of the bundle being built in ``stage``; the manifest's ``storage`` entry."""
+    """Pack every ONNX file of the bundle being built in ``stage``; the manifest's ``storage`` entry. Its
+    figures count what a device stores: the artifact's files, not the portable IR's, unless the IR is the
+    only ONNX file (a backend whose artifact is another format)."""
     files = {}
     for path in sorted(stage.rglob("*.onnx")):
         index = pack_model_file(path, n, m)
         if index is not None:
             files[path.relative_to(stage).as_posix()] = index
-    dense = sum(t["dense_bytes"] for index in files.values() for t in index["tensors"].values())
+    stored = [index for relative, index in files.items() if relative != PORTABLE_IR] or list(files.values())
+    dense = sum(t["dense_bytes"] for index in stored for t in index["tensors"].values())
     packed = sum(
-        t["values"] * 4 + t["positions_bytes"] for index in files.values() for t in index["tensors"].values()
+        t["values"] * 4 + t["positions_bytes"] for index in stored for t in index["tensors"].values()
     )
     return {
         "packed_files": files,
@@ -128,3 +142,62 @@ def pack_bundle_models(stage: Path, n: int, m: int) -> dict:
         "sparse_weights_packed_bytes": packed,
         "packed_to_dense": packed / dense if dense else None,
     }
+
+
+SHARED_WEIGHTS = "weights.bin"
+
+
+_Key = tuple[int, tuple[int, ...], bytes]
+
+
+def _tensor_key(initializer: onnx.TensorProto) -> _Key:
+    return initializer.data_type, tuple(initializer.dims), hashlib.sha256(initializer.raw_data).digest()
+
+
+def _point_at(initializer: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    initializer.ClearField("raw_data")
+    initializer.data_location = onnx.TensorProto.EXTERNAL
+    del initializer.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = initializer.external_data.add()
+        entry.key, entry.value = key, str(value)
+
+
+def share_weights(stage: Path, portable: str, artifact: str, min_bytes: int = 1024) -> dict:
+    """Store each weight that the ``portable`` IR and the ONNX ``artifact`` (paths relative to ``stage``)
+    both hold inline, byte for byte, once: in ``weights.bin`` beside the artifact, named by both. Weights
+    already in external data (packed N:M ones) and small ones stay where they are. Returns the manifest's
+    ``storage`` figures: bytes stored once instead of twice."""
+    artifact_path, portable_path = stage / artifact, stage / portable
+    artifact_model = onnx.load(str(artifact_path), load_external_data=False)
+    portable_model = onnx.load(str(portable_path), load_external_data=False)
+    wanted = {
+        _tensor_key(init)
+        for init in portable_model.graph.initializer
+        if init.data_location != onnx.TensorProto.EXTERNAL and len(init.raw_data) >= min_bytes
+    }
+    stored: dict[_Key, tuple[int, int]] = {}
+    chunks, offset = [], 0
+    for init in artifact_model.graph.initializer:
+        key = _tensor_key(init)
+        if init.data_location == onnx.TensorProto.EXTERNAL or key not in wanted:
+            continue
+        if key not in stored:
+            # Offsets on page boundaries: ONNX Runtime maps such weights from the file instead of copying.
+            data = init.raw_data
+            padding = -offset % 4096
+            chunks += [b"\0" * padding, data]
+            offset += padding
+            stored[key] = (offset, len(data))
+            offset += len(data)
+        _point_at(init, SHARED_WEIGHTS, *stored[key])
+    if not stored:
+        return {}
+    location = posixpath.join(posixpath.dirname(artifact), SHARED_WEIGHTS)
+    for init in portable_model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL and (key := _tensor_key(init)) in stored:
+            _point_at(init, location, *stored[key])
+    (artifact_path.parent / SHARED_WEIGHTS).write_bytes(b"".join(chunks))
+    onnx.save(artifact_model, str(artifact_path))
+    onnx.save(portable_model, str(portable_path))
+    return {"shared_file": location, "shared_weights": len(stored), "shared_bytes": offset}

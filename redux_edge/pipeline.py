@@ -13,70 +13,88 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from redux_edge import bundle as bundles
 from redux_edge.analysis import in_memory_runner
-from redux_edge.analysis.shift import GATES, Gate, failures, output_shift
+from redux_edge.analysis.shift import GATES, Gate, failures, output_shift, weights_that_move_most
 from redux_edge.backends import BACKENDS, Backend, select_backend
+from redux_edge.backends.board import BoardUnavailable
 from redux_edge.backends.measured import fastest
 from redux_edge.errors import UserError
 from redux_edge.files import save_arrays
 from redux_edge.frontend import load_source
 from redux_edge.frontend.source import Calibration, Reference, Source, input_specs, run_onnx_file
+from redux_edge.interfaces import Step, no_progress
 from redux_edge.ir.batch import Batches
+from redux_edge.ir.blocks import find_structure
 from redux_edge.ir.cost import model_cost
 from redux_edge.ir.surgery import copy_model
 from redux_edge.ir.verify import Tolerance, compare, require_match
-from redux_edge.passes.contract import CompileContext, PassOutcome, Rebase, Section, Step, no_progress
+from redux_edge.packing import share_weights
+from redux_edge.passes.contract import CompileContext, PassOutcome, Rebase, Section
 from redux_edge.recipe import Recipe
 from redux_edge.targets import Target, load_target
 
-__all__ = ["compile_model"]
+__all__ = ["CompileOptions", "compile_model"]
 
 
-def compile_model(
-    model: str | Source,
-    target_name: str,
-    recipe: Recipe,
-    out: Path,
-    *,
-    force: bool = False,
-    backend_name: str | None = None,
-    tolerance: Tolerance | None = None,
-    shapes: dict[str, list[int]] | None = None,
-    inputs_file: Path | None = None,
-    eval_data: Path | None = None,
-    calibration_data: Path | None = None,
-    eval_task: str = "auto",
-    weights: Path | None = None,
-    backend_options: dict | None = None,
-    waive_gate: bool = False,
-    step: Step = no_progress,
-) -> bundles.Bundle:
-    """Compile ``model`` (a name ``--model`` takes, or a Source) for ``target_name`` into the bundle ``out``.
+@dataclass(frozen=True)
+class CompileOptions:
+    """What a compile is asked to do, besides the model: the target and recipe, the bundle folder, and the
+    user's data, tolerances and backend settings.
 
     ``eval_data`` / ``calibration_data``: the user's files for the quality report and for passes that
     choose by data (``redux_edge.datasets.user``); ``eval_task``: what the first output is for the quality
     report ("classification": logits, "embedding", or "auto": as the checkpoint or the zoo card says).
-    ``backend_options``: ``threads``, ``precision`` (default: the backend's) and what the backend's flags
-    set (``tune``, ``tuning_db``, ``rpc``, ``dla_core``); see each backend's ``lower``. ``waive_gate``:
-    write a result whose outputs moved beyond the default gate of its lossy passes (the report says so).
+    ``precision``: the backend's (default) or ``auto``; ``backend_flags``: what the backends' flags set
+    (``tune``, ``tuning_db``, ``rpc``, ``dla_core``), see each backend's ``lower``. ``waive_gate``: write a
+    result whose outputs moved beyond the default gate of its lossy passes (the report says so).
     """
+
+    target: str
+    recipe: Recipe
+    out: Path
+    force: bool = False
+    backend: str | None = None
+    tolerance: Tolerance | None = None
+    shapes: dict[str, list[int]] | None = None
+    inputs_file: Path | None = None
+    eval_data: Path | None = None
+    calibration_data: Path | None = None
+    eval_task: str = "auto"
+    weights: Path | None = None
+    threads: int | None = None
+    precision: str | None = None
+    backend_flags: dict[str, Any] = field(default_factory=dict)
+    waive_gate: bool = False
+
+
+def compile_model(model: str | Source, asked: CompileOptions, step: Step = no_progress) -> bundles.Bundle:
+    """Compile ``model`` (a name ``--model`` takes, or a Source) as ``asked``, into ``asked.out``."""
+    recipe, out, shapes, tolerance = asked.recipe, asked.out, asked.shapes, asked.tolerance
+    target_name, backend_name, force = asked.target, asked.backend, asked.force
     target = load_target(target_name)
     backend = select_backend(target, backend_name, recipe.passes)
-    options = {**(backend_options or {})}
+    # The backend's settings as its ``lower`` and the passes read them (threads, precision, flags).
+    options: dict[str, Any] = {"threads": asked.threads, "precision": asked.precision, **asked.backend_flags}
     _check_backend_flags(backend, options)
     options["precision"] = options.get("precision") or backend.default_precision
     measured = options["precision"] == "auto"
     if not measured:
         _check_precision(backend, target, options["precision"])
     bundles.check_destination(out, force)
-    source = model if isinstance(model, Source) else load_source(model, shapes, inputs_file, step, weights)
-    source.use_data(eval_data, calibration_data, eval_task)
+    source = (
+        model
+        if isinstance(model, Source)
+        else load_source(model, shapes, asked.inputs_file, step, asked.weights)
+    )
+    source.use_data(asked.eval_data, asked.calibration_data, asked.eval_task)
     choice = None
     if measured:
         with step("timing the target's backends and precisions (--precision auto)"):
@@ -86,10 +104,12 @@ def compile_model(
     options["shapes"] = {name: list(array.shape) for name, array in source.inputs.items()} | (shapes or {})
     original_cost = model_cost(source.model, {k: v.shape for k, v in source.inputs.items()})
     exact = tolerance or Tolerance.for_precision("fp32")
-    context = CompileContext(source, target, backend, options, exact, recipe.passes, step)
+    context = CompileContext(source, target, backend, options, exact, list(recipe.passes), step)
     _require_real_inputs(source, recipe)
-    for configured in recipe.passes:
+    for configured in context.passes:
         configured.check(context)
+    for configured in context.passes:
+        options |= configured.backend_options(context)
     # A pass may have chosen the precision the backend computes in (quantize): the artifact is held to it.
     context.tolerance = tolerance or Tolerance.for_precision(options.get("quantized") or options["precision"])
     pass_log, outcomes = _run_passes(context)
@@ -121,6 +141,11 @@ def compile_model(
         staged: dict = {}
         for section in context.sections:
             staged |= section.stage(context)
+        if backend_entry["artifact"].endswith(".onnx"):
+            # Two ONNX graphs of mostly the same weights: each stored once, in the artifact's folder.
+            shared = share_weights(stage, bundles.IR, backend_entry["artifact"])
+            if shared:
+                staged["storage"] = staged.get("storage", {}) | shared
         # The health-check sample is one batch the artifact takes: all samples, or one static batch.
         batches = Batches.of(source.model)
         sample_count = batches.size(options["shapes"]) if backend.static_shapes else None
@@ -149,7 +174,7 @@ def compile_model(
         context.verified_outputs = outputs if outputs is not None else ir_outputs
         if context.float_model is not None:
             with step("measuring the shift from the float model"):
-                manifest["verify"]["shift"] = _gated_shift(context, waive_gate)
+                manifest["verify"]["shift"] = _gated_shift(context, asked.waive_gate)
         for section in context.sections:
             section.verify(context)
         verified = zip(names, context.verified_outputs, strict=True)
@@ -198,16 +223,27 @@ def _gated_shift(context: CompileContext, waived: bool) -> dict:
         "beyond": beyond,
         "waived": waived,
     }
-    if beyond and not waived:
-        more = f" (and {len(beyond) - 1} more)" if len(beyond) > 1 else ""
-        changed = " + ".join(p.name for p in lossy)
-        raise UserError(
-            f"{changed} moved the outputs beyond the default gate from the float model: "
-            f"{beyond[0]}{more} on {entry['on']}",
-            "exclude the weights that move most, use a milder change (int8-dynamic, fp16, learned masks), or "
-            "pass --waive-gate to write it anyway (judge it by --eval-data and --min-quality)",
+    if not beyond:
+        return entry
+    movers = weights_that_move_most(context.float_model, source.model, calibration.feeds)
+    entry["moves_most"] = {name: round(jump, 4) for name, jump in movers}
+    if waived:
+        return entry
+    more = f" (and {len(beyond) - 1} more)" if len(beyond) > 1 else ""
+    changed = " + ".join(p.name for p in lossy)
+    named = ", ".join(f"{name} (+{jump:.3g})" for name, jump in movers)
+    raise UserError(
+        f"{changed} moved the outputs beyond the default gate from the float model: "
+        f"{beyond[0]}{more} on {entry['on']}"
+        + (f"; the weights where they start to move: {named}" if named else ""),
+        (
+            f"exclude them with a --recipe whose {changed} has exclude = {[name for name, _ in movers]}; "
+            if named
+            else ""
         )
-    return entry
+        + "or use a milder change (int8-dynamic, fp16, learned masks), or pass --waive-gate to write it "
+        "anyway (judge it by --eval-data and --min-quality)",
+    )
 
 
 def _require_real_inputs(source: Source, recipe: Recipe) -> None:
@@ -274,12 +310,13 @@ def _run_passes(context: CompileContext) -> tuple[list[dict], list[PassOutcome]]
     """Run the recipe; keep the model as the first pass that compares with it found it (the dense model
     that exact references, quality and speed are measured against)."""
     model, log, outcomes = context.source.model, [], []
-    for configured in context.passes:
+    for index, configured in enumerate(context.passes):
         if context.dense is None and configured.compares_with_dense:
             context.dense = copy_model(model)
         if context.float_model is None and configured.gate() is not None:
             context.float_model = copy_model(model)
-        configured.prepare(context)
+        # What it gathers goes into a new pass of the same configuration, kept on the context.
+        configured = context.passes[index] = configured.prepared(configured.prepare(context))
         with context.step(f"pass {configured.name}"):
             started = time.perf_counter()
             try:
@@ -330,10 +367,13 @@ def _run_artifact(
             return None, f"not run here: {why}" + (f"; {how}" if how else "")
         run = emulated
     total = batches.size({name: list(array.shape) for name, array in inputs.items()})
-    if batch is None or total is None or total == batch:
-        return run(inputs), how
-    # A static-shape artifact takes one batch at a time, each input cut along its own batch axis.
-    chunks = [run(batches.take(inputs, start, start + batch)) for start in range(0, total, batch)]
+    try:
+        if batch is None or total is None or total == batch:
+            return run(inputs), how
+        # A static-shape artifact takes one batch at a time, each input cut along its own batch axis.
+        chunks = [run(batches.take(inputs, start, start + batch)) for start in range(0, total, batch)]
+    except BoardUnavailable as exc:
+        return None, f"not run here: {why}; {exc}"
     parts = zip(*chunks, strict=True)
     return [batches.join(name, part) for name, part in zip(names, parts, strict=True)], how
 
@@ -400,7 +440,6 @@ def _manifest(
 
 def _structure(model: ir.Model) -> dict:
     """Heads and feed-forward widths per layer, for transformer models."""
-    from redux_edge.ir.blocks import find_structure
 
     found = find_structure(model)
     return {"structure": found.summary()} if found.attention else {}

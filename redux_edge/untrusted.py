@@ -203,6 +203,8 @@ def _npy_header(handle: IO[bytes] | _Counted, what: str, room: int, hint: str) -
         raise UserError(f"cannot read {what}: {type(exc).__name__}: {exc}", hint) from exc
     if dtype.hasobject:
         raise UserError(f"{what} holds Python objects, which are never unpickled", hint)
+    if any(not isinstance(size, int) or size < 0 for size in shape):
+        raise UserError(f"{what} declares the shape {list(shape)}, which no array has", hint)
     nbytes = math.prod(shape) * dtype.itemsize
     check_memory(nbytes, what, hint)
     if nbytes > room - handle.tell():

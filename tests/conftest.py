@@ -14,11 +14,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx_ir as ir
+import onnxruntime as ort
 import pytest
+import torch
+import transformers
 
 from redux_edge import api
+from redux_edge.backends import BACKENDS
 from redux_edge.cli import main
+from redux_edge.frontend.source import Source
+from redux_edge.frontend.torch import export_module
+from redux_edge.ir.verify import Tolerance
+from redux_edge.passes.cleanup import CleanupPass
+from redux_edge.passes.contract import CompileContext, RecipePass
 from redux_edge.recipe import load_recipe
+from redux_edge.targets import load_target
 
 
 @dataclass
@@ -105,30 +116,6 @@ def tiny_file_system(folder: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", folder], check=False)
 
 
-def make_mlp_onnx(path: Path, hidden: int = 16) -> Path:
-    """A two-layer MLP written with onnx.helper: an ONNX file that redux-edge did not export."""
-    rng = np.random.default_rng(1)
-    w1 = onnx.numpy_helper.from_array(rng.standard_normal((8, hidden)).astype(np.float32), "w1")
-    b1 = onnx.numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), "b1")
-    w2 = onnx.numpy_helper.from_array(rng.standard_normal((hidden, 3)).astype(np.float32), "w2")
-    graph = oh.make_graph(
-        [
-            oh.make_node("MatMul", ["x", "w1"], ["h0"]),
-            oh.make_node("Add", ["h0", "b1"], ["h1"]),
-            oh.make_node("Relu", ["h1"], ["h2"]),
-            oh.make_node("MatMul", ["h2", "w2"], ["y"]),
-        ],
-        "mlp",
-        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])],
-        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])],
-        initializer=[w1, b1, w2],
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
-
-
 def make_nan_onnx(path: Path) -> Path:
     """y = Log(x) - Log(x): NaN wherever x < 0, which random sample inputs are half the time."""
     graph = oh.make_graph(
@@ -168,3 +155,66 @@ def assert_clean_user_error(result, parent, *, message: str) -> None:
     # No bundle and no hidden staging directory left beside it.
     assert not (parent / "out").exists()
     assert not [p for p in parent.iterdir() if p.name.startswith(".out.")]
+
+
+# The passes' unit tests (tests/passes/): a tiny random-init BERT and an in-memory ONNX Runtime run.
+
+TOKEN_AXES = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+
+
+class LastHiddenState(torch.nn.Module):
+    """A transformers encoder as an exporter sees it: token ids and mask in, token states out."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    """() -> (module, inputs, a fresh copy of its cleaned-up export): 2 layers, 4 heads of 8, FFN 64."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32,
+    )  # fmt: skip
+    module = LastHiddenState(transformers.BertModel(config)).eval()
+    rng = np.random.default_rng(0)
+    inputs = {
+        "input_ids": rng.integers(0, 200, (3, 12)).astype(np.int64),
+        "attention_mask": np.ones((3, 12), np.int64),
+    }
+    model = export_module(module, inputs, TOKEN_AXES, ["output"])
+    CleanupPass()(model)
+    proto = ir.to_proto(model)
+    return lambda: (module, inputs, ir.from_proto(proto))
+
+
+def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+@pytest.fixture
+def run():
+    """run(model, feeds) -> outputs, by ONNX Runtime from memory."""
+    return _run
+
+
+@pytest.fixture
+def checked_for_host():
+    """checked_for_host(pass, source) -> the pass as a compile for ``host`` with ONNX Runtime runs it:
+    checked, and prepared with what it gathers from the source."""
+
+    def prepare(configured: RecipePass, source: Source) -> RecipePass:
+        context = CompileContext(
+            source, load_target("host"), BACKENDS["onnxruntime"], {"precision": "fp32"},
+            Tolerance.for_precision("fp32"), [configured],
+        )  # fmt: skip
+        configured.check(context)
+        return configured.prepared(configured.prepare(context))
+
+    return prepare

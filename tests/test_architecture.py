@@ -221,3 +221,30 @@ def test_the_readme_python_api_example_runs_as_written(monkeypatch, tmp_path):
     assert manifest["verify"]["ir"]["output"]["max_abs"] <= 1e-4
     assert manifest["metrics"]["compiled"]["params"] < manifest["metrics"]["original"]["params"]
     assert namespace["outputs"]["output"].shape == (4, 10)
+
+
+def test_passes_keep_no_per_compile_results_on_themselves():
+    """Configuration is the dataclass; what a pass gathers comes back from prepare() into a new pass; its
+    results are its outcome. No method but __init__/__post_init__ sets an attribute of the pass."""
+    import ast
+    import inspect
+    import textwrap
+
+    from redux_edge.passes import PASSES
+    from redux_edge.passes.contract import RecipePass
+
+    classes = {base for cls in PASSES.values() for base in cls.__mro__ if issubclass(base, RecipePass)}
+    offenders = []
+    for cls in classes:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        for method in ast.walk(tree):
+            if not isinstance(method, ast.FunctionDef) or method.name in ("__init__", "__post_init__"):
+                continue
+            for node in ast.walk(method):
+                targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+                for target in targets:
+                    for leaf in ast.walk(target) if target is not None else []:
+                        sets = isinstance(leaf, ast.Attribute) and isinstance(leaf.ctx, ast.Store)
+                        if sets and getattr(leaf.value, "id", "") == "self":
+                            offenders.append(f"{cls.__name__}.{method.name} sets self.{leaf.attr}")
+    assert offenders == []

@@ -61,6 +61,7 @@ def tvm_bundle(tmp_path_factory):
     return _compile(tmp_path_factory, "tvm", "x86-64-avx2", backend_name="tvm", shapes=shapes)
 
 
+@pytest.mark.slow
 def test_openvino_matches_onnxruntime_on_real_sentences(openvino_bundle):
     manifest = json.loads((openvino_bundle / "manifest.json").read_text())
     assert manifest["backend"]["session"]["inference_precision"] == "f32"
@@ -95,6 +96,7 @@ def test_openvino_precision_is_an_explicit_recorded_choice(tmp_path_factory, cli
     assert manifest["verify"]["tolerance"] == {"min_cosine": 0.999, "atol": 0.05}
 
 
+@pytest.mark.slow
 def test_tvm_matches_onnxruntime_on_real_sentences(tvm_bundle):
     manifest = json.loads((tvm_bundle / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"] == [1, 32]
@@ -108,6 +110,7 @@ def test_tvm_matches_onnxruntime_on_real_sentences(tvm_bundle):
     assert _cosine(ours, _onnxruntime_on_ir(tvm_bundle, feeds)).min() >= 0.9999
 
 
+@pytest.mark.slow
 def test_tvm_bundle_rejects_other_shapes(tvm_bundle, cli, tmp_path):
     np.savez(
         tmp_path / "x.npz", input_ids=np.ones((1, 16), np.int64), attention_mask=np.ones((1, 16), np.int64)
@@ -116,6 +119,7 @@ def test_tvm_bundle_rejects_other_shapes(tvm_bundle, cli, tmp_path):
     assert result.exit_code == 2 and "expected [1, 32]" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["openvino_bundle", "tvm_bundle"])
 def test_bench_runs_each_backend(cli, request, fixture):
     result = cli("bench", request.getfixturevalue(fixture), "--iterations", 2, "--warmup", 1, "--json")
@@ -124,6 +128,7 @@ def test_bench_runs_each_backend(cli, request, fixture):
     assert stats["iterations"] == 2 and stats["p50_ms"] > 0
 
 
+@pytest.mark.slow
 def test_aarch64_library_runs_under_qemu_and_matches_onnxruntime(tmp_path_factory, cli):
     bundle = _compile(tmp_path_factory, "a72", "arm64-cortex-a72", backend_name="tvm")
     library = bundle / "artifact" / "model.so"
@@ -144,6 +149,7 @@ def test_aarch64_library_runs_under_qemu_and_matches_onnxruntime(tmp_path_factor
     assert result.exit_code == 2 and "cannot run on this machine" in result.stderr
 
 
+@pytest.mark.slow
 def test_jetson_bundle_carries_tensorrt_ready_onnx_and_engine_build(tmp_path_factory):
     shapes = {"input_ids": [1, 128], "attention_mask": [1, 128]}
     bundle = _compile(tmp_path_factory, "orin", "jetson-orin-nano", shapes=shapes)
@@ -212,6 +218,7 @@ def test_trtexec_log_without_sparse_tactics_fails_loudly_when_2_4_was_asked():
         check_sparse_tactics(report, sparsity_requested=True)
 
 
+@pytest.mark.slow
 def test_tvm_tuning_writes_a_database_that_later_compiles_reuse(tmp_path_factory):
     database = tmp_path_factory.mktemp("tuning")
     tuned = _compile(

@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnxruntime as ort
-from conftest import make_mlp_onnx
+import pytest
+from graphs import make_mlp_onnx
 
 from redux_edge import zoo
 from redux_edge.bundle import file_digest
@@ -24,6 +25,7 @@ HELD_OUT = [
 ]
 
 
+@pytest.mark.slow
 def test_artifact_run_by_plain_onnxruntime_matches_sentence_transformers(minilm_bundle):
     from sentence_transformers import SentenceTransformer
 
@@ -169,6 +171,7 @@ def test_bundle_runner_needs_no_redux_edge(mnist_bundle):
     assert json.loads(completed.stdout)["healthy"] is True
 
 
+@pytest.mark.slow
 def test_console_script_and_listings(tmp_path):
     script = subprocess.run(
         [sys.executable, "-m", "redux_edge.cli", "targets", "--json"],

@@ -147,6 +147,7 @@ def _current(root: Path) -> str:
 
 
 # 1. Flash a host bundle, health check passes, `current` points at it; profile goes into the store.
+@pytest.mark.slow
 def test_flash_then_profile_over_ssh(cli, registry, mnist_bundle, tmp_path):
     result = cli("flash", mnist_bundle, "--device", "edge-1", "--json")
     assert result.exit_code == 0, result.stderr
@@ -201,6 +202,7 @@ def test_failed_health_check_rolls_back(cli, registry, mnist_bundle, tmp_path):
 
 
 # 3. Cut the connection mid-upload: the device still serves the previous release; a retry sends the rest.
+@pytest.mark.slow
 def test_interrupted_upload_keeps_previous_release_and_resumes(
     cli, registry, mnist_bundle, minilm_bundle, tmp_path
 ):
@@ -213,8 +215,9 @@ def test_interrupted_upload_keeps_previous_release_and_resumes(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    # Uploads go in sorted order: artifact/model.onnx (87 MB) first. Kill the client part way through it.
-    cut = partial / "artifact" / "model.onnx.upload"
+    # Uploads go in sorted order: the graph, then its weights (artifact/weights.bin, 86 MiB). Kill the client
+    # part way through those.
+    cut = partial / "artifact" / "weights.bin.upload"
     deadline = time.monotonic() + 120
     while not (cut.is_file() and cut.stat().st_size > 4 << 20):
         assert flashing_process.poll() is None, "the flash ended before it could be interrupted"
@@ -222,7 +225,7 @@ def test_interrupted_upload_keeps_previous_release_and_resumes(
         time.sleep(0.005)
     flashing_process.send_signal(signal.SIGKILL)
     flashing_process.wait()
-    assert not (partial / "artifact" / "model.onnx").exists()
+    assert not (partial / "artifact" / "weights.bin").exists()
     assert _current(root) == first
     check = subprocess.run(
         [sys.executable, str(root / "current" / "runner" / "run.py"), "--check"],
@@ -234,7 +237,7 @@ def test_interrupted_upload_keeps_previous_release_and_resumes(
     result = cli("flash", minilm_bundle, "--device", "edge-1", "--json")
     assert result.exit_code == 0, result.stderr
     (row,) = json.loads(result.stdout)
-    assert row["resumed"]["artifact/model.onnx"] > 4 << 20  # only the rest of the cut file was sent
+    assert row["resumed"]["artifact/weights.bin"] > 4 << 20  # only the rest of the cut file was sent
     assert row["uploaded_bytes"] < row["release_bytes"] - (4 << 20)
     # The same file as in the first release: hard-linked on the device, not sent.
     assert "runner/run.py" in row["reused"]
@@ -310,6 +313,7 @@ def test_connection_user_errors(cli, registry, sshd, mnist_bundle, tmp_path):
 
 
 # 6. Three devices of a group, flashed concurrently; one result row per device.
+@pytest.mark.slow
 def test_group_is_flashed_concurrently(cli, registry, sshd, mnist_bundle, tmp_path):
     for name in ("fleet-a", "fleet-b", "fleet-c"):
         registry.add(sshd.device(name, tmp_path / name), ["fleet"], replace=False)
@@ -340,6 +344,7 @@ def test_one_failed_device_in_a_group_is_its_row(cli, registry, sshd, mnist_bund
     assert rows["good"]["ok"] and not rows["gone"]["ok"] and "cannot reach" in rows["gone"]["error"]
 
 
+@pytest.mark.slow
 def test_rollback_and_keep(cli, registry, mnist_bundle, tmp_path):
     releases = [mnist_bundle] + [
         _rebundle(mnist_bundle, tmp_path / f"r{i}", lambda folder, m, i=i: m.update(note=f"release {i}"))

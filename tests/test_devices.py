@@ -76,6 +76,7 @@ def test_local_device_flash_rollback_and_profile(cli, env, mnist_bundle):
     assert_clean_user_error(cli("rollback", "--device", "here"), env, message="no earlier release")
 
 
+@pytest.mark.slow
 def test_jetson_engine_is_built_on_the_device_and_cached(cli, env, monkeypatch, tmp_path_factory):
     bundle = tmp_path_factory.mktemp("jetson") / "mnist-orin"
     api.compile_model("mnist-cnn", "jetson-orin-nano", load_recipe(None), bundle)
@@ -118,6 +119,7 @@ def test_jetson_engine_is_built_on_the_device_and_cached(cli, env, monkeypatch, 
     assert check["device"]["trtexec"].endswith("trtexec")
 
 
+@pytest.mark.slow
 def test_openvino_and_onnxruntime_layer_profiles(tmp_path, mnist_bundle):
     ort_layers = BundleSession(mnist_bundle).layer_times(BundleSession(mnist_bundle).sample()[0], runs=3)
     assert ort_layers["source"].startswith("onnxruntime") and {"Conv"} <= {

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from redux_edge import api
-from redux_edge.deploy.emulated import board_python, board_rpc_tracker
+from redux_edge.backends.board import board_python
+from redux_edge.deploy.emulated import board_rpc_tracker
 from redux_edge.recipe import load_recipe
 
 BOARD = board_python()
@@ -31,6 +32,7 @@ def arm_bundles(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
 def test_an_arm64_bundles_runner_checks_itself_on_the_emulated_board(arm_bundles, backend):
     machine = subprocess.run(
@@ -38,6 +40,10 @@ def test_an_arm64_bundles_runner_checks_itself_on_the_emulated_board(arm_bundles
     )
     assert machine.stdout.decode().strip() == "aarch64"
     bundle = arm_bundles[backend]
+    # The compile ran the artifact as aarch64 code: ONNX Runtime's through the runner on the board.
+    ran = json.loads((bundle / "manifest.json").read_text())["verify"]["artifact_run"]
+    expected = "ran on the emulated aarch64 board (qemu cortex-a72" if backend == "onnxruntime" else "qemu"
+    assert expected in ran, ran
     checked = subprocess.run(
         [str(BOARD), str(bundle / "runner" / "run.py"), "--check"],
         capture_output=True,
@@ -56,6 +62,7 @@ def test_an_arm64_bundles_runner_checks_itself_on_the_emulated_board(arm_bundles
     assert report["emulated"].startswith("aarch64 under qemu-aarch64") and report["p50_ms"] > 0
 
 
+@pytest.mark.slow
 def test_an_arm64_bundle_flashes_to_the_emulated_board_and_is_profiled(
     cli, tmp_path, monkeypatch, arm_bundles
 ):
@@ -78,6 +85,7 @@ def test_an_arm64_bundle_flashes_to_the_emulated_board_and_is_profiled(
     assert record["emulated"].startswith("aarch64 under qemu-aarch64") and record["stats"]["iterations"] == 5
 
 
+@pytest.mark.slow
 def test_tvm_tunes_an_arm64_bundle_by_measuring_candidates_on_the_emulated_board(cli, tmp_path):
     database = tmp_path / "tuning"
     with board_rpc_tracker("cortex-a72", "emulated-a72") as tracker:

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from conftest import assert_clean_user_error, make_mlp_onnx, make_nan_onnx
+from conftest import assert_clean_user_error, make_nan_onnx
+from graphs import make_mlp_onnx
 
 
 @pytest.fixture
@@ -233,3 +234,15 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(cli, full_disk):
     result = cli("compile", "--model", "mnist-cnn", "-o", full_disk / "out")
     assert_clean_user_error(result, full_disk, message="No space left on device")
     assert list(full_disk.iterdir()) == []
+
+
+def test_an_explicit_zero_tolerance_is_the_bound_used(cli, tmp_path, mlp):
+    result = cli("compile", "-m", mlp, "--tolerance-cosine", "0", "-o", tmp_path / "zero", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["verify"]["tolerance"]["min_cosine"] == 0.0
+    exact = cli("compile", "-m", mlp, "--tolerance-atol", "0", "-o", tmp_path / "exact", "--json")
+    # atol 0 is bit-exact: either the artifact is, or the compile is refused saying by how much it is not.
+    if exact.exit_code == 0:
+        assert json.loads(exact.stdout)["verify"]["tolerance"]["atol"] == 0.0
+    else:
+        assert_clean_user_error(exact, tmp_path, message="max abs")

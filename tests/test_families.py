@@ -15,7 +15,7 @@ import pytest
 from conftest import add_local_device, assert_clean_user_error
 
 from redux_edge import api
-from redux_edge.deploy.emulated import board_python
+from redux_edge.backends.board import board_python
 from redux_edge.recipe import load_recipe, passes_from_flags
 from redux_edge.targets import load_target
 
@@ -105,6 +105,7 @@ def test_one_minilm_jetson_bundle_flashed_to_a_mixed_fleet(cli, env, tmp_path_fa
         assert engine["engine"].endswith(f"-trt{tensorrt}.plan")
 
 
+@pytest.mark.slow
 def test_a_family_bundle_is_refused_by_a_device_outside_it(cli, env, tmp_path):
     jetson = api.compile_model("mnist-cnn", "jetson", load_recipe(None), tmp_path / "jetson").path
     arm64 = api.compile_model("mnist-cnn", "arm64", load_recipe(None), tmp_path / "arm64").path
@@ -125,6 +126,7 @@ def test_an_x86_64_family_bundle_runs_its_health_check_on_this_machine(cli, env,
     assert row["ok"] and row["health"]["healthy"], row["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(board_python() is None, reason="no emulated aarch64 board (make test builds it as root)")
 def test_an_arm64_family_bundle_runs_its_health_check_on_the_emulated_board(cli, env, tmp_path):
     bundle = api.compile_model("mnist-cnn", "arm64", load_recipe(None), tmp_path / "arm64").path

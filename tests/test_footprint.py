@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -75,6 +76,28 @@ def test_a_2_4_cnn_bundle_opens_in_stock_tools_and_the_device_stores_its_packed_
     stored_weights = sum(p.stat().st_size for p in (release / "artifact").rglob("*") if p.is_file())
     assert sent_weights <= 0.6 * dense_weight_bytes
     assert stored_weights <= 0.6 * dense_weight_bytes
+
+
+def test_a_host_bundle_stores_each_weight_once_for_model_onnx_and_its_artifact(minilm_bundle, sparse_cnn):
+    manifest = load_bundle(minilm_bundle).manifest
+    weight_bytes = manifest["metrics"]["compiled"]["weight_bytes"]
+    onnx_files = sum(entry["bytes"] for relative, entry in manifest["files"].items() if ".onnx" in relative)
+    stored = manifest["storage"]
+    assert stored["shared_file"] == "artifact/weights.bin" and stored["shared_bytes"] >= 0.99 * weight_bytes
+    assert onnx_files + manifest["files"]["artifact/weights.bin"]["bytes"] <= 1.05 * weight_bytes
+    _assert_opens_in_stock_tools(minilm_bundle)
+    session = ort.InferenceSession(str(minilm_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs, outputs = (
+        np.load(minilm_bundle / "sample" / "inputs.npz"),
+        np.load(minilm_bundle / "sample" / "outputs.npz"),
+    )
+    np.testing.assert_allclose(session.run(None, dict(inputs))[0], outputs[outputs.files[0]], atol=1e-5)
+    # The packed figure is what a device stores: the artifact's N:M weights, not the portable IR's too.
+    sparse = load_bundle(sparse_cnn).manifest["storage"]
+    artifact_index = sparse["packed_files"]["artifact/model.onnx"]
+    assert sparse["sparse_weights_dense_bytes"] == sum(
+        tensor["dense_bytes"] for tensor in artifact_index["tensors"].values()
+    )
 
 
 def test_the_packed_device_form_runs_and_expands_back_to_the_bundles_dense_file(sparse_cnn, tmp_path):

@@ -13,7 +13,8 @@ import onnx.helper as oh
 import onnx_ir
 import pytest
 import torch
-from conftest import assert_clean_user_error, make_mlp_onnx
+from conftest import assert_clean_user_error
+from graphs import make_mlp_onnx
 
 from redux_edge import api
 from redux_edge.errors import UserError

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import pytest
 import tomli_w
-from conftest import make_mlp_onnx
+from graphs import make_mlp_onnx
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -143,6 +143,7 @@ def _external_data_edit(folder: Path, data: bytes, draw) -> Path:
     return folder / "ext.onnx"
 
 
+@pytest.mark.slow
 @_settings("onnx")
 @given(data=st.data(), replace_a_bundle=st.booleans())
 def test_fuzzed_onnx_files_through_compile(cli, workdir, data, replace_a_bundle):
@@ -253,6 +254,7 @@ def _edit_tree(bundle: Path, outside: Path, draw) -> None:
         target.mkdir()
 
 
+@pytest.mark.slow
 @_settings("bundle")
 @given(data=st.data())
 def test_fuzzed_bundles_through_inspect_run_and_the_runner(cli, workdir, data):

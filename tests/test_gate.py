@@ -8,9 +8,11 @@ import json
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx_ir as ir
+import pytest
 from conftest import assert_clean_user_error, assert_one_error_line
 
-from redux_edge.analysis.shift import GATES, Gate, failures, output_shift
+from redux_edge.analysis.shift import GATES, Gate, failures, output_shift, weights_that_move_most
 
 
 def test_a_scalar_per_sample_that_moves_is_seen_though_its_cosine_is_one():
@@ -74,15 +76,17 @@ def test_int8_that_wrecks_a_model_is_refused_with_its_shift_and_written_only_whe
     result = cli(*compile_args, "-o", tmp_path / "out")
     assert_clean_user_error(result, tmp_path, message="quantize moved the outputs beyond the default gate")
     assert "rel_l2" in result.stderr and "--waive-gate" in result.stderr
+    assert "the weights where they start to move: w (+1)" in result.stderr  # the MatMul after the outlier
     waived = cli(*compile_args, "--waive-gate", "-o", tmp_path / "out", "--json")
     assert waived.exit_code == 0, waived.stderr
     shift = json.loads(waived.stdout)["verify"]["shift"]
     assert shift["waived"] and shift["beyond"] and shift["outputs"]["y"]["rel_l2"] > 0.5
-    assert shift["gate"] == GATES["int8"].to_json()
+    assert shift["gate"] == GATES["int8"].to_json() and list(shift["moves_most"]) == ["w"]
     report = cli("inspect", tmp_path / "out")
     assert "gate     WAIVED (--waive-gate)" in report.stdout
 
 
+@pytest.mark.slow
 def test_int8_of_the_zoo_cnn_passes_its_gate_and_says_so(cli, tmp_path):
     result = cli("compile", "-m", "mnist-cnn", "--quantize", "int8", "-o", tmp_path / "q", "--json")
     assert result.exit_code == 0, result.stderr
@@ -227,3 +231,20 @@ def test_int8_on_an_opset_11_file_writes_a_valid_model_and_branch_weights_are_na
     )
     assert_clean_user_error(result, tmp_path, message="sit inside control-flow branches (w of a MatMul)")
     assert "exclude patterns" not in result.stderr
+
+
+def test_the_weights_that_move_most_are_found_with_a_scalar_input_beside_the_batch(tmp_path):
+    """The per-node comparison cuts each input along its own batch axis; a 0-d input has none (found on
+    the published voice-activity model, whose sample rate is a scalar input)."""
+    before = ir.load(str(_outlier_model(tmp_path / "outlier.onnx")))
+    after = ir.from_proto(ir.to_proto(before))
+    after.graph.initializers["w"].const_value = ir.tensor(np.zeros((8, 4), np.float32), name="w")
+    for model in (before, after):
+        model.graph.inputs.append(
+            ir.Value(name="gain", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
+        )
+    feeds = {
+        "x": np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32),
+        "gain": np.array(2, np.float32),
+    }
+    assert [name for name, _ in weights_that_move_most(before, after, feeds)] == ["w"]

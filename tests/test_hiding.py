@@ -50,7 +50,8 @@ def test_hidden_graph_fills_dropped_pixels_and_is_verified_per_run(hidden_bundle
     )
     assert verify["ir"]["logits"]["max_abs"] <= 1e-4
     assert protection["kernel"]["integer_exact"] is True
-    model = ir.load(str(hidden_bundle / "model.onnx"))
+    # The bundle's model.onnx names its weights in artifact/weights.bin: read them in, to run from bytes.
+    model = ir.external_data.load_to_model(ir.load(str(hidden_bundle / "model.onnx")))
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     image = np.full((4, 1, 28, 28), 0.5, np.float32)
     _, fill, keep = session.run(None, {"image": image})
@@ -198,7 +199,7 @@ def test_mask_aware_fine_tuning_on_two_processes_compiles_protected(tmp_path, cl
     protection = json.loads((bundle / "manifest.json").read_text())["protection"]
     assert protection["hiding"] == "shuffle" and protection["drop"] == 0.5 and protection["keep_top"] == 0.4
     assert protection["kernel"]["integer_exact"] is True
-    # 30 steps only: the full recipe's accuracy is in the README's table.
+    # 30 steps only: the full recipe's accuracy is in docs/LEAKAGE.md's table.
     accuracy = protection["quality"]["accuracy"]
     assert accuracy["compressed"] > 0.9
 

@@ -99,6 +99,7 @@ def test_bad_evaluation_data_is_refused_before_anything_is_written(cli, tmp_path
     refused(tmp_path / "bad_labels.npz", "labels [12] are not classes of the model")
 
 
+@pytest.mark.slow
 def test_a_text_table_without_its_label_column_is_refused(cli, tmp_path):
     parent = tmp_path / "runs"
     parent.mkdir()

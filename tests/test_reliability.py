@@ -20,10 +20,10 @@ import pytest
 from conftest import (
     assert_clean_user_error,
     assert_one_error_line,
-    make_mlp_onnx,
     make_nan_onnx,
     tiny_file_system,
 )
+from graphs import make_mlp_onnx
 
 from redux_edge.runtime.tolerance import Tolerance, compare, mismatch
 
@@ -185,6 +185,7 @@ def test_a_file_dropped_into_a_bundle_is_refused_by_inspect_run_and_the_runner(c
         (["train-shrp.toml", "--nproc-per-node", "0"], "0 is not in the range"),
     ],
 )
+@pytest.mark.slow
 def test_train_refusing_its_input_leaves_no_output_behind(cli, tmp_path, arguments, message):
     (tmp_path / "plan.json").write_text("{")
     recipe, *options = arguments

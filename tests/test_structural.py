@@ -11,28 +11,18 @@ import onnxruntime as ort
 import pytest
 import torch
 import transformers
-from conftest import assert_clean_user_error, make_mlp_onnx
+from conftest import TOKEN_AXES, LastHiddenState, assert_clean_user_error
+from graphs import make_mlp_onnx
 
 from redux_edge import zoo
 from redux_edge.analysis.reference import masked
-from redux_edge.frontend.torch import export_module, run_module
+from redux_edge.frontend.module_run import run_module
+from redux_edge.frontend.torch import export_module
 from redux_edge.ir.blocks import find_structure
 from redux_edge.passes import build_pass
 from redux_edge.passes.cleanup import CleanupPass
 
 SENTENCES = zoo.load_card("minilm-l6")["samples"]
-DYNAMIC = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-
-
-class LastHiddenState(torch.nn.Module):
-    """A transformers encoder as an exporter sees it: token ids and mask in, token states out."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def _hf_encoder(family: str) -> torch.nn.Module:
@@ -65,7 +55,7 @@ def exported():
     def get(family: str):
         if family not in cache:
             module = entry.module if family == "minilm-l6" else _hf_encoder(family)
-            model = export_module(module, inputs, DYNAMIC, ["output"])
+            model = export_module(module, inputs, TOKEN_AXES, ["output"])
             CleanupPass()(model)
             cache[family] = (module, 32 if family == "minilm-l6" else 16, inputs, ir.to_proto(model))
         module, head_dim, feeds, proto = cache[family]
@@ -92,6 +82,7 @@ def _apply(model: ir.Model, steps: list[tuple[str, dict]]) -> dict:
 PLAN = {"heads": {"0": [1, 3], "2": [0], "3": [1, 2, 3]}, "ffn": {"0": [0, 5, 9, 17], "3": list(range(40))}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["minilm-l6", "bert", "distilbert", "roberta"])
 def test_pruned_model_matches_torch_with_heads_zeroed_neurons_zeroed_layers_skipped(
     family, exported, tmp_path
@@ -160,11 +151,12 @@ def bert_onnx(tmp_path_factory):
     """A Hugging Face BertModel exported to an ONNX file: what a user brings to `compile --model`."""
     path = tmp_path_factory.mktemp("hf") / "bert.onnx"
     inputs = zoo.load_model("minilm-l6").inputs
-    ir.save(export_module(_hf_encoder("bert"), inputs, DYNAMIC, ["last_hidden_state"]), str(path))
+    ir.save(export_module(_hf_encoder("bert"), inputs, TOKEN_AXES, ["last_hidden_state"]), str(path))
     np.savez(path.with_suffix(".npz"), **inputs)
     return path
 
 
+@pytest.mark.slow
 def test_onnx_file_is_pruned_exactly_against_the_masked_original(cli, bert_onnx, tmp_path):
     result = cli(
         "compile", "--model", bert_onnx, "--inputs", bert_onnx.with_suffix(".npz"),
@@ -239,6 +231,7 @@ def half_heads_bundle(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_prune_heads_half_removes_half_the_qkv_columns_and_their_parameters(half_heads_bundle):
     manifest = json.loads((half_heads_bundle / "manifest.json").read_text())
     original, compiled = manifest["metrics"]["original"], manifest["metrics"]["compiled"]
@@ -253,6 +246,7 @@ def test_prune_heads_half_removes_half_the_qkv_columns_and_their_parameters(half
     assert manifest["verify"]["ir"]["sentence_embedding"]["max_abs"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_inspect_shows_heads_per_layer(cli, half_heads_bundle):
     result = cli("inspect", half_heads_bundle)
     assert result.exit_code == 0
@@ -269,6 +263,7 @@ def edge_compile(tmp_path_factory):
     return main(argv), out
 
 
+@pytest.mark.slow
 def test_edge_recipe_reports_cost_speed_and_quality_against_dense(edge_compile, capsys):
     code, out = edge_compile
     assert code == 0
@@ -296,6 +291,7 @@ def test_edge_recipe_reports_cost_speed_and_quality_against_dense(edge_compile, 
     assert manifest["verify"]["ir"]["sentence_embedding"]["max_abs"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_edge_compile_report_prints_every_number(cli, edge_compile):
     _, out = edge_compile
     report = cli("inspect", out).stdout
@@ -344,6 +340,7 @@ def test_dropping_a_cnn_residual_block_equals_skipping_it_in_torch(tmp_path):
     ("backend", "extra"),
     [("openvino", []), ("tvm", ["--shapes", "input_ids:8x18,attention_mask:8x18"])],
 )
+@pytest.mark.slow
 def test_pruned_model_lowers_exactly_through_other_backends(cli, bert_onnx, tmp_path, backend, extra):
     result = cli(
         "compile", "--model", bert_onnx, "--inputs", bert_onnx.with_suffix(".npz"),

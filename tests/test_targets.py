@@ -90,7 +90,7 @@ def test_missing_cross_compiler_says_what_to_install(monkeypatch):
 
 @pytest.mark.parametrize("name", ["arm64-cortex-a72", "arm64-cortex-a76"])
 def test_arm64_targets_default_to_onnxruntime_as_measured(name):
-    # tools/bench_arm.py: untuned TVM is slower there; the README's "Targets" says by how much.
+    # tools/bench_arm.py: untuned TVM is slower there; docs/TARGETS.md says by how much.
     assert select_backend(load_target(name), None).name == "onnxruntime"
 
 

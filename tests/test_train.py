@@ -2,7 +2,8 @@
 
 The runs are short (6 steps of 8 Rotten Tomatoes snippets on all-MiniLM-L6-v2, sequences cut at 32
 tokens): what is checked is that sharding changes memory, not the computation, and that a killed run
-resumes where it left off. Quality of the trained results is measured by tools/train_eval.py (README).
+resumes where it left off. Quality of the trained results is measured by tools/train_eval.py
+(docs/COMPRESSION.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import assert_clean_user_error
+from graphs import make_mlp_onnx
 
 from redux_edge.train.launch import train
 from redux_edge.train.recipe import Optim
@@ -61,6 +63,7 @@ def runs(tmp_path_factory, plan_file) -> dict[str, dict]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharded", ["zero1", "zero2", "zero3"])
 def test_two_processes_follow_the_single_process_loss(runs, sharded):
     single, other = runs["single"]["losses"], runs[sharded]["losses"]
@@ -71,6 +74,7 @@ def test_two_processes_follow_the_single_process_loss(runs, sharded):
         assert other[step] == pytest.approx(single[step], rel=2e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharded", ["zero1", "zero2", "zero3"])
 def test_optimizer_state_per_rank_is_halved(runs, sharded):
     (alone,) = runs["single"]["report"]["memory"]
@@ -86,6 +90,7 @@ def test_optimizer_state_per_rank_is_halved(runs, sharded):
         assert all(rank["parameter_bytes"] == alone["parameter_bytes"] for rank in ranks)
 
 
+@pytest.mark.slow
 def test_recover_writes_what_compile_reads(runs):
     out = runs["single"]["out"]
     assert json.loads((out / "plan.json").read_text()) == PLAN
@@ -123,6 +128,7 @@ def test_a_recovered_model_compiles_pruned_and_quantized(runs, tmp_path, held_ou
     assert "weights.safetensors" in bundle.manifest["model"]["weights"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(runs, plan_file, tmp_path):
     out = tmp_path / "resumed"
     command = [
@@ -153,6 +159,7 @@ def test_killed_run_resumes_from_its_checkpoint(runs, plan_file, tmp_path):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_cosine_schedule_is_recorded_and_decays_to_zero(runs):
     optim = runs["zero1"]["report"]["recipe"]["optim"]
     assert optim["schedule"] == "cosine"
@@ -162,6 +169,7 @@ def test_cosine_schedule_is_recorded_and_decays_to_zero(runs):
     assert Optim(lr=1e-3).lr_at(150) == 1e-3
 
 
+@pytest.mark.slow
 def test_training_user_errors(cli, tmp_path, plan_file):
     bad = tmp_path / "bad.toml"
     bad.write_text('task = "distill"\n')
@@ -192,6 +200,7 @@ def test_training_user_errors(cli, tmp_path, plan_file):
     assert_clean_user_error(result, tmp_path, message="does not split over 2 processes")
 
 
+@pytest.mark.slow
 def test_shrp_usage_becomes_a_head_plan(tmp_path):
     out = tmp_path / "shrp"
     report = train(RECIPES / "train-shrp.toml", out, 1, 2, overrides=("optim.steps=3", *SHORT[1:]))
@@ -208,6 +217,7 @@ def test_shrp_usage_becomes_a_head_plan(tmp_path):
     assert report["memory"][0]["parameter_bytes"] == 6 * (384 * 12 + 12) * 4  # only the routers train
 
 
+@pytest.mark.slow
 def test_maskllm_and_adapter_recipes_write_what_compile_reads(tmp_path):
     from redux_edge.ir import nm
     from redux_edge.runtime.adapter_pack import parse_adapter_pack
@@ -262,6 +272,4 @@ def test_compile_takes_recovered_weights_and_refuses_misfits(cli, tmp_path, mlp_
 
 @pytest.fixture
 def mlp_onnx(tmp_path):
-    from conftest import make_mlp_onnx
-
     return make_mlp_onnx(tmp_path / "mlp.onnx")

@@ -27,9 +27,9 @@ from conftest import (
     add_local_device,
     assert_clean_user_error,
     assert_one_error_line,
-    make_mlp_onnx,
     tiny_file_system,
 )
+from graphs import make_mlp_onnx
 from safetensors.numpy import load_file, save_file
 
 from redux_edge import api, zoo
@@ -327,6 +327,12 @@ def test_headers_that_claim_more_than_the_file_holds_are_refused_before_allocati
         archive.writestr("input.npy", lying)
     for name in ("lying.npy", "lying.npz"):
         assert_one_error_line(cli("run", mnist_bundle, tmp_path / name), "GiB in memory")
+    # A negative dimension (found by the fuzz suite: numpy's memory map raised OverflowError, exit 1).
+    negative = lying.replace(b"(1000000, 1000000)", b"(-3, 8)           ")
+    (tmp_path / "negative.npy").write_bytes(negative)
+    attack = ["leakage", "attack", tmp_path / "negative.npy", "--inputs", tmp_path / "negative.npy"]
+    assert_one_error_line(cli(*attack, "-o", tmp_path / "report"), "which no array has")
+    assert_one_error_line(cli("run", mnist_bundle, tmp_path / "negative.npy"), "which no array has")
     from PIL import Image
 
     Image.new("1", (20_000, 20_000)).save(tmp_path / "bomb.png")  # 400 megapixels, a few KiB on disk

@@ -8,7 +8,7 @@ import pytest
 from redux_edge import zoo
 from redux_edge.analysis.reference import masked
 from redux_edge.errors import UserError
-from redux_edge.frontend.torch import run_module
+from redux_edge.frontend.module_run import run_module
 
 
 def test_minilm_module_matches_sentence_transformers_on_real_sentences():

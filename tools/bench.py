@@ -268,7 +268,7 @@ def main() -> int:
 
 
 def _quantization_goals(stats: dict[str, dict]) -> dict[str, dict]:
-    """Each quantization goal of the README's table: the measured figure and whether it is met."""
+    """Each quantization goal of docs/QUANTIZATION.md's table: the measured figure and whether it is met."""
     goals = {}
     for name in (INT8, INT8_DYNAMIC):
         ratio = stats[name]["p50_ms"] / stats[PEER]["p50_ms"]

@@ -2,7 +2,7 @@
 (redux_edge/deploy/emulated.py: qemu-aarch64 as the target's core). Same model, same inputs (the bundle's
 recorded sample), same threads; blocks in the order ORT, TVM untuned, TVM tuned, then reversed, so that
 drift hits all alike. The ratios TVM / ONNX Runtime are what the arm64 targets' default backend follows
-from (README, "Targets"); absolute times under emulation say nothing about a board.
+from (docs/TARGETS.md); absolute times under emulation say nothing about a board.
 
 Tuned TVM: MetaSchedule with ``--tvm-trials`` trials in all, from an empty database, every candidate
 measured on the emulated core through TVM's RPC (``board_rpc_tracker``), as ``compile --tune N
@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 from redux_edge import api
-from redux_edge.deploy.emulated import board_python, board_rpc_tracker
+from redux_edge.backends.board import board_python
+from redux_edge.deploy.emulated import board_rpc_tracker
 from redux_edge.recipe import load_recipe
 from redux_edge.targets import load_target
 

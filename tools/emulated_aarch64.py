@@ -24,7 +24,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from redux_edge.deploy.emulated import BOARD_CPUS, BOARD_DIR, ORT_UNDER_QEMU
+from redux_edge.backends.board import BOARD_CPUS, BOARD_DIR, ORT_UNDER_QEMU
 
 DEBIAN_PACKAGES = [
     "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libc6", "zlib1g", "libexpat1",

@@ -70,8 +70,7 @@ def main() -> None:
         model = ir.from_proto(dense)
         parameters = {"fraction": args.fraction, "importance": method}
         parameters |= {"plan": choice} if method == "plan" else {"seed": choice}
-        configured = build_pass("prune-heads", parameters)
-        configured.calibration = calibration
+        configured = build_pass("prune-heads", parameters).prepared({"calibration": calibration})
         configured(model)
         label = {"random": f"random (seed {choice})", "plan": f"plan {choice}"}.get(method, method)
         rows.append(measure(label, model))

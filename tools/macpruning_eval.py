@@ -87,7 +87,7 @@ def accuracy(model: ir.Model, preprocessor, data: images.Images, draws: int = 3)
 
 def protect(model: ir.Model, calibration: dict, drop: float, keep_top: float, hiding: str):
     mask = build_pass("mac-prune", {"drop": drop, "keep_top": keep_top, "hiding": hiding})
-    mask.calibration = calibration
+    mask = mask.prepared({"calibration": calibration})
     return mask(model)
 
 

@@ -28,13 +28,13 @@ import onnx_ir as ir
 
 from redux_edge.analysis import in_memory_runner
 from redux_edge.errors import UserError
+from redux_edge.interfaces import Feeds
 from redux_edge.ir.blocks import AttentionBlock, FeedForwardBlock, Layer, find_structure
 from redux_edge.ir.surgery import copy_model
 
 __all__ = ["IMPORTANCE", "head_scores", "layer_scores", "load_plan", "neuron_scores", "select_lowest"]
 
 IMPORTANCE = ("magnitude", "calibration", "random", "plan")
-Feeds = dict[str, np.ndarray]
 
 
 def load_plan(path: str, key: str) -> dict:

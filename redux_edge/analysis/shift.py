@@ -22,8 +22,13 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import onnx_ir as ir
 
-__all__ = ["GATES", "Gate", "failures", "output_shift"]
+from redux_edge.analysis import in_memory_runner
+from redux_edge.ir.batch import Batches
+from redux_edge.ir.surgery import copy_model
+
+__all__ = ["GATES", "Gate", "failures", "output_shift", "weights_that_move_most"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +127,58 @@ def _min_cosine(old: np.ndarray, new: np.ndarray) -> float:
     dots = (rows_old * rows_new).sum(axis=1)
     cosine = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
     return float(cosine.min(initial=1.0))
+
+
+# Samples the per-node comparison runs on: every intermediate tensor of both models is kept in memory.
+MOVER_SAMPLES = 8
+
+
+def weights_that_move_most(
+    before: ir.Model, after: ir.Model, feeds: dict[str, np.ndarray], count: int = 3
+) -> list[tuple[str, float]]:
+    """The weights of the nodes at which the outputs start to move: per node of ``before`` whose output
+    ``after`` still computes (a quantizer keeps the names it wraps), the relative L2 shift of that output
+    less the largest shift of the node's inputs, ranked; each with the node's weights (its initializers).
+    Returns up to ``count`` (weight name, jump) pairs, largest jump first."""
+    batches = Batches.of(before)  # a scalar input, or a batch on axis 1, is cut along its own axis
+    rows = {name: batches.first(name, array, MOVER_SAMPLES) for name, array in feeds.items()}
+    produced_after = {str(v.name) for node in after.graph for v in node.outputs}
+    watched = [
+        value
+        for node in before.graph
+        for value in node.outputs
+        if value.name in produced_after and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+    ]
+    names = [str(value.name) for value in watched]
+    shifts = dict(zip(names, _intermediate_shifts(before, after, names, rows), strict=True))
+    jumps: dict[str, float] = {}
+    for node in before.graph:
+        moved = [shifts[v.name] for v in node.outputs if v.name in shifts]
+        weights = [v.name for v in node.inputs if v is not None and v.is_initializer() and v.name]
+        if not moved or not weights:
+            continue
+        incoming = max((shifts.get(str(v.name), 0.0) for v in node.inputs if v is not None), default=0.0)
+        jump = max(moved) - incoming
+        for weight in weights:
+            if jump > jumps.get(weight, 0.0):
+                jumps[weight] = jump
+    return sorted(jumps.items(), key=lambda item: -item[1])[:count]
+
+
+def _intermediate_shifts(
+    before: ir.Model, after: ir.Model, names: list[str], feeds: dict[str, np.ndarray]
+) -> list[float]:
+    """The relative L2 shift of each named tensor between the two models (infinite where not finite)."""
+    outputs = []
+    for model in (before, after):
+        exposed = copy_model(model)
+        values = {str(v.name): v for node in exposed.graph for v in node.outputs}
+        exposed.graph.outputs.clear()
+        exposed.graph.outputs.extend(values[name] for name in names)
+        outputs.append(in_memory_runner(exposed)(feeds))
+    return [
+        _relative_l2(np.asarray(old, np.float64), np.asarray(new, np.float64))
+        if old.shape == new.shape
+        else 0.0
+        for old, new in zip(*outputs, strict=True)
+    ]

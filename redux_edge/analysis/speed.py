@@ -14,11 +14,11 @@ import numpy as np
 import onnx_ir as ir
 
 from redux_edge.frontend.source import Source, fit_inputs
+from redux_edge.interfaces import Feeds
 
 __all__ = ["BLOCKS", "CALLS", "alternating_p50", "timing_feeds"]
 
 BLOCKS, CALLS = 4, 10
-Feeds = dict[str, np.ndarray]
 
 
 def timing_feeds(model: ir.Model, source: Source) -> Feeds:

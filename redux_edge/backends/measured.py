@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
+from redux_edge.analysis.speed import alternating_p50, timing_feeds
 from redux_edge.backends import BACKENDS, objections
 from redux_edge.backends.base import Backend
 from redux_edge.errors import UserError
 from redux_edge.frontend.source import Source
+from redux_edge.runtime.session import open_artifact
 from redux_edge.runtime.tolerance import Tolerance, compare, mismatch
 from redux_edge.targets import Target
 
@@ -34,8 +36,6 @@ def fastest(
     source: Source, target: Target, passes: Sequence[RecipePass], options: dict, requested: str | None
 ) -> tuple[Backend, str, dict]:
     """The backend and precision to compile with, and the manifest's record of the choice."""
-    from redux_edge.analysis.speed import alternating_p50, timing_feeds
-    from redux_edge.runtime.session import open_artifact
 
     names = [requested] if requested else list(target.backends)
     first = BACKENDS[names[0]]

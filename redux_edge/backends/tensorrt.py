@@ -31,9 +31,9 @@ import onnxscript.optimizer
 from redux_edge.backends.base import Backend, Emulation, quantized_onnx_operators
 from redux_edge.errors import UserError
 from redux_edge.files import file_digest
+from redux_edge.interfaces import Flag
 from redux_edge.ir.decompose import decompose
 from redux_edge.ir.opset import convert_opset
-from redux_edge.passes.contract import Flag
 from redux_edge.runtime.backend_tensorrt import build_engine
 from redux_edge.runtime.packed import add_packed_weights
 from redux_edge.targets import Target, load_target

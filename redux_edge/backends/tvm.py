@@ -31,7 +31,7 @@ import onnxscript.optimizer
 
 from redux_edge.backends.base import CpuBackend, Emulation
 from redux_edge.errors import UserError
-from redux_edge.passes.contract import Flag
+from redux_edge.interfaces import Flag
 from redux_edge.targets import Target
 
 __all__ = ["AARCH64_RUNTIME_DIR", "TUNING_ROOT", "TvmBackend", "tvm_target"]

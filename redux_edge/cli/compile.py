@@ -14,7 +14,10 @@ import click
 from redux_edge.cli.common import FINITE, THREADS, FiniteFloatRange, emit_json, parse_shapes, progress
 from redux_edge.cli.report import print_report
 from redux_edge.frontend.source import EVAL_TASKS
-from redux_edge.passes.contract import Flag
+from redux_edge.interfaces import Flag
+from redux_edge.ir.verify import Tolerance
+from redux_edge.passes import PASSES
+from redux_edge.recipe import load_recipe, parse_pass_flag, passes_from_flags
 
 __all__ = ["compile_command"]
 
@@ -37,7 +40,6 @@ def _option(flag: Flag) -> click.Option:
 def shortcut_flags() -> list[Flag]:
     """Every registered pass's and backend's flags, each option once, in registry order."""
     from redux_edge.backends import BACKENDS
-    from redux_edge.passes import PASSES
 
     declared = [flag for cls in PASSES.values() for flag in cls.flags]
     declared += [flag for backend in BACKENDS.values() for flag in backend.flags]
@@ -54,7 +56,11 @@ class _CompileCommand(click.Command):
 
 @click.command("compile", cls=_CompileCommand)
 @click.option(
-    "-m", "--model", required=True, help="Zoo name (see `redux-edge models`) or path to an .onnx file."
+    "-m",
+    "--model",
+    required=True,
+    help="Zoo name (see `redux-edge models`), or the path of an .onnx file, a torch.export .pt2 archive or "
+    "a Hugging Face model directory (config.json + safetensors).",
 )
 @click.option(
     "-t", "--target", default="host", show_default=True, help="Target name (see `redux-edge targets`)."
@@ -173,8 +179,6 @@ def compile_command(
     """
     from redux_edge import api
     from redux_edge.backends import BACKENDS
-    from redux_edge.ir.verify import Tolerance
-    from redux_edge.recipe import load_recipe, parse_pass_flag, passes_from_flags
 
     options: dict[str, Any] = {"threads": threads, "precision": precision}
     for known in BACKENDS.values():
@@ -182,7 +186,11 @@ def compile_command(
     tolerance = None  # the backend's precision decides, unless the user sets either bound
     if tolerance_cosine is not None or tolerance_atol is not None:
         default = Tolerance.for_precision(precision or "fp32")
-        tolerance = Tolerance(tolerance_cosine or default.min_cosine, tolerance_atol or default.atol)
+        # An explicit 0 is a bound like any other (atol 0: bit-exact), never the default in disguise.
+        tolerance = Tolerance(
+            default.min_cosine if tolerance_cosine is None else tolerance_cosine,
+            default.atol if tolerance_atol is None else tolerance_atol,
+        )
     flags = [*(parse_pass_flag(flag) for flag in extra_passes), *passes_from_flags(shortcuts)]
     chosen = load_recipe(recipe).extended(flags)
     with api.native_output_to_stderr():

@@ -19,7 +19,10 @@ from redux_edge.cli.common import (
     out,
     progress,
 )
+from redux_edge.deploy.devices import Device, load_registry
 from redux_edge.errors import UserError
+from redux_edge.profile.plot import plot_latencies
+from redux_edge.profile.store import ProfileStore, compare
 
 __all__ = ["devices", "flash", "profile", "rollback"]
 
@@ -64,7 +67,6 @@ def devices_add(
     registry_path: Path | None,
 ) -> None:
     """Register device NAME (nothing is contacted; `devices check` does that)."""
-    from redux_edge.deploy.devices import Device, load_registry
 
     registry = load_registry(registry_path)
     device = Device(name, target, address, root, key, known_hosts, python, storage_limit)
@@ -78,7 +80,6 @@ def devices_add(
 @DEVICES_OPTION
 def devices_remove(name: str, registry_path: Path | None) -> None:
     """Remove device NAME from the registry and its groups (the device itself is not touched)."""
-    from redux_edge.deploy.devices import load_registry
 
     registry = load_registry(registry_path)
     registry.remove(name)
@@ -92,8 +93,6 @@ def devices_remove(name: str, registry_path: Path | None) -> None:
 def devices_list(registry_path: Path | None, as_json: bool) -> None:
     """List registered devices and groups."""
     import dataclasses
-
-    from redux_edge.deploy.devices import load_registry
 
     registry = load_registry(registry_path)
     if as_json:
@@ -120,7 +119,6 @@ def devices_check(name: str, bundle: Path | None, registry_path: Path | None, as
     """Connect to device NAME and report what it is: architecture, OS, Python, runtimes, JetPack, the
     release it serves; warn where it does not match its target (or --bundle)."""
     from redux_edge.deploy import inspect as device_inspect
-    from redux_edge.deploy.devices import load_registry
 
     device = load_registry(registry_path).resolve(name, None)[0]
     with progress(f"connecting to {device.name} ({device.describe()})"):
@@ -197,7 +195,6 @@ def flash(
     """
     import dataclasses
 
-    from redux_edge.deploy.devices import load_registry
     from redux_edge.deploy.flash import flash as flash_devices
 
     targets = load_registry(registry_path).resolve(device, group)
@@ -232,7 +229,6 @@ def flash(
 @click.option("--json", "as_json", is_flag=True)
 def rollback(device: str, release: str | None, registry_path: Path | None, as_json: bool) -> None:
     """Point the device's `current` back at an earlier release and health-check it."""
-    from redux_edge.deploy.devices import load_registry
     from redux_edge.deploy.flash import rollback as roll_back
 
     target = load_registry(registry_path).resolve(device, None)[0]
@@ -312,10 +308,7 @@ def profile_run(
     as_json: bool,
 ) -> None:
     """Profile BUNDLE on a device with its own runner; the record goes into the profile store."""
-    from redux_edge.deploy.devices import load_registry
     from redux_edge.profile.device import profile_on_device
-    from redux_edge.profile.plot import plot_latencies
-    from redux_edge.profile.store import ProfileStore
 
     target = load_registry(registry_path).resolve(device, None)[0]
     runs = f"{duration:g} s" if duration else f"{iterations} runs"
@@ -355,7 +348,6 @@ def profile_run(
 @click.option("--json", "as_json", is_flag=True)
 def profile_list(store: Path | None, as_json: bool) -> None:
     """List stored runs, oldest first."""
-    from redux_edge.profile.store import ProfileStore
 
     records = ProfileStore(store).runs()
     if as_json:
@@ -383,7 +375,6 @@ def profile_list(store: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def profile_compare(run_a: str, run_b: str, store: Path | None, as_json: bool) -> None:
     """Ratios RUN_B / RUN_A for latency, throughput and peak memory (ids or unique prefixes)."""
-    from redux_edge.profile.store import ProfileStore, compare
 
     profiles = ProfileStore(store)
     a, b = profiles.get(run_a), profiles.get(run_b)
@@ -406,8 +397,6 @@ def profile_compare(run_a: str, run_b: str, store: Path | None, as_json: bool) -
 @_STORE_OPTION
 def profile_plot(runs: tuple[str, ...], output: Path, store: Path | None) -> None:
     """Plot the latency distributions of RUNS into one PNG."""
-    from redux_edge.profile.plot import plot_latencies
-    from redux_edge.profile.store import ProfileStore
 
     profiles = ProfileStore(store)
     out.print(str(plot_latencies([profiles.get(run) for run in runs], output)))

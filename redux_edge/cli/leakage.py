@@ -10,6 +10,7 @@ from rich.table import Table
 
 from redux_edge.cli.common import AT_LEAST_ONE, FINITE, NON_NEGATIVE, SEED, FiniteFloatRange, emit_json, out
 from redux_edge.errors import UserError
+from redux_edge.leakage import calibrate, campaign, simulate
 
 __all__ = ["leakage"]
 
@@ -90,7 +91,6 @@ def leakage_simulate(
     as_json: bool,
 ) -> None:
     """Simulate EM traces of the kernel's MAC loop (a labelled simulation: no probe here)."""
-    from redux_edge.leakage import campaign, simulate
 
     model = simulate.LeakageModel(leak, noise, jitter, control_flow)
     described = campaign.simulate_file(
@@ -145,7 +145,6 @@ def leakage_attack(
     as_json: bool,
 ) -> None:
     """CPA/DEMA recovery of first-layer weights (Hamming weight of weight x input, equivalence classes)."""
-    from redux_edge.leakage import campaign
 
     try:
         counts = [int(c) for c in checkpoints.split(",")] if checkpoints else None
@@ -183,7 +182,6 @@ def _defence(described: dict) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def leakage_tvla(fixed: Path, random: Path, output: Path, as_json: bool) -> None:
     """Fixed-vs-random Welch t-test per sample; |t| > 4.5 is flagged."""
-    from redux_edge.leakage import campaign
 
     result = campaign.tvla_files(fixed, random, output)
     if as_json:
@@ -210,7 +208,6 @@ def leakage_noise(
 
     Without TRACES_FILE: the packaged ChipWhisperer-Lite capture of an STM32F303 (Cortex-M4).
     """
-    from redux_edge.leakage import calibrate
 
     if traces_file is None and (inputs or aes_key or values):
         raise UserError(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import click
 from rich.table import Table
 
 from redux_edge.cli.common import emit_json, out
+from redux_edge.passes import PASSES
+from redux_edge.passes.contract import parameter_help
 
 __all__ = ["models", "passes", "targets"]
 
@@ -69,10 +72,9 @@ def models(as_json: bool) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
-def passes(as_json: bool) -> None:
+@click.option("--markdown", is_flag=True, help="One parameter table per pass, as docs/PASSES.md holds them.")
+def passes(as_json: bool, markdown: bool) -> None:
     """List the passes a recipe can name, with their parameters and the flags that stand for them."""
-    from redux_edge.passes import PASSES
-    from redux_edge.passes.contract import parameter_help
 
     rows: list[dict[str, Any]] = [
         {
@@ -87,9 +89,30 @@ def passes(as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
+    if markdown:
+        click.echo(passes_markdown(rows), nl=False)
+        return
     table = Table("pass", "parameters (defaults)", "what it does")
     for row in rows:
         table.add_row(
             row["pass"], ", ".join(f"{k}={v}" for k, v in row["parameters"].items()), row["summary"]
         )
     out.print(table)
+
+
+def passes_markdown(rows: list[dict[str, Any]]) -> str:
+    """Per pass: a heading, its summary, its flags and a table of its parameters, from the same
+    ``parameter(help=...)`` texts as ``--help``, so the documentation cannot drift from the code."""
+    parts = []
+    for row in rows:
+        flags = f" Flags: {', '.join(f'`{flag}`' for flag in row['flags'])}." if row["flags"] else ""
+        summary = row["summary"][:1].upper() + row["summary"][1:]
+        lines = [f"### `{row['pass']}`", "", f"{summary}.{flags}", ""]
+        if row["parameters"]:
+            lines += ["| parameter | type | default | meaning |", "|---|---|---|---|"]
+            for name, default in row["parameters"].items():
+                kind, meaning = row["help"][name].split(": ", 1)
+                shown = json.dumps(default) if not isinstance(default, str) else f'"{default}"'
+                lines.append(f"| `{name}` | {kind} | `{shown}` | {meaning.replace('|', '/')} |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)

@@ -51,6 +51,9 @@ def shift_lines(shift: Mapping[str, Any]) -> list[str]:
     else:
         beyond = "; ".join(shift["beyond"])
         lines.append(f"  [bold red]gate     WAIVED[/] (--waive-gate): {beyond} ({bounds})")
+        if movers := shift.get("moves_most"):
+            named = ", ".join(f"{name} (+{jump:.3g})" for name, jump in movers.items())
+            lines.append(f"           the outputs start to move at the weights {named}")
     return lines
 
 
@@ -102,9 +105,8 @@ def print_report(path: Path, manifest: Manifest, problems: list[str]) -> None:
             f"  layers   {structure['layers']}   heads per layer {per_layer(structure['heads_per_layer'])}"
         )
         out.print(f"  feed-forward width per layer {per_layer(structure['ffn_width_per_layer'])}")
-    import redux_edge.passes  # noqa: F401 - the registered passes define the sections
-
-    # In the manifest's order, which is the recipe's.
+    # In the manifest's order, which is the recipe's; the sections are the registered passes' (importing
+    # any module of redux_edge.passes, as above, registers them all).
     for key, entry in recorded.items():
         if key in Section.known and entry:
             for line in Section.known[key].render(entry, recorded):

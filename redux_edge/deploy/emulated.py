@@ -24,23 +24,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-__all__ = ["BOARD_CPUS", "BOARD_DIR", "ORT_UNDER_QEMU", "board_python", "board_rpc_tracker"]
+from redux_edge.backends.board import board_python
 
-BOARD_DIR = Path(sys.prefix) / "share" / "redux-edge" / "aarch64-board"
-# onnxruntime's aarch64 wheels from 1.28 on crash on import under Debian bookworm's qemu 7.2 (a SIGSEGV
-# loading the extension, measured for 1.28.0, 1.30.0 and 1.31.1); 1.27.0 is the newest that runs there.
-ORT_UNDER_QEMU = "1.27.0"
-# The CPUs of the arm64 targets, oldest first, each emulated by its qemu model (``bin/python3-<cpu>``).
-BOARD_CPUS = ("cortex-a72", "cortex-a76")
-
-
-def board_python(cpu: str | None = None) -> Path | None:
-    """The emulated board's Python for ``cpu`` (default: the oldest), None when it is not set up here."""
-    launcher = BOARD_DIR / "bin" / (f"python3-{cpu}" if cpu else "python3")
-    return launcher if (BOARD_DIR / ".ready").is_file() and launcher.is_file() else None
-
+__all__ = ["board_rpc_tracker"]
 
 # The board's TVM imports in about 10 s under qemu; its RPC server registers with the tracker after that.
 _RPC_START_TIMEOUT_S = 180

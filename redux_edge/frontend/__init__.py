@@ -11,8 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from redux_edge.errors import UserError
+from redux_edge.frontend.onnx import onnx_source
 from redux_edge.frontend.source import Source
-from redux_edge.passes.contract import Step, no_progress
+from redux_edge.interfaces import Step, no_progress
 
 __all__ = ["SOURCES", "Source", "load_source"]
 
@@ -24,7 +25,6 @@ def _is_onnx_file(model: str) -> bool:
 def _open_onnx(
     model: str, shapes: dict[str, list[int]], inputs_file: Path | None, step: Step, weights: Path | None
 ) -> Source:
-    from redux_edge.frontend.onnx import onnx_source
 
     return onnx_source(Path(model), shapes, inputs_file, step)
 

@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from redux_edge.datasets import images, rotten_tomatoes
 from redux_edge.errors import UserError, first_line
+from redux_edge.frontend.module_run import run_module
 from redux_edge.frontend.source import Source, check_feeds, fit_inputs
-from redux_edge.frontend.torch import export_module, run_module
-from redux_edge.passes.contract import Step, no_progress
+from redux_edge.frontend.torch import export_module
+from redux_edge.interfaces import Step, no_progress
 from redux_edge.preprocess import ImagePreprocessor, Preprocessor, TextPreprocessor, read_inputs
 from redux_edge.untrusted import inside, read_json, safetensors_tensors
 
@@ -340,7 +342,6 @@ def _text_preprocessor(folder: Path, config: dict) -> TextPreprocessor:
 def _text_inputs(preprocessor: TextPreprocessor, inputs_file: Path | None) -> dict[str, np.ndarray]:
     if inputs_file is not None:
         return read_inputs(inputs_file, list(_TEXT_INPUTS), preprocessor)
-    from redux_edge.datasets import rotten_tomatoes
 
     return preprocessor(rotten_tomatoes.calibration_texts(_SAMPLES))
 
@@ -368,6 +369,5 @@ def _image_preprocessor(folder: Path, config: dict) -> ImagePreprocessor:
 def _image_inputs(preprocessor: ImagePreprocessor, inputs_file: Path | None) -> dict[str, np.ndarray]:
     if inputs_file is not None:
         return read_inputs(inputs_file, [_PIXELS], preprocessor)
-    from redux_edge.datasets import images
 
     return preprocessor.pixels(images.fashion_mnist().test_images[:_SAMPLES])

@@ -27,8 +27,8 @@ from google.protobuf.message import DecodeError, Message
 from redux_edge.errors import UserError, first_line
 from redux_edge.frontend.made_up import made_up_inputs
 from redux_edge.frontend.source import Source, check_feeds, check_sample_size, fit_inputs, run_onnx_file
+from redux_edge.interfaces import Step, no_progress
 from redux_edge.ir.batch import Batches
-from redux_edge.passes.contract import Step, no_progress
 from redux_edge.preprocess import read_inputs
 from redux_edge.untrusted import check_memory, inside
 

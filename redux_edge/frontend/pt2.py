@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from redux_edge.errors import UserError, first_line
+from redux_edge.frontend.module_run import run_module
 from redux_edge.frontend.source import Source, check_feeds, fit_inputs
-from redux_edge.frontend.torch import export_module, run_module
-from redux_edge.passes.contract import Step, no_progress
+from redux_edge.frontend.torch import export_module
+from redux_edge.interfaces import Step, no_progress
 from redux_edge.preprocess import read_inputs
 
 __all__ = ["pt2_source"]

@@ -23,9 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
+from redux_edge.datasets import images, rotten_tomatoes, user
 from redux_edge.errors import UserError
+from redux_edge.interfaces import Feeds
+from redux_edge.ir.surgery import copy_model
 from redux_edge.preprocess import ImagePreprocessor, Preprocessor, TextPreprocessor
-from redux_edge.runtime.session import one_line
+from redux_edge.runtime.session import InputError, check_inputs, one_line
 
 if TYPE_CHECKING:
     from redux_edge.datasets.images import Images
@@ -43,7 +46,6 @@ __all__ = [
     "run_onnx_file",
 ]
 
-Feeds = dict[str, np.ndarray]
 EVAL_TASKS = ("auto", "classification", "embedding")
 
 
@@ -148,7 +150,6 @@ class Source:
             self.calibration_data = self._read_data(calibration_file, "--calibration-data", False)
 
     def _read_data(self, path: Path, option: str, labels_required: bool) -> UserData:
-        from redux_edge.datasets import user
 
         if not path.exists():
             raise UserError(
@@ -201,7 +202,7 @@ class Source:
         return Reference(kind, _graph_runner(dense, changes), self.inputs, changes)
 
     def _run_module(self, changes: list[ReferenceChange], feeds: Feeds) -> list[np.ndarray]:
-        from redux_edge.frontend.torch import run_module
+        from redux_edge.frontend.module_run import run_module  # torch, loaded when a module runs
 
         with contextlib.ExitStack() as stack:
             module = self.module
@@ -224,8 +225,6 @@ class Source:
                 f"{min(count or len(data), len(data))} of the {data.described}",
             )
         if self.task_data == "rotten-tomatoes" and isinstance(self.preprocessor, TextPreprocessor):
-            from redux_edge.datasets import rotten_tomatoes
-
             chosen = (
                 rotten_tomatoes.calibration_texts(count) if count else rotten_tomatoes.calibration_texts()
             )
@@ -249,7 +248,6 @@ class Source:
         """The card's labelled sentences, for the quality report; None when it names none."""
         if self.task_data != "rotten-tomatoes" or self.preprocessor is None:
             return None
-        from redux_edge.datasets import rotten_tomatoes
 
         return rotten_tomatoes.load()
 
@@ -257,7 +255,6 @@ class Source:
     def image_task(self) -> Images | None:
         """The user's labelled images (--eval-data), else the card's (read once: calibration and the
         accuracy report)."""
-        from redux_edge.datasets import images
 
         data = self.eval_data
         if data is not None and data.images is not None and data.labels is not None:
@@ -270,7 +267,6 @@ class Source:
 
 
 def _graph_runner(dense: ir.Model, changes: list[ReferenceChange]) -> Callable[[Feeds], list[np.ndarray]]:
-    from redux_edge.ir.surgery import copy_model
 
     changed = copy_model(dense)
     for change in changes:
@@ -399,7 +395,6 @@ def _spec_dim(dim: int | ir.SymbolicDim, anonymous: str) -> int | str:
 
 
 def check_feeds(model: ir.Model, inputs: Feeds) -> None:
-    from redux_edge.runtime.session import InputError, check_inputs
 
     try:
         check_inputs(input_specs(model), inputs)

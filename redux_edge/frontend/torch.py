@@ -19,12 +19,15 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from redux_edge import zoo
 from redux_edge.errors import UserError, first_line
+from redux_edge.files import file_digest
+from redux_edge.frontend.module_run import run_module
 from redux_edge.frontend.source import Source, check_feeds, fit_inputs
-from redux_edge.passes.contract import Step, no_progress
+from redux_edge.interfaces import Step, no_progress
 from redux_edge.preprocess import read_inputs
 
-__all__ = ["export_module", "load_weights", "module_source", "run_module", "zoo_source"]
+__all__ = ["export_module", "load_weights", "module_source", "zoo_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +74,6 @@ def export_module(
     return program.model
 
 
-def run_module(module: torch.nn.Module, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The PyTorch reference outputs for ``inputs``."""
-    with torch.inference_mode():
-        outputs = module(*(torch.from_numpy(array) for array in inputs.values()))
-    if isinstance(outputs, torch.Tensor):
-        outputs = (outputs,)
-    return [output.numpy() for output in outputs]
-
-
 def zoo_source(
     name: str,
     shapes: dict[str, list[int]] | None = None,
@@ -89,7 +83,6 @@ def zoo_source(
 ) -> Source:
     """A zoo model as a source: exported with dynamo, verified against the module itself; ``weights``
     (safetensors) replace the package's parameters."""
-    from redux_edge import zoo
 
     card = zoo.load_card(name)  # fails fast on an unknown name, before torch work
     with step(f"loading {name}"):
@@ -161,8 +154,6 @@ def load_weights(module: torch.nn.Module, path: Path) -> str:
     """Put the parameters of a .safetensors file (a format that cannot run code) into a module."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from redux_edge.files import file_digest
 
     try:
         weights = load_file(str(path))

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from redux_edge.datasets import captures
 from redux_edge.errors import UserError
+from redux_edge.leakage import traces
 from redux_edge.untrusted import npy_members
 
 __all__ = ["NoiseFit", "aes_sbox_outputs", "fit_noise", "measure", "summary"]
@@ -143,13 +145,10 @@ def measure(
     file (any ``traces`` format) with its known values given as an AES key (the values are then the
     first-round S-box outputs of its inputs) or as a ``.npy`` of integers [traces, k]."""
     if path is None:
-        from redux_edge.datasets import captures
-
         capture = captures.chipwhisperer_stm32f3()
         known = aes_sbox_outputs(capture.plaintext, capture.key)
         rows = (capture.samples[start : start + _CHUNK] for start in range(0, len(known), _CHUNK))
         return summary(fit_noise(_paired(rows, known)), capture.source, len(known))
-    from redux_edge.leakage import traces
 
     if (aes_key is None) == (values is None):
         raise UserError("say what the capture computed", "give --aes-key HEX or --values values.npy")

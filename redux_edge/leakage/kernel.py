@@ -1,5 +1,5 @@
 """The protected first layer as a microcontroller runs it: int8 weights, int32 accumulators, and the MAC
-loop of MACPruning (HOST 2025; ../shared/PAPERS.md), with or without hiding.
+loop of MACPruning (HOST 2025; docs/PAPERS.md), with or without hiding.
 
 ``QuantizedLayer`` takes the first convolution after a ``mac-prune`` mask out of the graph and quantises it
 symmetrically, as CMSIS-NN and TFLite Micro do: per-output-channel weight scales, one input scale, int32
@@ -21,9 +21,9 @@ import onnx_ir as ir
 from redux_edge.errors import UserError
 from redux_edge.files import save_arrays
 from redux_edge.leakage.c_source import emit_c
-from redux_edge.passes.mac_prune import KEEP_OUTPUT
 
 __all__ = [
+    "KEEP_OUTPUT",
     "QuantizedLayer",
     "Xorshift32",
     "accumulate",
@@ -32,6 +32,9 @@ __all__ = [
     "first_conv_after_mask",
     "run_c_kernel",
 ]
+
+# The extra output of a mac-prune graph: each pixel's keep bit of the run (the pass writes it).
+KEEP_OUTPUT = "pixel_keep"
 
 
 @dataclasses.dataclass

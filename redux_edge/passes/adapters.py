@@ -1,6 +1,6 @@
 """adapters: put low-bit LoRA adapter packs into the graph, merged into the weights or swappable.
 
-Follows LoRA (Hu et al., 2021) and the low-bit adapter paper (../shared/PAPERS.md): a pack from
+Follows LoRA (Hu et al., 2021) and the low-bit adapter paper (docs/PAPERS.md): a pack from
 ``redux-edge train-adapter`` holds, per target weight, quantized factors ``down`` [rank, in] and ``up``
 [out, rank], and a task head. ``merge = true`` (one pack) adds ``up @ down`` to each target weight and the
 head as constants: one task, no extra work at run time. Otherwise every target projection gets a branch
@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from redux_edge.errors import UserError
 from redux_edge.ir.surgery import finish, new_initializer
+from redux_edge.ir.verify import compare, require_match
 from redux_edge.ir.weights import Weight, find_weights
 from redux_edge.passes.contract import (
     CompileContext,
@@ -36,6 +37,7 @@ from redux_edge.passes.contract import (
     parameter,
 )
 from redux_edge.runtime.adapter_pack import read_adapter_pack
+from redux_edge.runtime.session import BundleSession
 
 if TYPE_CHECKING:
     from torch import nn
@@ -105,10 +107,8 @@ class AdaptersSection(Section):
 
     def verify(self, context: CompileContext) -> None:
         """Open the artifact with each pack swapped in, as a device does, and compare with PyTorch."""
-        from redux_edge.frontend.torch import run_module
-        from redux_edge.ir.verify import compare, require_match
-        from redux_edge.runtime.session import BundleSession
-        from redux_edge.train.adapters import PackedAdapters
+        from redux_edge.analysis.adapted import PackedAdapters
+        from redux_edge.frontend.module_run import run_module
 
         if self.outcome.merge:
             return
@@ -163,7 +163,7 @@ class _WithPack(ReferenceChange):
         self.describes = f", with the adapter pack '{task}' (dequantized from its file)"
 
     def on_module(self, module: nn.Module, architecture: dict, stack: contextlib.ExitStack) -> nn.Module:
-        from redux_edge.train.adapters import PackedAdapters
+        from redux_edge.analysis.adapted import PackedAdapters
 
         return PackedAdapters(module, self.pack)
 

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
+from redux_edge.analysis.quality import quality_line, quality_report
+from redux_edge.analysis.speed import BLOCKS, CALLS, alternating_p50, timing_feeds
+from redux_edge.files import human_bytes
+from redux_edge.ir.blocks import find_structure
+from redux_edge.ir.nm import parse_pattern
+from redux_edge.packing import pack_bundle_models
 from redux_edge.passes.contract import CompileContext, PassOutcome, ReferenceChange, Section
+from redux_edge.runtime.session import open_artifact
 from redux_edge.targets import load_target
 
 if TYPE_CHECKING:
@@ -59,8 +66,6 @@ class CompressionSection(Section):
 
     def stage(self, context: CompileContext) -> dict:
         """Store the bundle's N:M weights packed (kept values and positions); the manifest's index."""
-        from redux_edge.ir.nm import parse_pattern
-        from redux_edge.packing import pack_bundle_models
 
         patterns = {outcome.pattern for outcome in self.masking if outcome.masks}
         if len(patterns) != 1 or context.stage is None:
@@ -94,8 +99,6 @@ class CompressionSection(Section):
 
     @staticmethod
     def render(section: dict, manifest: Mapping[str, Any]) -> list[str]:
-        from redux_edge.analysis.quality import quality_line
-        from redux_edge.files import human_bytes
 
         lines = []
         before = section["architecture"]["original"]
@@ -195,7 +198,6 @@ class _Masked(ReferenceChange):
 def _report(section: CompressionSection, context: CompileContext) -> dict:
     """Architecture before and after, quality on the card's real task, latency against the dense model
     through the same backend."""
-    from redux_edge.ir.blocks import find_structure
 
     source, dense = context.source, context.dense
     assert dense is not None, "the pipeline keeps the dense model for compression passes"
@@ -207,7 +209,6 @@ def _report(section: CompressionSection, context: CompileContext) -> dict:
             "compiled": find_structure(source.model).summary(),
         },
     }
-    from redux_edge.analysis.quality import quality_report
 
     with context.step("measuring quality, dense vs compressed"):
         report["quality"] = quality_report(dense, source.model, source)
@@ -226,8 +227,6 @@ def _report(section: CompressionSection, context: CompileContext) -> dict:
 def speed_against(context: CompileContext, dense: ir.Model, options: dict | None = None) -> dict:
     """p50 latency of ``dense`` (lowered with ``options``, default the compile's) and the compiled
     artifact in one process, same inputs and threads (``analysis/speed.py``)."""
-    from redux_edge.analysis.speed import BLOCKS, CALLS, alternating_p50, timing_feeds
-    from redux_edge.runtime.session import open_artifact
 
     backend, source, manifest = context.backend, context.source, context.manifest
     runs, why = backend.can_run_here(context.target)

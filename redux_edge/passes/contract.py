@@ -22,15 +22,16 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import onnx_ir as ir
 
 from redux_edge.errors import UserError
+from redux_edge.interfaces import Feeds, Flag, Step, no_progress
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,18 +52,12 @@ __all__ = [
     "Step",
     "check_parameters",
     "configure",
+    "gathered",
     "no_progress",
     "parameter",
     "parameter_fields",
     "parameter_help",
 ]
-
-Step = Callable[[str], contextlib.AbstractContextManager]
-Feeds = dict[str, np.ndarray]
-
-
-def no_progress(_: str) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
 
 
 def parameter(default: Any, help: str, minimum: float | None = None) -> Any:
@@ -72,38 +67,6 @@ def parameter(default: Any, help: str, minimum: float | None = None) -> Any:
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
-
-
-@dataclass(frozen=True)
-class Flag:
-    """A ``compile`` option that stands for a pass parameter. ``enables``: giving it adds the pass;
-    otherwise it only sets a parameter of the pass another flag adds (``alone`` is the error when it is
-    given without one; empty: it is then ignored). ``convert`` turns the value into parameters."""
-
-    option: str
-    help: str
-    parameter: str = ""
-    type: Any = str
-    metavar: str | None = None
-    multiple: bool = False
-    enables: bool = True
-    alone: tuple[str, str] | None = None
-    convert: Callable[[Any], dict] | None = None
-
-    @property
-    def dest(self) -> str:
-        return self.option.lstrip("-").replace("-", "_")
-
-    def given(self, values: Mapping[str, Any]) -> bool:
-        value = values.get(self.dest)
-        return bool(value) if self.multiple or self.type is bool else value is not None
-
-    def parameters(self, value: Any) -> dict:
-        if self.multiple:
-            value = [str(item) for item in value]
-        elif isinstance(value, Path):
-            value = str(value)
-        return self.convert(value) if self.convert else {self.parameter: value}
 
 
 class RecipePass(ir.passes.InPlacePass):
@@ -153,11 +116,29 @@ class RecipePass(ir.passes.InPlacePass):
     def check(self, context: CompileContext) -> None:
         """Refuse (UserError) a recipe, backend or target this pass cannot work with."""
 
-    def prepare(self, context: CompileContext) -> None:
-        """Gather what the pass needs from the compile (real data) right before it runs."""
+    def backend_options(self, context: CompileContext) -> dict[str, Any]:
+        """What this pass asks of the backend (the precision it computes in), after every check passed."""
+        return {}
+
+    def prepare(self, context: CompileContext) -> dict[str, Any]:
+        """What the pass gathers from the compile (real data, the target's forms) right before it runs:
+        values for its ``gathered`` fields. The pipeline runs ``prepared(...)`` of them, a new pass: a
+        pass never keeps per-compile results on itself."""
+        return {}
+
+    def prepared(self, values: Mapping[str, Any]) -> RecipePass:
+        """This pass with ``values`` in its ``gathered`` fields (itself when there are none)."""
+        # Every registered pass is a dataclass (its fields are its parameters).
+        return dataclasses.replace(cast(Any, self), **values) if values else self
 
     def call(self, model: ir.Model) -> PassOutcome:
         raise NotImplementedError
+
+
+def gathered(default: Any = None) -> Any:
+    """A field that ``prepare`` fills from the compile (calibration data, the target's INT8 form): part of
+    the pass as it runs, never a recipe parameter."""
+    return field(default=default, repr=False, compare=False, kw_only=True, metadata={"gathered": True})
 
 
 def parameter_fields(cls: type) -> list[dataclasses.Field]:

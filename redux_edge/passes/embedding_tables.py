@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from redux_edge.analysis.quality import quality_line, quality_report, retention
 from redux_edge.errors import UserError
 from redux_edge.ir.surgery import copy_model, finish, new_initializer
 from redux_edge.passes.contract import (
@@ -208,7 +209,6 @@ class EmbeddingTablesSection(Section):
         return Rebase(self.outcome.before, f" embedding-tables ({self.outcome.dtype})")
 
     def report(self, context: CompileContext) -> dict:
-        from redux_edge.analysis.quality import quality_report, retention
 
         outcome = self.outcome
         before = sum(table["bytes_before"] for table in outcome.tables)
@@ -228,7 +228,6 @@ class EmbeddingTablesSection(Section):
 
     @staticmethod
     def render(section: dict, manifest: Mapping[str, Any]) -> list[str]:
-        from redux_edge.analysis.quality import quality_line
 
         tables = section["tables"]
         if not tables:

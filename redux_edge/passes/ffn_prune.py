@@ -1,7 +1,7 @@
 """prune-ffn: remove intermediate neurons of every matched transformer feed-forward block.
 
 Structured neuron pruning of the feed-forward network (as in CoFi, Xia et al., 2022, and the FFN part of
-SHRP's expander, see ../shared/PAPERS.md): a removed neuron loses its column of the first projection and its
+SHRP's expander, see docs/PAPERS.md): a removed neuron loses its column of the first projection and its
 bias, and its row of the second projection. Two thirds of a BERT layer's multiply-accumulates are in this
 block, so this is where most of the speed comes from. The result equals the dense model with those neurons'
 activations zeroed, which the compile verifies.
@@ -15,9 +15,9 @@ import numpy as np
 import onnx_ir as ir
 
 from redux_edge.analysis.importance import neuron_scores
+from redux_edge.interfaces import Flag
 from redux_edge.ir.blocks import FeedForwardBlock, Structure
 from redux_edge.ir.surgery import replace_linear
-from redux_edge.passes.contract import Flag
 from redux_edge.passes.structural import SHARED_FLAGS, UnitPruningPass
 
 __all__ = ["PruneFfnPass"]

@@ -1,6 +1,6 @@
 """prune-heads: remove whole attention heads from every matched attention block.
 
-Follows SHRP ("Specialized Head Routing and Pruning", see ../shared/PAPERS.md), whose deployment step is a
+Follows SHRP ("Specialized Head Routing and Pruning", see docs/PAPERS.md), whose deployment step is a
 deterministic decision to drop the heads that are rarely used, and Michel et al. (2019) for choosing them by
 importance. A removed head is gone for real: its columns of the query, key and value weights and biases, its
 rows of the output projection, and the head count in every reshape of the block, so the saved model is
@@ -16,9 +16,9 @@ import numpy as np
 import onnx_ir as ir
 
 from redux_edge.analysis.importance import head_scores
+from redux_edge.interfaces import Flag
 from redux_edge.ir.blocks import AttentionBlock, Structure
 from redux_edge.ir.surgery import head_columns, replace_linear, replace_shape_slot
-from redux_edge.passes.contract import Flag
 from redux_edge.passes.structural import SHARED_FLAGS, UnitPruningPass
 
 __all__ = ["PruneHeadsPass"]

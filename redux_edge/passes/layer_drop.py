@@ -1,6 +1,6 @@
 """drop-layers: remove whole transformer layers; the residual stream passes straight through.
 
-Follows the layer-dropping results summarised in ../shared/PAPERS.md (selective layer dropping in the LLaVA
+Follows the layer-dropping results summarised in docs/PAPERS.md (selective layer dropping in the LLaVA
 efficiency study; DAS, dynamic architecture skipping) with block influence (ShortGPT) as the measured
 importance. A dropped layer's output is replaced by its input, so every node of the layer becomes dead and
 is removed; entry and exit have the same shape by construction of a transformer layer. The result equals
@@ -16,10 +16,11 @@ import onnx_ir as ir
 
 from redux_edge.analysis import importance
 from redux_edge.errors import UserError
+from redux_edge.interfaces import Flag
 from redux_edge.ir.blocks import number_layers
 from redux_edge.ir.surgery import bypass, finish
 from redux_edge.passes.compression import UnitsRemoved
-from redux_edge.passes.contract import Flag, parameter
+from redux_edge.passes.contract import parameter
 from redux_edge.passes.structural import SHARED_FLAGS, StructuralPass
 
 __all__ = ["DropLayersPass"]

@@ -1,6 +1,6 @@
 """mac-prune: randomised input-pixel masking against EM side-channel weight extraction.
 
-Follows MACPruning (HOST 2025; ../shared/PAPERS.md): on every inference, each input pixel outside an
+Follows MACPruning (HOST 2025; docs/PAPERS.md): on every inference, each input pixel outside an
 importance-aware map is deactivated with probability ``drop`` and the first layer's multiply-accumulates on
 it are skipped, so the weight-dependent EM leakage of those MACs moves in time or disappears; the pixels
 whose occlusion importance (``redux_edge.analysis.pixels``) is in the top ``keep_top`` fraction are always
@@ -28,8 +28,12 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import onnx_ir as ir
 
+from redux_edge.analysis.pixels import occlusion_importance
+from redux_edge.analysis.quality import quality_line, quality_report
 from redux_edge.errors import UserError
 from redux_edge.ir.surgery import new_initializer
+from redux_edge.leakage import kernel
+from redux_edge.leakage.kernel import KEEP_OUTPUT
 from redux_edge.passes.contract import (
     CompileContext,
     Flag,
@@ -37,6 +41,7 @@ from redux_edge.passes.contract import (
     RecipePass,
     ReferenceChange,
     Section,
+    gathered,
     parameter,
 )
 
@@ -48,7 +53,6 @@ if TYPE_CHECKING:
 
 __all__ = ["KEEP_OUTPUT", "MacPrunePass"]
 
-KEEP_OUTPUT = "pixel_keep"
 FILL_OUTPUT = "pixel_fill"
 HIDING = ("none", "shuffle")
 _FIRST_CHANNEL = (("starts", 0), ("ends", 1), ("axes", 1))
@@ -101,7 +105,6 @@ class ProtectionSection(Section):
             "calibration": outcome.calibrated_on,
             "files": {"critical": "mac_prune/critical.npy", "importance": "mac_prune/importance.npy"},
         }
-        from redux_edge.analysis.quality import quality_report
 
         # The user's --eval-data, else the card's image task, as every pass's quality report reads them.
         assert context.dense is not None
@@ -115,8 +118,6 @@ class ProtectionSection(Section):
     def _emit_kernel(self, context: CompileContext) -> dict:
         """Write c/ (the C kernel and its quantised layer) and check the C, built with the host's gcc,
         against the integer reference on the verification samples with the masks the verified run drew."""
-        from redux_edge.leakage import kernel
-
         outcome, source, stage = self.outcome, context.source, context.stage
         assert stage is not None
         keep = context.verified_outputs[-1]
@@ -150,7 +151,6 @@ class ProtectionSection(Section):
 
     @staticmethod
     def render(section: dict, manifest: Mapping[str, Any]) -> list[str]:
-        from redux_edge.analysis.quality import quality_line
 
         seed = str(section["seed"]) if section["seed"] >= 0 else "none (fresh draws every run)"
         hiding = section.get("hiding", "none")
@@ -276,6 +276,9 @@ class MacPrunePass(RecipePass):
         "none", "'shuffle': random values for dropped pixels and a fresh MAC order on the device; 'none'"
     )
     emit_c: bool = parameter(False, "also write the protected first layer as a C kernel (c/)")
+    # Gathered by prepare: real images for the pixel map and the fill range.
+    calibration: dict[str, np.ndarray] | None = gathered()
+    calibrated_on: str | None = gathered()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drop < 1.0:
@@ -286,9 +289,6 @@ class MacPrunePass(RecipePass):
             )
         if self.hiding not in HIDING:
             raise UserError(f"mac-prune: unknown hiding '{self.hiding}'", "choose none or shuffle")
-        # Real images for the pixel map and the fill range, from the compile (``prepare``) or given.
-        self.calibration: dict[str, np.ndarray] | None = None
-        self.calibrated_on: str | None = None
 
     def gate(self) -> str | None:
         return "mac-prune"
@@ -312,11 +312,11 @@ class MacPrunePass(RecipePass):
                 "compile the compressed model first, then protect its model.onnx in a second compile",
             )
 
-    def prepare(self, context: CompileContext) -> None:
+    def prepare(self, context: CompileContext) -> dict[str, Any]:
         """Real images for the pixel map: --calibration-data, else the card's task data (calibration split),
         else the verification inputs."""
         if self.keep_top == 0 and self.hiding == "none":
-            return
+            return {}
         calibration = context.source.calibration(_PIXEL_CALIBRATION)
         if calibration.synthetic:
             raise UserError(
@@ -324,7 +324,7 @@ class MacPrunePass(RecipePass):
                 "the range of the random values)",
                 "give --calibration-data with real images, or --mac-keep-top 0 for random masking only",
             )
-        self.calibration, self.calibrated_on = calibration.feeds, calibration.described
+        return {"calibration": calibration.feeds, "calibrated_on": calibration.described}
 
     def call(self, model: ir.Model) -> PixelsMasked:
         graph = model.graph
@@ -344,7 +344,6 @@ class MacPrunePass(RecipePass):
                     "mac-prune --mac-keep-top needs calibration images for the pixel map",
                     "compile a zoo image model, or give --calibration-data with real images",
                 )
-            from redux_edge.analysis.pixels import occlusion_importance
 
             importance = occlusion_importance(model, self.calibration, image.name)
         kept = round(self.keep_top * height * width)

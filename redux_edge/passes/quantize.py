@@ -44,9 +44,14 @@ import onnx
 import onnx.version_converter
 import onnx_ir as ir
 
+from redux_edge.analysis.quality import quality_line, quality_report, retention
 from redux_edge.errors import UserError, first_line
+from redux_edge.frontend.source import check_feeds
 from redux_edge.ir.batch import Batches
+from redux_edge.ir.blocks import find_structure
 from redux_edge.ir.surgery import copy_model
+from redux_edge.ir.weights import find_weights
+from redux_edge.passes.compression import speed_against
 from redux_edge.passes.contract import (
     CompileContext,
     Flag,
@@ -55,6 +60,7 @@ from redux_edge.passes.contract import (
     RecipePass,
     ReferenceChange,
     Section,
+    gathered,
     parameter,
 )
 
@@ -164,6 +170,11 @@ class QuantizePass(RecipePass):
     )
     exclude: list[str] = parameter([], "regular expressions: weights whose names match stay in fp32")
     min_quality: float = parameter(0.0, "fail below this quality retention (0-1) of quantized vs fp32")
+    # Gathered by prepare: how the backend computes the precision, the target's INT8 form, calibration.
+    computes: str = gathered("")
+    scheme: Scheme | None = gathered()
+    calibration: dict[str, np.ndarray] | None = gathered()
+    calibrated_on: str = gathered("")
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -186,10 +197,6 @@ class QuantizePass(RecipePass):
                 re.compile(pattern)
             except re.error as exc:
                 raise UserError(f"quantize: bad pattern {pattern!r}: {exc}", "give a regex") from exc
-        self.scheme: Scheme | None = None
-        self.computes = ""
-        self.calibration: dict[str, np.ndarray] | None = None
-        self.calibrated_on = ""
 
     def gate(self) -> str | None:
         return self.precision
@@ -206,19 +213,20 @@ class QuantizePass(RecipePass):
                 f"quantize must be the last pass that changes numerics, and {', '.join(later)} follow it",
                 "move quantize to the end of the recipe",
             )
-        self.computes = context.backend.quantized[self.precision]
-        context.options["quantized"] = self.precision
-        if self.computes == "runtime":
-            context.options["precision"] = self.precision
 
-    def prepare(self, context: CompileContext) -> None:
-        """The target's INT8 form; static INT8: real calibration inputs, checked against the model."""
-        from redux_edge.frontend.source import check_feeds
+    def backend_options(self, context: CompileContext) -> dict[str, Any]:
+        """The artifact is held to the quantized precision; one the backend computes itself is its own."""
+        runtime = context.backend.quantized[self.precision] == "runtime"
+        return {"quantized": self.precision} | ({"precision": self.precision} if runtime else {})
 
+    def prepare(self, context: CompileContext) -> dict[str, Any]:
+        """How the backend computes it; the target's INT8 form; static INT8: real calibration inputs,
+        checked against the model."""
+        found: dict[str, Any] = {"computes": context.backend.quantized[self.precision]}
         if self.precision.startswith("int8"):
-            self.scheme = scheme_for(context.target, context.backend, context.options.get("dla_core"))
+            found["scheme"] = scheme_for(context.target, context.backend, context.options.get("dla_core"))
         if self.precision != "int8":
-            return
+            return found
         calibration = context.source.calibration(self.samples)
         if calibration.synthetic:
             raise UserError(
@@ -227,7 +235,7 @@ class QuantizePass(RecipePass):
                 "int8-dynamic",
             )
         check_feeds(context.source.model, calibration.feeds)
-        self.calibration, self.calibrated_on = calibration.feeds, calibration.described
+        return found | {"calibration": calibration.feeds, "calibrated_on": calibration.described}
 
     def call(self, model: ir.Model) -> Quantized:
         if self.computes == "runtime":
@@ -282,8 +290,6 @@ class QuantizePass(RecipePass):
 
     def _choose(self, model: ir.Model) -> tuple[list, list[dict]]:
         """The weights to quantize, and each weight kept in float with the reason."""
-        from redux_edge.ir.blocks import find_structure
-        from redux_edge.ir.weights import find_weights
 
         down = set()
         if self.precision == "int8" and self.ffn_down_in_float:
@@ -429,8 +435,6 @@ class QuantizationSection(Section):
         return Rebase(self.outcome.before, f" quantize ({self.outcome.precision})")
 
     def report(self, context: CompileContext) -> dict:
-        from redux_edge.analysis.quality import quality_report, retention
-        from redux_edge.passes.compression import speed_against
 
         outcome, stage = self.outcome, context.stage
         assert stage is not None and context.dense is not None
@@ -481,7 +485,6 @@ class QuantizationSection(Section):
 
     @staticmethod
     def render(section: dict, manifest: Mapping[str, Any]) -> list[str]:
-        from redux_edge.analysis.quality import quality_line
 
         operators = ", ".join(f"{k} {v}" for k, v in section["backend_operators"].items()) or "none read"
         lines = [f"  precision {section['precision']}: {section['computes']} (artifact: {operators})"]

@@ -22,11 +22,12 @@ import numpy as np
 import onnx_ir as ir
 
 from redux_edge.errors import UserError
+from redux_edge.interfaces import Flag
 from redux_edge.ir import nm
 from redux_edge.ir.surgery import finish, new_initializer
 from redux_edge.ir.weights import Weight, find_weights
 from redux_edge.passes.compression import WeightsMasked
-from redux_edge.passes.contract import Flag, RecipePass, parameter
+from redux_edge.passes.contract import RecipePass, parameter
 from redux_edge.untrusted import npy_members
 
 __all__ = ["SparsityPass", "load_mask_plan"]

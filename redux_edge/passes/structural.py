@@ -11,9 +11,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from redux_edge.analysis.importance import IMPORTANCE, load_plan, select_lowest
 from redux_edge.errors import UserError
+from redux_edge.interfaces import Flag
+from redux_edge.ir.blocks import number_layers
+from redux_edge.ir.surgery import finish
 from redux_edge.passes.compression import UnitsRemoved
-from redux_edge.passes.contract import CompileContext, Flag, RecipePass, configure, parameter
+from redux_edge.passes.contract import CompileContext, RecipePass, configure, gathered, parameter
 
 if TYPE_CHECKING:
     from redux_edge.ir.blocks import Structure
@@ -34,20 +38,22 @@ SHARED_FLAGS = (
 )
 
 
+@dataclasses.dataclass
 class StructuralPass(RecipePass):
     """A pass that removes heads, neurons or layers. Before it runs it takes real calibration inputs from
     the compile (when it chooses by calibration); its outcome says what went, in original indices."""
 
     unit: ClassVar[str]
-    importance: str
-    plan: str
     followed_by = "cleanup"
     compares_with_dense = True
     once_per_recipe = True
 
-    def __post_init__(self) -> None:
-        self.calibration: dict[str, np.ndarray] | None = None
-        self.calibrated_on: str | None = None
+    if TYPE_CHECKING:  # each pass declares them as parameters, in its own order
+        importance: str
+        plan: str
+    # Gathered by prepare when units are chosen by calibration.
+    calibration: dict[str, np.ndarray] | None = gathered()
+    calibrated_on: str | None = gathered()
 
     @classmethod
     def from_flags(cls, values: Mapping[str, Any]) -> list[RecipePass]:
@@ -66,13 +72,13 @@ class StructuralPass(RecipePass):
                 parameters["importance"] = chosen
         return [configure(cls, parameters)]
 
-    def prepare(self, context: CompileContext) -> None:
-        if self.importance == "calibration":
-            calibration = context.source.calibration()
-            self.calibration, self.calibrated_on = calibration.feeds, calibration.described
+    def prepare(self, context: CompileContext) -> dict[str, Any]:
+        if self.importance != "calibration":
+            return {}
+        calibration = context.source.calibration()
+        return {"calibration": calibration.feeds, "calibrated_on": calibration.described}
 
     def requires(self, model: ir.Model) -> None:
-        from redux_edge.analysis.importance import IMPORTANCE
 
         if self.importance not in IMPORTANCE:
             raise UserError(
@@ -93,7 +99,7 @@ class StructuralPass(RecipePass):
             raise UserError(
                 f"{self.name} cannot follow {article} {kind} block, {problems[0]}; "
                 "the model is left unchanged",
-                "the BERT, DistilBERT, RoBERTa and ViT layouts are followed (README: Your own model); "
+                "the BERT, DistilBERT, RoBERTa and ViT layouts are followed (docs/USING.md: Your own model); "
                 "compile without this pass",
             )
         if not blocks:
@@ -139,9 +145,6 @@ class UnitPruningPass(StructuralPass):
         raise NotImplementedError
 
     def call(self, model: ir.Model) -> UnitsRemoved:
-        from redux_edge.analysis.importance import select_lowest
-        from redux_edge.ir.blocks import number_layers
-        from redux_edge.ir.surgery import finish
 
         structure = number_layers(model)
         blocks = self.require_blocks(self.blocks_of(structure), structure.problems, self.kind)
@@ -158,7 +161,6 @@ class UnitPruningPass(StructuralPass):
 
     def planned(self, sizes: dict[int, int]) -> dict[int, list[int]]:
         """The plan file's units per layer, checked against the layers and their sizes."""
-        from redux_edge.analysis.importance import load_plan
 
         plan = load_plan(self.plan, self.unit)
         for layer, units in plan.items():

@@ -3,7 +3,7 @@
 LoRA (Hu et al., 2021) adds ``up @ down`` of rank ``rank`` to chosen projections of a frozen encoder
 (default: every layer's attention query and value), and a linear head maps the encoder's output to the
 task's classes. Following the low-bit adapter paper (adapters converge to flat minima and tolerate low
-precision; ../shared/PAPERS.md), both factors are quantized to ``bits`` (1, 2, 4 or 8) with one scale per
+precision; docs/PAPERS.md), both factors are quantized to ``bits`` (1, 2, 4 or 8) with one scale per
 output channel chosen to minimise the L2 quantization error: for 1 bit the sign times the row's mean
 absolute value (the closed-form optimum), for more bits the best of a grid of clipping scales on a
 symmetric integer grid. Training sees the quantized factors through the straight-through estimator.
@@ -13,7 +13,6 @@ symmetric integer grid. Training sees the quantized factors through the straight
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,12 +22,12 @@ import torch
 from torch import nn
 
 from redux_edge.errors import UserError
+from redux_edge.runtime.adapter_pack import encode_adapter_pack
 
 __all__ = [
     "BITS",
     "AdapterPack",
     "AdapterTraining",
-    "PackedAdapters",
     "dequantize",
     "inject",
     "pack_adapters",
@@ -99,7 +98,6 @@ class AdapterPack:
     metrics: dict = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        from redux_edge.runtime.adapter_pack import encode_adapter_pack
 
         header = {
             "task": self.task,
@@ -159,39 +157,3 @@ def pack_adapters(
         head_weight=head.weight.detach().numpy().astype(np.float16),
         head_bias=head.bias.detach().numpy().astype(np.float16),
     )
-
-
-class _FixedLoRA(nn.Module):
-    down: torch.Tensor
-    up: torch.Tensor
-
-    def __init__(self, base: nn.Linear, down: np.ndarray, up: np.ndarray) -> None:
-        super().__init__()
-        self.base = base
-        self.register_buffer("down", torch.from_numpy(down))
-        self.register_buffer("up", torch.from_numpy(up))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + nn.functional.linear(nn.functional.linear(x, self.down), self.up)
-
-
-class PackedAdapters(nn.Module):
-    """A copy of ``module`` computing with a pack as read back from its bytes (``read_adapter_pack``, the
-    device's reader); returns (output, logits). This is the exact reference a bundle with the pack is
-    checked against, and what task accuracy is measured on."""
-
-    def __init__(self, module: nn.Module, pack: dict) -> None:
-        super().__init__()
-        self.encoder = copy.deepcopy(module).eval()
-        for name, parts in pack["factors"].items():
-            parent_name, _, child = name.removesuffix(".weight").rpartition(".")
-            parent = self.encoder.get_submodule(parent_name) if parent_name else self.encoder
-            setattr(parent, child, _FixedLoRA(getattr(parent, child), parts["down"], parts["up"]))
-        self.head = nn.Linear(pack["head_weight"].shape[1], pack["head_weight"].shape[0])
-        with torch.no_grad():
-            self.head.weight.copy_(torch.from_numpy(pack["head_weight"]))
-            self.head.bias.copy_(torch.from_numpy(pack["head_bias"]))
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        output = self.encoder(*inputs)
-        return output, self.head(output)

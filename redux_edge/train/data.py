@@ -14,7 +14,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from redux_edge.datasets import rotten_tomatoes
 from redux_edge.errors import UserError
+from redux_edge.zoo.bert import TokenStates
 
 __all__ = [
     "DistillTask",
@@ -76,7 +78,6 @@ class SentenceBatches:
 
 def token_states_teacher(module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The dense model's token states, without gradients: what the students are distilled towards."""
-    from redux_edge.zoo.bert import TokenStates
 
     teacher = TokenStates(module).eval()
     for parameter in teacher.parameters():
@@ -108,7 +109,6 @@ class DistillTask:
     blocks: list[torch.nn.Module]
 
     def __init__(self, entry, recipe) -> None:
-        from redux_edge.datasets import rotten_tomatoes
 
         texts = rotten_tomatoes.load(train=recipe.data.sentences, test=0).train_texts
         self.data = SentenceBatches(

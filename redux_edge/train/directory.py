@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from redux_edge.analysis.reference import masked, output_projection, transformer_layers
 from redux_edge.errors import UserError
 from redux_edge.frontend.huggingface import Directory
 from redux_edge.train.data import DistillTask, sentence_distance
@@ -86,7 +87,6 @@ def _dense_outputs(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], 
 
 class DirectoryRecoverTask(DistillTask):
     def __init__(self, directory: Directory, recipe) -> None:
-        from redux_edge.analysis.reference import masked, transformer_layers
 
         _text_only(directory, "recover")
         options = Options(**recipe.options)
@@ -145,7 +145,6 @@ class DirectoryShrpTask(ShrpTask):
         return _dense_outputs(module)
 
     def routed(self, entry: Directory, seed: int) -> Routed:
-        from redux_edge.analysis.reference import output_projection, transformer_layers
 
         states = copy.deepcopy(entry.module).eval()
         layers = list(transformer_layers(states))

@@ -3,11 +3,11 @@
 
 One machine: ``--nproc-per-node N`` (``--standalone`` rendezvous). Several nodes: the same command on
 every node with ``--nnodes``, ``--node-rank`` and a shared ``--rdzv-endpoint host:port`` (c10d
-rendezvous), e.g. from a Slurm batch script (README, "Training at scale"). Backend: gloo on CPUs, NCCL
-on GPUs (one process per GPU). A rank that fails with a user error leaves ``error.json`` in the output
-directory, which the launcher reads and removes; an output directory this run created is removed again
-when the run ends in a user error, so that a mistake leaves nothing behind. The launcher's own log goes to
-``<out>/logs/launcher.log``.
+rendezvous), e.g. from a Slurm batch script (docs/COMPRESSION.md, "Training at scale"). Backend: gloo
+on CPUs, NCCL on GPUs (one process per GPU). A rank that fails with a user error leaves ``error.json`` in
+the output directory, which the launcher reads and removes; an output directory this run created is
+removed again when the run ends in a user error, so that a mistake leaves nothing behind. The launcher's
+own log goes to ``<out>/logs/launcher.log``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from redux_edge import zoo
 from redux_edge.errors import UserError
 from redux_edge.train.recipe import load_train_recipe
+from redux_edge.train.recover import read_plan
 from redux_edge.train.worker import ERROR_FILE
 from redux_edge.train.zero import STAGES
 
@@ -73,12 +75,8 @@ def train(
                 "use models/minilm-l6/train-recover.toml or train-shrp.toml with --model DIR",
             )
     else:
-        from redux_edge import zoo
-
         zoo.load_card(recipe.model)  # an unknown name fails here, not in every rank
     if recipe.task == "recover":
-        from redux_edge.train.recover import read_plan
-
         if not (plan or recipe.options.get("plan")):
             raise UserError(
                 "recover needs the plan of the pruned model", "pass --plan <bundle>/manifest.json"

@@ -28,6 +28,7 @@ from torch import nn
 
 from redux_edge.errors import UserError
 from redux_edge.files import write_atomically
+from redux_edge.preprocess import ImagePreprocessor
 from redux_edge.train.data import global_batch_indices, rank_share
 
 __all__ = ["MaskAwareTask", "Options"]
@@ -79,21 +80,20 @@ class MaskAwareTask:
     @classmethod
     def from_recipe(cls, entry, recipe) -> MaskAwareTask:
         """The task of ``redux-edge train`` for an image zoo model and its card's task data."""
-        from redux_edge import api
+        from redux_edge.frontend import load_source
         from redux_edge.passes import build_pass
-        from redux_edge.passes.mac_prune import MacPrunePass, PixelsMasked
-        from redux_edge.preprocess import ImagePreprocessor
+        from redux_edge.passes.mac_prune import PixelsMasked
 
         options = Options(**recipe.options)
-        source = api.load_source(recipe.model)
+        source = load_source(recipe.model)
         data = source.image_task
         if data is None or not isinstance(source.preprocessor, ImagePreprocessor):
             raise UserError(
                 f"mask-aware trains on the model card's image task data; {recipe.model} names none",
                 "use an image zoo model such as mnist-cnn",
             )
-        protect = cast(MacPrunePass, build_pass("mac-prune", asdict(options)))
-        protect.calibration = source.calibration(_CALIBRATION).feeds
+        configured = build_pass("mac-prune", asdict(options))
+        protect = configured.prepared({"calibration": source.calibration(_CALIBRATION).feeds})
         # The pass itself gives the map and range a compile would use (it changes source.model, unused after).
         outcome = cast(PixelsMasked, protect(source.model))
         images = source.preprocessor.pixels(data.train_images)["image"]

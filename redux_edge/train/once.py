@@ -12,9 +12,13 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 
+from redux_edge.datasets import rotten_tomatoes
 from redux_edge.errors import UserError
 from redux_edge.files import save_arrays, write_atomically
-from redux_edge.passes.contract import Step, no_progress
+from redux_edge.interfaces import Step, no_progress
+from redux_edge.ir import nm
+from redux_edge.preprocess import TextPreprocessor
+from redux_edge.runtime.adapter_pack import parse_adapter_pack, with_metrics
 
 __all__ = ["learn_mask_plan", "train_adapter_pack"]
 
@@ -49,8 +53,6 @@ def learn_mask_plan(
     """Learn N:M masks (MaskLLM) for the weights the ``sparsity`` pass would sparsify in a zoo model, on
     the card's Rotten Tomatoes training sentences, and write them to ``out`` (.npz)."""
     from redux_edge import zoo
-    from redux_edge.datasets import rotten_tomatoes
-    from redux_edge.ir import nm
     from redux_edge.train.maskllm import eligible_masks
 
     _zoo_card(model, "learn-masks")
@@ -106,10 +108,7 @@ def train_adapter_pack(
     import torch
 
     from redux_edge import zoo
-    from redux_edge.datasets import rotten_tomatoes
-    from redux_edge.preprocess import TextPreprocessor
-    from redux_edge.runtime.adapter_pack import parse_adapter_pack, with_metrics
-    from redux_edge.train.adapters import PackedAdapters
+    from redux_edge.analysis.adapted import PackedAdapters
 
     card = _zoo_card(model, "train-adapter")
     if card.get("task_data") != "rotten-tomatoes":

@@ -1,5 +1,5 @@
 """``recover``: fine-tune a structurally pruned model by distillation from its dense original, to win back
-what pruning cost (the recovery step of SHRP and of layer-dropping work; ../shared/PAPERS.md).
+what pruning cost (the recovery step of SHRP and of layer-dropping work; docs/PAPERS.md).
 
 The student is the zoo model with a plan applied the way the exact reference applies it: removed heads'
 and neurons' outputs zeroed by hooks (``analysis.reference.masked``), dropped layers replaced by a

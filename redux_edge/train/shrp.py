@@ -1,5 +1,5 @@
 """``shrp``: Expert Attention with usage-driven routing, after SHRP ("Specialized Head Routing and Pruning";
-../shared/PAPERS.md), turned into a head plan for the ``prune-heads`` pass.
+docs/PAPERS.md), turned into a head plan for the ``prune-heads`` pass.
 
 Every attention head is an expert. Per layer a router (a linear map of the layer's input tokens to one
 logit per head) scores the heads for each token; the ``keep`` best heads of each token pass, weighted by

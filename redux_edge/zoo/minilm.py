@@ -7,8 +7,8 @@ import json
 from safetensors.torch import load_file
 
 from redux_edge.preprocess import TextPreprocessor
-from redux_edge.zoo import ZooModel, package_dir
 from redux_edge.zoo.bert import BertConfig, BertSentenceEncoder
+from redux_edge.zoo.model import ZooModel, package_dir
 
 __all__ = ["load"]
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from redux_edge.preprocess import ImagePreprocessor
-from redux_edge.zoo import ZooModel, package_dir
+from redux_edge.zoo.model import ZooModel, package_dir
 
 __all__ = ["MnistCnn", "load"]
 

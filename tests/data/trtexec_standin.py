@@ -34,7 +34,9 @@ def main(argv):
     if "onnx" in options:  # build
         onnx_file = Path(options["onnx"])
         onnx.checker.check_model(str(onnx_file))
-        Path(options["saveEngine"]).write_bytes(onnx_file.read_bytes())
+        # An engine holds its weights: external data (the bundle's weights.bin) is read in, as TensorRT's
+        # parser does.
+        onnx.save(onnx.load(str(onnx_file)), options["saveEngine"])
         print(f"[I] stand-in engine for {onnx_file.name} saved to {options['saveEngine']}")
         return 0
     engine = options["loadEngine"]

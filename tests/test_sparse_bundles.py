@@ -14,14 +14,16 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import assert_clean_user_error, make_mlp_onnx
-from test_structural import DYNAMIC, _hf_encoder
+from conftest import TOKEN_AXES, assert_clean_user_error
+from graphs import make_mlp_onnx
+from test_structural import _hf_encoder
 
 from redux_edge import api, zoo
 from redux_edge.analysis.reference import masked
 from redux_edge.bundle import device_files
 from redux_edge.errors import UserError
-from redux_edge.frontend.torch import export_module, run_module
+from redux_edge.frontend.module_run import run_module
+from redux_edge.frontend.torch import export_module
 from redux_edge.ir import nm
 from redux_edge.ir.weights import find_weights
 from redux_edge.passes import build_pass
@@ -59,7 +61,7 @@ def encoders():
     def get(family: str):
         if family not in cache:
             module = entry.module if family == "minilm-l6" else _hf_encoder(family)
-            model = export_module(module, entry.inputs, DYNAMIC, ["output"])
+            model = export_module(module, entry.inputs, TOKEN_AXES, ["output"])
             CleanupPass()(model)
             cache[family] = (module, entry.inputs, ir.to_proto(model))
         module, inputs, proto = cache[family]
@@ -74,6 +76,7 @@ def _run(model: ir.Model, inputs: dict, tmp_path) -> np.ndarray:
     return session.run(None, inputs)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["minilm-l6", "bert", "distilbert"])
 def test_sparsified_graph_equals_torch_with_the_same_masked_weights(family, encoders, tmp_path):
     module, inputs, model = encoders(family)
@@ -113,6 +116,7 @@ def sparse_bundle(tmp_path_factory):
     return api.compile_model("minilm-l6", "host", recipe, out, waive_gate=True)
 
 
+@pytest.mark.slow
 def test_sparse_bundle_is_verified_against_torch_and_reports_quality(sparse_bundle):
     manifest = sparse_bundle.manifest
     assert manifest["verify"]["reference"] == "pytorch, with the sparsity masks multiplied into the weights"
@@ -125,6 +129,7 @@ def test_sparse_bundle_is_verified_against_torch_and_reports_quality(sparse_bund
     assert report["speed"]["measured"] is False  # no CPU speed-up is claimed
 
 
+@pytest.mark.slow
 def test_the_cost_table_counts_the_non_zero_parameters_of_a_2_4_model(sparse_bundle):
     compiled = sparse_bundle.manifest["metrics"]["compiled"]
     sparsified = 6 * (4 * 384 * 384 + 2 * 384 * 1536)  # every projection weight of the 6 layers
@@ -132,6 +137,7 @@ def test_the_cost_table_counts_the_non_zero_parameters_of_a_2_4_model(sparse_bun
     assert sparse_bundle.manifest["metrics"]["original"]["nonzero_params"] > compiled["nonzero_params"]
 
 
+@pytest.mark.slow
 def test_every_onnx_file_of_a_2_4_bundle_opens_in_stock_tools_with_2_of_4_weights(sparse_bundle):
     for path in sorted(sparse_bundle.path.rglob("*.onnx")):
         onnx.checker.check_model(str(path))  # by path, so that the external data is checked too
@@ -147,6 +153,7 @@ def test_every_onnx_file_of_a_2_4_bundle_opens_in_stock_tools_with_2_of_4_weight
     assert set(storage["packed_files"]) == {"model.onnx", "artifact/model.onnx"}
 
 
+@pytest.mark.slow
 def test_the_device_form_of_a_2_4_bundle_runs_from_the_packed_file_alone(sparse_bundle, tmp_path):
     device = tmp_path / "device-copy"
     for relative in [*device_files(sparse_bundle.manifest), "manifest.json"]:
@@ -160,6 +167,7 @@ def test_the_device_form_of_a_2_4_bundle_runs_from_the_packed_file_alone(sparse_
     assert json.loads(checked.stdout)["healthy"] is True
 
 
+@pytest.mark.slow
 def test_unpacking_restores_every_weight_exactly(sparse_bundle):
     index = sparse_bundle.manifest["storage"]["packed_files"]["model.onnx"]
     dense = unpacked_weights(sparse_bundle.path, index)
@@ -170,12 +178,14 @@ def test_unpacking_restores_every_weight_exactly(sparse_bundle):
         assert ((grouped != 0).sum(axis=1) <= 2).all()
 
 
+@pytest.mark.slow
 def test_inspect_prints_the_sparsity_and_the_packed_size(cli, sparse_bundle):
     result = cli("inspect", sparse_bundle.path)
     assert result.exit_code == 0, result.stderr
     assert "sparsity 2:4 in 36 of 36 weights (magnitude masks); stored packed:" in result.stdout
 
 
+@pytest.mark.slow
 def test_learned_masks_are_a_plan_the_pass_applies_exactly(encoders, tmp_path):
     module, inputs, model = encoders("minilm-l6")
     magnitude = build_pass("sparsity", {})(ir.from_proto(ir.to_proto(model)))
@@ -261,6 +271,7 @@ def test_bad_sparsity_flags_are_user_errors(cli, tmp_path, flags, message):
     assert_clean_user_error(result, tmp_path, message=message)
 
 
+@pytest.mark.slow
 def test_sparsity_after_pruning_in_one_compile_is_refused_with_the_two_step_way(cli, tmp_path):
     flags = ["--prune-heads", "0.5", "--sparsity", "2:4"]
     result = cli("compile", "--model", "minilm-l6", "-o", tmp_path / "out", *flags)
@@ -294,6 +305,7 @@ def test_a_jetson_bundle_asks_tensorrt_for_sparse_tactics_and_ships_packed_weigh
     assert manifest["verify"]["artifact"]["y"]["max_abs"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_learn_masks_writes_a_plan_of_valid_masks(cli, tmp_path):
     plan = tmp_path / "plans" / "masks.npz"
     result = cli("learn-masks", "-m", "minilm-l6", "-o", plan, "--steps", "2", "--sentences", "32", "--json")

@@ -6,14 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_user_error, make_mlp_onnx
+from conftest import assert_clean_user_error
+from graphs import make_mlp_onnx
 
 from redux_edge import api, zoo
-from redux_edge.frontend.torch import run_module
+from redux_edge.analysis.adapted import PackedAdapters
+from redux_edge.frontend.module_run import run_module
 from redux_edge.passes import build_pass
 from redux_edge.recipe import load_recipe
 from redux_edge.runtime.adapter_pack import parse_adapter_pack, read_adapter_pack
-from redux_edge.train.adapters import AdapterPack, PackedAdapters, dequantize, quantize
+from redux_edge.train.adapters import AdapterPack, dequantize, quantize
 
 
 def test_one_bit_is_the_sign_times_the_mean_magnitude_of_each_row():
@@ -79,6 +81,7 @@ def packs(tmp_path_factory):
     return reports
 
 
+@pytest.mark.slow
 def test_a_one_bit_pack_for_minilm_is_under_16_kb(packs):
     for report in packs.values():
         assert report["bytes"] < 16_000
@@ -92,6 +95,7 @@ def swappable_bundle(packs, tmp_path_factory):
     return api.compile_model("minilm-l6", "host", load_recipe(None).extended([step]), out)
 
 
+@pytest.mark.slow
 def test_two_packs_swap_on_one_base_bundle_and_each_equals_torch(swappable_bundle):
     manifest = swappable_bundle.manifest
     assert [p["task"] for p in manifest["adapters"]["packs"]] == ["sentiment", "plot"]
@@ -111,6 +115,7 @@ def test_two_packs_swap_on_one_base_bundle_and_each_equals_torch(swappable_bundl
     np.testing.assert_allclose(default["logits"], logits["sentiment"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_run_prints_the_task_labels_of_the_swapped_pack(cli, swappable_bundle):
     result = cli("run", swappable_bundle.path, "--adapter", "plot")
     assert result.exit_code == 0, result.stderr
@@ -119,6 +124,7 @@ def test_run_prints_the_task_labels_of_the_swapped_pack(cli, swappable_bundle):
     assert unknown.exit_code == 2 and "choose one of: sentiment, plot" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_a_merged_pack_equals_torch_and_cannot_be_swapped(cli, packs, tmp_path):
     out = tmp_path / "merged"
     result = cli(
@@ -148,6 +154,7 @@ def test_a_merged_pack_equals_torch_and_cannot_be_swapped(cli, packs, tmp_path):
         (["--adapters", "{plot}", "--sparsity", "2:4"], "not supported"),
     ],
 )
+@pytest.mark.slow
 def test_bad_adapter_flags_are_user_errors(cli, packs, tmp_path, extra, message):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a pack")
@@ -157,6 +164,7 @@ def test_bad_adapter_flags_are_user_errors(cli, packs, tmp_path, extra, message)
     assert_clean_user_error(result, tmp_path, message=message)
 
 
+@pytest.mark.slow
 def test_adapters_need_the_pytorch_model_they_were_trained_on(cli, packs, tmp_path):
     model = make_mlp_onnx(tmp_path / "mlp.onnx")
     result = cli("compile", "-m", model, "--adapters", packs["plot"]["pack"], "-o", tmp_path / "out")

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_clean_user_error, make_mlp_onnx
+from conftest import assert_clean_user_error
+from graphs import make_mlp_onnx
 
 from redux_edge import api
 from redux_edge.backends import BACKENDS
@@ -112,6 +113,7 @@ def test_int8_dynamic_through_a_recipe_step_and_bf16_on_the_backend_that_has_it(
     assert section["quality"]["embedding_cosine"]["min"] >= 0.999
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "tvm"])
 def test_the_qdq_model_and_its_artifact_agree_on_every_backend_here(tmp_path, backend):
     out = tmp_path / backend
@@ -138,6 +140,7 @@ def test_the_int8_form_follows_the_target():
     assert form("jetson-orin-nano", "tensorrt") == ("s8", False, True)
 
 
+@pytest.mark.slow
 def test_avx2_without_vnni_gets_seven_bit_weights_in_the_graph(tmp_path):
     wide, narrow = tmp_path / "avx512", tmp_path / "avx2"
     api.compile_model("mnist-cnn", "x86-64-avx512", _recipe("int8"), wide)
@@ -148,6 +151,7 @@ def test_avx2_without_vnni_gets_seven_bit_weights_in_the_graph(tmp_path):
     assert scheme["reduce_range"] is True and "VPMADDUBSW" in scheme["why"]
 
 
+@pytest.mark.slow
 def test_arm64_with_dot_product_gets_signed_activations_in_the_graph(tmp_path):
     for target, dtype in (("arm64-cortex-a76", np.int8), ("arm64-cortex-a72", np.uint8)):
         out = tmp_path / target
@@ -158,6 +162,7 @@ def test_arm64_with_dot_product_gets_signed_activations_in_the_graph(tmp_path):
         assert zero_points and all(z.dtype == dtype for z in zero_points), target
 
 
+@pytest.mark.slow
 def test_tensorrt_gets_symmetric_qdq_it_parses_and_builds_with_int8(tmp_path):
     out = tmp_path / "orin"
     api.compile_model("mnist-cnn", "jetson-orin-nano", _recipe("int8"), out)
@@ -236,6 +241,7 @@ def test_a_quality_gate_that_is_not_met_fails_the_compile_and_writes_nothing(cli
     assert_clean_user_error(result, tmp_path, message="is below the --min-quality 0.999 asked for")
 
 
+@pytest.mark.slow
 def test_precision_auto_times_the_backends_here_and_keeps_the_fastest(tmp_path):
     out = tmp_path / "auto"
     api.compile_model("mnist-cnn", "host", load_recipe(None), out, backend_options={"precision": "auto"})
