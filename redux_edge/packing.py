@@ -76,6 +76,17 @@ def _pack(array: np.ndarray, axis: int, n: int, m: int) -> tuple[np.ndarray, np.
     return values.astype(np.float32), np.packbits(position_bits.reshape(-1))
 
 
+def _point_at(initializer: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``initializer`` standard ONNX external data: ``length`` bytes at ``offset`` of ``location``."""
+    initializer.ClearField("raw_data")
+    initializer.ClearField("float_data")
+    initializer.data_location = onnx.TensorProto.EXTERNAL
+    del initializer.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = initializer.external_data.add()
+        entry.key, entry.value = key, str(value)
+
+
 def pack_model_file(path: Path, n: int, m: int, min_bytes: int = 4096) -> dict | None:
     """Rewrite the ONNX file ``path`` with its N:M float32 weights packed; the index, None if none."""
     model = onnx.load(str(path))
@@ -106,13 +117,7 @@ def pack_model_file(path: Path, n: int, m: int, min_bytes: int = 4096) -> dict |
         chunks += [values.tobytes(), positions.tobytes()]
         dense_chunks.append(array.tobytes())
         packed_offset += values.nbytes + positions.size
-        initializer.ClearField("raw_data")
-        initializer.ClearField("float_data")
-        initializer.data_location = onnx.TensorProto.EXTERNAL
-        del initializer.external_data[:]
-        for key, value in (("location", dense_name), ("offset", dense_offset), ("length", array.nbytes)):
-            entry = initializer.external_data.add()
-            entry.key, entry.value = key, str(value)
+        _point_at(initializer, dense_name, dense_offset, array.nbytes)
         dense_offset += array.nbytes
     if not tensors:
         return None
@@ -152,15 +157,6 @@ _Key = tuple[int, tuple[int, ...], bytes]
 
 def _tensor_key(initializer: onnx.TensorProto) -> _Key:
     return initializer.data_type, tuple(initializer.dims), hashlib.sha256(initializer.raw_data).digest()
-
-
-def _point_at(initializer: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    initializer.ClearField("raw_data")
-    initializer.data_location = onnx.TensorProto.EXTERNAL
-    del initializer.external_data[:]
-    for key, value in (("location", location), ("offset", offset), ("length", length)):
-        entry = initializer.external_data.add()
-        entry.key, entry.value = key, str(value)
 
 
 def share_weights(stage: Path, portable: str, artifact: str, min_bytes: int = 1024) -> dict:
